@@ -1,0 +1,187 @@
+"""Every Triton tensor of the pipeline, declared once.
+
+The adapters read and write tensors by these specs, the BLS builds its requests from them, the config renderer
+writes config.pbtxt from them and the frontend builds its gRPC requests from them. The `llm` contract is the
+subset of tensorrtllm_backend's `tensorrt_llm` contract that the BLS uses (same names, dtypes and dims), so the
+real TensorRT-LLM model drops in for the torch one.
+
+`dims` exclude the batch dimension for models with max_batch_size > 0 (Triton's convention). `EMBED` stands for
+the deployment's embedding dtype (FP32 on CPU, FP16/BF16 on GPU) and is resolved when a config is rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+EMBED = "EMBED"  # placeholder dtype: the deployment's embedding dtype
+
+# Triton dtype name -> numpy dtype (BF16 travels as a uint16 view, as Triton itself does).
+NUMPY_DTYPES: dict[str, type] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT64": np.uint64,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "BF16": np.uint16,
+    "BYTES": np.object_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton dtype name without TYPE_ (INT32, FP32, BYTES, ...) or EMBED
+    dims: tuple[int, ...]
+    optional: bool = False
+    reshape: tuple[int, ...] | None = None  # Triton `reshape`, e.g. () for scalars sent as [1, 1]
+    ragged: bool = False
+
+    def resolved(self, embed_dtype: str) -> "TensorSpec":
+        return replace(self, dtype=embed_dtype) if self.dtype == EMBED else self
+
+    @property
+    def numpy_dtype(self) -> type:
+        if self.dtype == EMBED:
+            raise ValueError(f"{self.name}: resolve the EMBED dtype first")
+        return NUMPY_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """The tensors of one Triton model; `batched` means max_batch_size > 0 (leading batch dim implicit)."""
+
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batched: bool = False
+
+    def input(self, name: str) -> TensorSpec:
+        return _find(self.inputs, name, self.role)
+
+    def output(self, name: str) -> TensorSpec:
+        return _find(self.outputs, name, self.role)
+
+
+def _find(specs: tuple[TensorSpec, ...], name: str, role: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{role} has no tensor {name!r}; it has {', '.join(s.name for s in specs)}")
+
+
+def _scalar(name: str, dtype: str, optional: bool = True) -> TensorSpec:
+    """A per-request scalar of a batched model: dims [1] with reshape [] (sent as [1, 1])."""
+    return TensorSpec(name, dtype, (1,), optional=optional, reshape=())
+
+
+# --- sampling / request options shared by the BLS and the ensemble (the user-facing entry points) ---------------
+REQUEST_OPTIONS: tuple[TensorSpec, ...] = (
+    TensorSpec("max_tokens", "INT32", (1,), optional=True),
+    TensorSpec("temperature", "FP32", (1,), optional=True),
+    TensorSpec("top_p", "FP32", (1,), optional=True),
+    TensorSpec("top_k", "INT32", (1,), optional=True),
+    TensorSpec("seed", "UINT64", (1,), optional=True),
+    TensorSpec("repetition_penalty", "FP32", (1,), optional=True),
+    TensorSpec("presence_penalty", "FP32", (1,), optional=True),
+    TensorSpec("frequency_penalty", "FP32", (1,), optional=True),
+    TensorSpec("stop", "BYTES", (-1,), optional=True),
+    TensorSpec("ignore_eos", "BOOL", (1,), optional=True),
+)
+
+# --- preprocess: OpenAI messages JSON -> prompt ids (image slots = fake ids >= vocab_size) + pixel tiles ----------
+PREPROCESS = ModelContract(
+    role="preprocess",
+    inputs=(TensorSpec("messages", "BYTES", (1,)),),
+    outputs=(
+        TensorSpec("input_ids", "INT32", (-1,)),
+        TensorSpec("input_lengths", "INT32", (1,)),
+        TensorSpec("pixel_values", EMBED, (-1, 3, -1, -1)),
+        TensorSpec("end_id", "INT32", (1,)),
+        TensorSpec("pad_id", "INT32", (1,)),
+        TensorSpec("stop_words_list", "INT32", (2, -1)),
+        TensorSpec("prompt_vocab_size", "INT32", (1,)),
+    ),
+)
+
+# --- vision_encoder: tiles -> one row of image embeddings per image token; Triton batches tiles across requests --
+VISION_ENCODER = ModelContract(
+    role="vision_encoder",
+    inputs=(TensorSpec("pixel_values", EMBED, (3, -1, -1)),),
+    outputs=(TensorSpec("image_embeds", EMBED, (-1, -1)),),
+    batched=True,
+)
+
+# --- llm: the tensorrtllm_backend `tensorrt_llm` contract, the subset the BLS uses ------------------------------
+LLM = ModelContract(
+    role="llm",
+    inputs=(
+        TensorSpec("input_ids", "INT32", (-1,), optional=True, ragged=True),
+        _scalar("input_lengths", "INT32", optional=False),
+        _scalar("request_output_len", "INT32", optional=False),
+        _scalar("end_id", "INT32"),
+        _scalar("pad_id", "INT32"),
+        TensorSpec("stop_words_list", "INT32", (2, -1), optional=True, ragged=True),
+        _scalar("temperature", "FP32"),
+        _scalar("runtime_top_k", "INT32"),
+        _scalar("runtime_top_p", "FP32"),
+        _scalar("repetition_penalty", "FP32"),
+        _scalar("presence_penalty", "FP32"),
+        _scalar("frequency_penalty", "FP32"),
+        _scalar("seed", "UINT64"),
+        _scalar("exclude_input_in_output", "BOOL"),
+        _scalar("stop", "BOOL"),
+        _scalar("streaming", "BOOL"),
+        TensorSpec("prompt_embedding_table", EMBED, (-1, -1), optional=True, ragged=True),
+        _scalar("prompt_vocab_size", "INT32"),
+    ),
+    outputs=(
+        TensorSpec("output_ids", "INT32", (-1, -1)),
+        TensorSpec("sequence_length", "INT32", (-1,)),
+    ),
+    batched=True,
+)
+
+# --- postprocess: stateless incremental detokenization; the caller threads the state through -------------------
+POSTPROCESS = ModelContract(
+    role="postprocess",
+    inputs=(
+        TensorSpec("token_ids", "INT32", (-1,)),
+        TensorSpec("prefix_offset", "INT32", (1,), optional=True),
+        TensorSpec("read_offset", "INT32", (1,), optional=True),
+        TensorSpec("held_text", "BYTES", (1,), optional=True),
+        TensorSpec("stop", "BYTES", (-1,), optional=True),
+        TensorSpec("final", "BOOL", (1,), optional=True),
+    ),
+    outputs=(
+        TensorSpec("text", "BYTES", (1,)),
+        TensorSpec("prefix_offset", "INT32", (1,)),
+        TensorSpec("read_offset", "INT32", (1,)),
+        TensorSpec("held_text", "BYTES", (1,)),
+        TensorSpec("stopped", "BOOL", (1,)),
+    ),
+)
+
+# --- outputs the user-facing models return ---------------------------------------------------------------------
+RESULT_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("text", "BYTES", (1,)),
+    TensorSpec("finish_reason", "BYTES", (1,)),
+    TensorSpec("prompt_tokens", "INT32", (1,)),
+    TensorSpec("completion_tokens", "INT32", (1,)),
+)
+
+# --- bls: the decoupled primary entry point (streams text deltas) ----------------------------------------------
+BLS = ModelContract(
+    role="bls",
+    inputs=(
+        TensorSpec("messages", "BYTES", (1,)),
+        TensorSpec("stream", "BOOL", (1,), optional=True),
+        *REQUEST_OPTIONS,
+    ),
+    outputs=RESULT_OUTPUTS,
+)
+
+ALL_CONTRACTS: tuple[ModelContract, ...] = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, BLS)

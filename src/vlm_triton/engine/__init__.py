@@ -1,0 +1,21 @@
+"""Pure-torch LLM engine (no Triton imports): slot KV cache, continuous batching, per-request sampling.
+
+The Triton `llm` adapter drives `LLMEngine` with `GenerationRequest`s and forwards its `TokenEvent`s.
+"""
+
+from vlm_triton.engine.engine import EventCallback, LLMEngine
+from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.sampling import SamplingParams, sample_tokens
+from vlm_triton.engine.types import FinishReason, GenerationRequest, TokenEvent, parse_stop_words_list
+
+__all__ = [
+    "EventCallback",
+    "FinishReason",
+    "GenerationRequest",
+    "LLMEngine",
+    "SamplingParams",
+    "SlotKVCache",
+    "TokenEvent",
+    "parse_stop_words_list",
+    "sample_tokens",
+]

@@ -1,0 +1,469 @@
+"""Continuous-batching LLM engine over a transformers causal LM and a slot KV cache.
+
+Each `step()`:
+1. applies pending cancellations (event 'cancelled', slot freed);
+2. runs one batched decode step for the running requests, which occupy slots 0..n-1 (compact), padded to a
+   batch-size bucket (a power of two, or max_slots) whose extra rows are free slots masked to position 0;
+3. admits waiting requests while slots are free: one prefill per request, written into its slot, which yields
+   its first token.
+Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
+moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
+
+Math comes from the model's own modules: `backbone(inputs_embeds=..., position_ids=..., attention_mask=<4D>,
+past_key_values=SlotKVCache, use_cache=True)` then `lm_head` on the last position only. On CUDA with
+`use_cuda_graphs=True` the decode step (embedding -> logits) of every bucket is captured once at construction
+over static input buffers and the full cache length, and replayed; elsewhere it runs eagerly over the
+current longest length.
+
+Threading: `add_request` and `cancel` may be called from any thread. `step()` must be driven by one thread only,
+either the caller's or the background loop of `start()`/`run_forever()`, which sleeps on a condition variable
+while there is no work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.sampling import SamplingParams, sample_tokens
+from vlm_triton.engine.types import FinishReason, GenerationRequest, TokenEvent
+from vlm_triton.errors import InvalidRequest, SetupError
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[list[TokenEvent]], None]
+
+
+@dataclass
+class _Seq:
+    """A validated request; `slot` is set while it runs."""
+
+    request_id: str
+    ids: torch.Tensor  # int64 [L], CPU
+    table: torch.Tensor | None
+    max_new: int
+    end_id: int
+    ignore_eos: bool
+    stop_words: list[list[int]]
+    params: SamplingParams
+    generator: torch.Generator
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_slots: int,
+        max_seq_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        vocab_size: int,
+        use_cuda_graphs: bool = False,
+        backbone: nn.Module | None = None,
+        lm_head: nn.Module | None = None,
+    ) -> None:
+        """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
+        `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
+        whose language model sits elsewhere). Ids >= vocab_size are image slots."""
+        if max_slots < 1 or max_seq_len < 2:
+            raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
+        self.backbone: nn.Module = backbone if backbone is not None else getattr(model, "model")
+        head = lm_head if lm_head is not None else model.get_output_embeddings()
+        assert isinstance(head, nn.Module)
+        self.lm_head: nn.Module = head
+        model.eval()
+        config = self.backbone.config
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
+        self.embed: nn.Embedding = self.backbone.get_input_embeddings()
+        self.hidden_size = int(self.embed.weight.shape[1])
+        if vocab_size > self.embed.weight.shape[0]:
+            raise SetupError(f"vocab_size {vocab_size} exceeds the {self.embed.weight.shape[0]} embedding rows")
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise SetupError(f"only full-attention models are supported, this one has {sorted(layer_types)}")
+        attn = getattr(config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager"):
+            raise SetupError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
+        self._bool_mask = attn == "sdpa"  # sdpa takes a bool mask (True = attend); eager an additive float mask
+        heads = int(config.num_attention_heads)
+        self.cache = SlotKVCache(
+            num_layers=int(config.num_hidden_layers),
+            max_slots=max_slots,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            max_seq_len=max_seq_len,
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            dtype=dtype,
+            device=self.device,
+        )
+        self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
+        self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
+        self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        self._kv_range = torch.arange(max_seq_len, device=self.device)
+        self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
+        self._counts: torch.Tensor | None = None  # [max_slots, V] int32
+        self._active: list[_Seq] = []  # index == slot
+        self._waiting: deque[_Seq] = deque()
+        self._cancels: set[str] = set()
+        self._inflight: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.slot_moves = 0  # compaction copies so far (observability, tests)
+        self._graphs: _DecodeGraphs | None = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self._graphs = _DecodeGraphs.capture(self)
+
+    # --- public API -------------------------------------------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> None:
+        """Validate and queue a request (thread-safe). Raises InvalidRequest."""
+        seq = self._validate(req)
+        with self._cond:
+            if seq.request_id in self._inflight:
+                raise InvalidRequest(f"request id {seq.request_id!r} is already in flight")
+            self._inflight.add(seq.request_id)
+            self._waiting.append(seq)
+            self._cond.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Ask for a request to stop; its 'cancelled' event comes from the next step. Unknown ids are ignored."""
+        with self._cond:
+            if request_id in self._inflight:
+                self._cancels.add(request_id)
+                self._cond.notify_all()
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._active or self._cancels)
+
+    def active_slots(self) -> dict[str, int]:
+        """request_id -> slot of the running requests."""
+        return {s.request_id: s.slot for s in self._active}
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        with self._cond:
+            cancels, self._cancels = self._cancels, set()
+            for seq in [s for s in self._waiting if s.request_id in cancels]:
+                self._waiting.remove(seq)
+                events.append(self._finish_event(seq, "cancelled"))
+        for seq in sorted((s for s in self._active if s.request_id in cancels), key=lambda s: -s.slot):
+            events.append(self._finish_event(seq, "cancelled"))
+            self._release(seq)
+        if self._active:
+            events += self._decode_step()
+        while len(self._active) < self.max_slots:
+            with self._cond:
+                if not self._waiting:
+                    break
+                seq = self._waiting.popleft()
+            events.append(self._prefill(seq))
+        return events
+
+    def run_forever(self, callback: EventCallback) -> None:
+        """Step while there is work, sleep while there is none, until shutdown(); exceptions of a step fail the
+        running requests ('error' events) and the loop goes on. On shutdown, outstanding requests are cancelled."""
+        while True:
+            with self._cond:
+                while not self._stopping and not (self._waiting or self._active or self._cancels):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            try:
+                events = self.step()
+            except Exception as exc:  # a server fault: fail what was running, keep serving
+                logger.exception("engine step failed")
+                events = self._fail_running(exc)
+            self._emit(callback, events)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        events = [self._finish_event(s, "cancelled") for s in waiting]
+        for seq in sorted(self._active, key=lambda s: -s.slot):
+            events.append(self._finish_event(seq, "cancelled"))
+            self._release(seq)
+        self._emit(callback, events)
+
+    def start(self, callback: EventCallback) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine loop already started")
+        self._stopping = False
+        self._thread = threading.Thread(target=self.run_forever, args=(callback,), name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- validation -------------------------------------------------------------------------------------------------
+    def _validate(self, req: GenerationRequest) -> _Seq:
+        raw = req.input_ids
+        arr = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise InvalidRequest(f"input_ids must be integers, got {arr.dtype}")
+        ids = torch.from_numpy(arr.astype(np.int64).reshape(-1))
+        n = int(ids.shape[0])
+        if n < 1:
+            raise InvalidRequest("input_ids is empty")
+        if n > self.max_seq_len - 1:
+            raise InvalidRequest(f"prompt has {n} tokens; at most {self.max_seq_len - 1} fit (max_seq_len)")
+        if int(ids.min()) < 0:
+            raise InvalidRequest("input_ids has negative ids")
+        if req.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        table = None
+        n_slots = int((ids >= self.vocab_size).sum())
+        if req.prompt_embedding_table is not None or n_slots:
+            if req.prompt_embedding_table is None:
+                raise InvalidRequest(f"{n_slots} image slot ids (>= {self.vocab_size}) but no prompt_embedding_table")
+            t = req.prompt_embedding_table
+            table = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+            if table.ndim != 2 or table.shape[1] != self.hidden_size:
+                raise InvalidRequest(f"prompt_embedding_table must be [rows, {self.hidden_size}], got {list(table.shape)}")
+            if not table.is_floating_point():
+                raise InvalidRequest(f"prompt_embedding_table must be floating point, got {table.dtype}")
+            if n_slots and int(ids.max()) - self.vocab_size >= table.shape[0]:
+                raise InvalidRequest(
+                    f"image slot id {int(ids.max())} needs row {int(ids.max()) - self.vocab_size}; the table has {table.shape[0]}"
+                )
+        params = SamplingParams(
+            float(req.temperature), int(req.top_k), float(req.top_p), float(req.repetition_penalty),
+            float(req.presence_penalty), float(req.frequency_penalty),
+        )  # fmt: skip
+        params.validate()
+        stop_words = [list(map(int, w)) for w in req.stop_words if len(w)]
+        generator = torch.Generator()
+        if req.seed is not None:
+            generator.manual_seed(int(req.seed))
+        else:
+            generator.seed()
+        max_new = min(int(req.max_new_tokens), self.max_seq_len - n)
+        return _Seq(req.request_id, ids, table, max_new, int(req.end_id), bool(req.ignore_eos), stop_words, params, generator)
+
+    # --- forward passes ---------------------------------------------------------------------------------------------
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        if self._bool_mask:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min
+        )
+
+    def _prefill(self, seq: _Seq) -> TokenEvent:
+        seq.slot = len(self._active)
+        self._active.append(seq)
+        try:
+            ids = seq.ids.to(self.device)
+            image = ids >= self.vocab_size
+            embeds = self.embed(ids.masked_fill(image, 0).view(1, -1))
+            if seq.table is not None and bool(image.any()):
+                rows = seq.table.to(self.device, self.dtype)[ids[image] - self.vocab_size]
+                embeds[0, image] = rows
+            n = seq.prompt_len
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().view(1, 1, n, n)
+            self.cache.set_prefill(seq.slot)
+            out = self.backbone(
+                inputs_embeds=embeds,
+                position_ids=torch.arange(n, device=self.device).view(1, -1),
+                attention_mask=self._mask(causal),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            logits = self.lm_head(out.last_hidden_state[:, -1])
+            self.cache.set_idle()
+            self._init_penalty_state(seq, int(logits.shape[-1]))
+            s = seq.slot
+            seen = self._seen[s : s + 1] if self._seen is not None else None
+            counts = self._counts[s : s + 1] if self._counts is not None else None
+            token = sample_tokens(logits, [seq.params], [seq.generator], seen, counts)
+            return self._accept([seq], token.tolist())[0]
+        except Exception as exc:
+            logger.exception("prefill of %s failed", seq.request_id)
+            self.cache.set_idle()
+            event = self._finish_event(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            self._release(seq)
+            return event
+
+    def _decode_forward(self, bucket: int, kv_len: int) -> torch.Tensor:
+        """Decode step over static buffers `_dec_ids[:bucket]`, `_dec_pos[:bucket]` -> logits [bucket, V].
+        Shapes depend only on (bucket, kv_len), so it is CUDA-graph capturable."""
+        pos = self._dec_pos[:bucket]
+        allowed = self._kv_range[:kv_len].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
+        self.cache.set_decode(bucket, self._dec_pos, kv_len)
+        out = self.backbone(
+            inputs_embeds=self.embed(self._dec_ids[:bucket]),
+            position_ids=pos.view(-1, 1),
+            attention_mask=self._mask(allowed),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return self.lm_head(out.last_hidden_state[:, -1])
+
+    def _decode_step(self) -> list[TokenEvent]:
+        n = len(self._active)
+        bucket = next(b for b in self.buckets if b >= n)
+        ids = torch.zeros(bucket, dtype=torch.long)  # free rows [n:bucket]: token 0 at position 0 of a free slot
+        pos = torch.zeros(bucket, dtype=torch.long)
+        ids[:n] = torch.tensor([s.generated[-1] for s in self._active])
+        pos[:n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in self._active])
+        self._dec_ids[:bucket, 0].copy_(ids, non_blocking=True)
+        self._dec_pos[:bucket].copy_(pos, non_blocking=True)
+        if self._graphs is not None:
+            logits = self._graphs.replay(bucket)
+        else:
+            logits = self._decode_forward(bucket, int(pos[:n].max()) + 1)
+        self.cache.set_idle()
+        tokens = sample_tokens(
+            logits[:n], [s.params for s in self._active], [s.generator for s in self._active],
+            None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
+        )  # fmt: skip
+        return self._accept(list(self._active), tokens.tolist())
+
+    # --- bookkeeping --------------------------------------------------------------------------------------------------
+    def _init_penalty_state(self, seq: _Seq, vocab: int) -> None:
+        s = seq.slot
+        if seq.params.uses_seen:
+            if self._seen is None:
+                self._seen = torch.zeros(self.max_slots, vocab, dtype=torch.bool, device=self.device)
+            self._seen[s].zero_()
+            ids = seq.ids[seq.ids < min(vocab, self.vocab_size)].to(self.device)
+            self._seen[s, ids] = True  # image slot ids are never "seen"
+        if seq.params.uses_counts:
+            if self._counts is None:
+                self._counts = torch.zeros(self.max_slots, vocab, dtype=torch.int32, device=self.device)
+            self._counts[s].zero_()
+
+    def _accept(self, seqs: list[_Seq], tokens: list[int]) -> list[TokenEvent]:
+        """Record one new token per sequence, update penalty state, emit events, free finished slots."""
+        seen_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_seen]
+        count_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_counts]
+        if seen_rows and self._seen is not None:
+            slots, toks = torch.tensor(seen_rows, device=self.device).T
+            self._seen[slots, toks] = True
+        if count_rows and self._counts is not None:
+            slots, toks = torch.tensor(count_rows, device=self.device).T
+            self._counts.index_put_((slots, toks), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
+        events: list[TokenEvent] = []
+        done: list[_Seq] = []
+        for seq, token in zip(seqs, tokens):
+            seq.generated.append(token)
+            reason: FinishReason | None = None
+            if token == seq.end_id and not seq.ignore_eos:
+                reason = "stop"
+            elif any(seq.generated[-len(w) :] == w for w in seq.stop_words):
+                reason = "stop"
+            elif len(seq.generated) >= seq.max_new:
+                reason = "length"
+            events.append(
+                TokenEvent(seq.request_id, token, reason is not None, reason, len(seq.generated) - 1, seq.prompt_len)
+            )
+            if reason is not None:
+                done.append(seq)
+        for seq in sorted(done, key=lambda s: -s.slot):
+            self._release(seq)
+        return events
+
+    def _release(self, seq: _Seq) -> None:
+        """Free seq's slot; the last running request moves into the hole to keep slots compact."""
+        slot = seq.slot
+        last = self._active.pop()
+        if last is not seq:
+            self.cache.move_slot(last.slot, slot, min(last.prompt_len + len(last.generated), self.max_seq_len))
+            for state in (self._seen, self._counts):
+                if state is not None:
+                    state[slot] = state[last.slot]
+            self._active[slot] = last
+            last.slot = slot
+            self.slot_moves += 1
+        seq.slot = -1
+        with self._cond:
+            self._inflight.discard(seq.request_id)
+
+    def _finish_event(self, seq: _Seq, reason: FinishReason, error: str | None = None) -> TokenEvent:
+        with self._cond:
+            self._inflight.discard(seq.request_id)
+        return TokenEvent(seq.request_id, None, True, reason, len(seq.generated), seq.prompt_len, error)
+
+    def _fail_running(self, exc: BaseException) -> list[TokenEvent]:
+        self.cache.set_idle()
+        message = f"{type(exc).__name__}: {exc}"
+        events = [self._finish_event(s, "error", error=message) for s in self._active]
+        for seq in sorted(self._active, key=lambda s: -s.slot):
+            self._release(seq)
+        return events
+
+    @staticmethod
+    def _emit(callback: EventCallback, events: list[TokenEvent]) -> None:
+        if not events:
+            return
+        try:
+            callback(events)
+        except Exception:
+            logger.exception("engine event callback failed")
+
+
+class _DecodeGraphs:
+    """CUDA-graph capture and replay of `LLMEngine._decode_forward`, one graph per batch-size bucket.
+
+    Captured once at engine construction, before any request: warm-up and capture write position 0 of slots
+    [0:bucket] (nothing lives there yet). Every graph attends over the full cache length (kv_len = max_seq_len);
+    the 4D mask built inside the graph from the static position buffer hides what each row has not written.
+    """
+
+    def __init__(self, engine: LLMEngine, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
+        self.engine = engine
+        self.graphs = graphs
+
+    @classmethod
+    def capture(cls, engine: LLMEngine, warmup: int = 2) -> _DecodeGraphs | None:
+        kv_len = engine.max_seq_len
+        try:
+            with torch.no_grad():
+                engine._dec_ids.zero_()
+                engine._dec_pos.zero_()
+                side = torch.cuda.Stream(engine.device)
+                side.wait_stream(torch.cuda.current_stream(engine.device))
+                with torch.cuda.stream(side):
+                    for bucket in engine.buckets:
+                        for _ in range(warmup):
+                            engine._decode_forward(bucket, kv_len)
+                torch.cuda.current_stream(engine.device).wait_stream(side)
+                pool = torch.cuda.graph_pool_handle()
+                graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                for bucket in reversed(engine.buckets):  # largest first: smaller graphs reuse its pool memory
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = engine._decode_forward(bucket, kv_len)
+                    graphs[bucket] = (graph, logits)
+                torch.cuda.synchronize(engine.device)
+        except Exception:  # e.g. a rope variant that syncs with the host: serve eagerly instead
+            logger.exception("CUDA graph capture failed; decoding eagerly")
+            return None
+        finally:
+            engine.cache.set_idle()
+        return cls(engine, graphs)
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Run the captured step for `bucket`; the returned logits buffer is overwritten by the next replay."""
+        self.engine.cache.set_decode(bucket, self.engine._dec_pos, self.engine.max_seq_len)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits

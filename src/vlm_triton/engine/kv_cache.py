@@ -1,0 +1,154 @@
+"""Preallocated, slot-indexed KV cache that plugs into transformers' attention layers.
+
+Per layer K and V are [max_slots, kv_heads, max_seq_len, head_dim], allocated once. A request owns one slot (a
+row) from admission to completion. transformers' attention modules call
+`past_key_values.update(key_states, value_states, layer_idx)` and attend over whatever it returns; this cache
+answers according to the mode the engine set before the forward:
+
+- prefill(slot, start): the batch is one request (batch dim 1); its keys are written at positions
+  [start, start + q_len) of the slot, and the slot's [0, start + q_len) prefix is returned.
+- decode(bucket, positions, kv_len): the batch is slots [0, bucket), one query token each; row b's key goes to
+  `positions[b]` (a scatter, no host sync) and K/V[:bucket, :, :kv_len] is returned. The caller supplies a 4D
+  attention mask that hides the positions beyond each row's length. `positions` may be a static buffer so that
+  the decode step can be captured in a CUDA graph.
+
+The engine passes an explicit 4D mask, which `masking_utils.create_causal_mask` returns as-is (its early exit for
+4D masks), so transformers' own mask sizing (`get_mask_sizes`/`get_seq_length`) is not relied on; those methods
+are still implemented for the active mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class _Mode:
+    """The forward the cache is serving now (set by the engine, read by every layer)."""
+
+    kind: str = "idle"  # "prefill" | "decode" | "idle"
+    slot: int = 0
+    start: int = 0
+    bucket: int = 0
+    kv_len: int = 0
+    positions: torch.Tensor | None = None
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's preallocated K/V for all slots."""
+
+    is_compileable = False  # only consulted by generate(), which never sees this cache
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, mode: _Mode) -> None:
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.mode = mode
+        self.dtype, self.device = keys.dtype, keys.device
+        self.max_cache_len = keys.shape[2]
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None  # allocated up front
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values, mode = self.keys, self.values, self.mode
+        assert keys is not None and values is not None
+        if mode.kind == "prefill":
+            if key_states.shape[0] != 1:
+                raise RuntimeError("prefill runs one request at a time")
+            end = mode.start + key_states.shape[2]
+            keys[mode.slot, :, mode.start : end] = key_states[0]
+            values[mode.slot, :, mode.start : end] = value_states[0]
+            return keys[mode.slot : mode.slot + 1, :, :end], values[mode.slot : mode.slot + 1, :, :end]
+        if mode.kind == "decode":
+            assert mode.positions is not None
+            b = mode.bucket
+            if key_states.shape[0] != b or key_states.shape[2] != 1:
+                raise RuntimeError(f"decode expects [{b}, heads, 1, dim] states, got {list(key_states.shape)}")
+            pos = mode.positions[:b].view(b, 1, 1, 1)
+            keys[:b].scatter_(2, pos.expand_as(key_states), key_states)
+            values[:b].scatter_(2, pos.expand_as(value_states), value_states)
+            return keys[:b, :, : mode.kv_len], values[:b, :, : mode.kv_len]
+        raise RuntimeError("SlotKVCache used outside an engine forward (mode not set)")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.mode.kind == "decode":
+            return self.mode.kv_len, 0
+        return self.mode.start + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.mode.start if self.mode.kind == "prefill" else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        assert self.keys is not None and self.values is not None
+        self.keys.zero_()
+        self.values.zero_()
+
+
+class SlotKVCache(Cache):
+    """The `past_key_values` object handed to `model.model(...)`: one `SlotLayer` per decoder layer."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        max_slots: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.mode = _Mode()
+        shape = (max_slots, kv_heads, max_seq_len, head_dim)
+        layers: list[Any] = [
+            SlotLayer(
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+                self.mode,
+            )
+            for _ in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+
+    # --- modes, set by the engine around each forward -------------------------------------------------------------
+    def set_prefill(self, slot: int, start: int = 0) -> None:
+        self.mode.kind, self.mode.slot, self.mode.start = "prefill", slot, start
+
+    def set_decode(self, bucket: int, positions: torch.Tensor, kv_len: int) -> None:
+        self.mode.kind, self.mode.bucket, self.mode.positions, self.mode.kv_len = "decode", bucket, positions, kv_len
+
+    def set_idle(self) -> None:
+        self.mode.kind, self.mode.positions = "idle", None
+
+    # --- slot management -----------------------------------------------------------------------------------------
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (compaction after a request leaves)."""
+        if src == dst or length <= 0:
+            return
+        for layer in self.layers:
+            assert layer.keys is not None and layer.values is not None
+            layer.keys[dst, :, :length] = layer.keys[src, :, :length]
+            layer.values[dst, :, :length] = layer.values[src, :, :length]
+
+    def slot_keys(self, layer_idx: int, slot: int, length: int) -> torch.Tensor:
+        """Keys of one slot, [kv_heads, length, head_dim] (for tests and debugging)."""
+        keys = self.layers[layer_idx].keys
+        assert keys is not None
+        return keys[slot, :, :length]
+
+    def nbytes(self) -> int:
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers)  # type: ignore[union-attr]

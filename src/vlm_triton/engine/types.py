@@ -1,0 +1,103 @@
+"""Request and event types of the torch LLM engine, and the tensorrt_llm `stop_words_list` parser.
+
+A `GenerationRequest` carries what the `llm` Triton contract carries (see `vlm_triton.contracts.LLM`): prompt ids
+in which ids >= vocab_size are image slots indexing `prompt_embedding_table`, the output length, `end_id`, stop
+word sequences and the sampling options. The engine answers with one `TokenEvent` per request per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence, Union
+
+import numpy as np
+import torch
+
+from vlm_triton.errors import InvalidRequest
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+TokenIds = Union[Sequence[int], np.ndarray, torch.Tensor]
+EmbeddingTable = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class GenerationRequest:
+    """One generation request.
+
+    input_ids: prompt token ids; an id `vocab_size + k` takes row k of `prompt_embedding_table` (TRT-LLM's fake
+        prompt-tuning ids). Any id >= vocab_size requires the table.
+    prompt_embedding_table: [rows, hidden] image embeddings, cast to the engine dtype.
+    max_new_tokens: >= 1; clipped so that prompt + generated <= max_seq_len.
+    end_id: EOS id, -1 for none. The EOS token is emitted as the last token (finish 'stop') unless ignore_eos.
+    stop_words: token-id sequences; generation stops (finish 'stop') once the generated tokens end with one. The
+        completing token is emitted. Matching looks at generated tokens only, never at the prompt.
+    temperature: 0 means greedy. top_k: 0 disables, 1 means greedy. top_p: 1.0 (or 0.0) disables.
+    repetition_penalty: HF semantics (1.0 = off), over prompt + generated ids, like `generate`.
+    presence_penalty / frequency_penalty: OpenAI semantics (0.0 = off), over generated ids only.
+    seed: seeds the request's own torch.Generator (same seed => same tokens); None draws a random seed.
+    """
+
+    request_id: str
+    input_ids: TokenIds
+    max_new_tokens: int
+    prompt_embedding_table: EmbeddingTable | None = None
+    end_id: int = -1
+    stop_words: list[list[int]] = field(default_factory=list)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one engine step produced for one request.
+
+    token_id: the new token, or None for events that carry no token ('cancelled', 'error').
+    finished: True on the request's last event; finish_reason is then set.
+    index: 0-based position of token_id among the generated tokens (== number of tokens emitted before it).
+    prompt_tokens: the prompt length, for usage accounting.
+    error: the message when finish_reason == 'error' (a server fault while running this request).
+    """
+
+    request_id: str
+    token_id: int | None
+    finished: bool
+    finish_reason: FinishReason | None
+    index: int
+    prompt_tokens: int
+    error: str | None = None
+
+
+def parse_stop_words_list(arr: np.ndarray | torch.Tensor | None) -> list[list[int]]:
+    """Parse tensorrt_llm's `stop_words_list` ([2, L], or [1, 2, L] with the batch dim) into token sequences.
+
+    Row 0 holds the concatenated token ids (padded with 0), row 1 the cumulative end offset of each word (padded
+    with -1), e.g. words [[5, 6], [7]] -> [[5, 6, 7], [2, 3, -1]].
+    """
+    if arr is None:
+        return []
+    a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+    if a.ndim == 3:
+        if a.shape[0] != 1:
+            raise InvalidRequest(f"stop_words_list: expected one request, got batch of {a.shape[0]}")
+        a = a[0]
+    if a.ndim != 2 or a.shape[0] != 2:
+        raise InvalidRequest(f"stop_words_list: expected shape [2, L], got {list(a.shape)}")
+    ids, offsets = a[0].astype(np.int64), a[1].astype(np.int64)
+    words: list[list[int]] = []
+    start = 0
+    for end in offsets.tolist():
+        if end < 0:
+            break
+        if end < start or end > ids.shape[0]:
+            raise InvalidRequest(f"stop_words_list: bad offset {end} (previous {start}, {ids.shape[0]} ids)")
+        if end > start:
+            words.append([int(t) for t in ids[start:end]])
+        start = end
+    return words

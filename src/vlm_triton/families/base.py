@@ -1,0 +1,81 @@
+"""The interface every model family implements; its methods line up with the pipeline stages."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from vlm_triton.checkpoints.checkpoint import Checkpoint
+from vlm_triton.multimodal.media import MediaFetcher
+from vlm_triton.prompt.messages import Message
+
+
+@dataclass(frozen=True)
+class PreprocessLimits:
+    """Per-deployment caps the preprocess stage enforces (InvalidRequest beyond them)."""
+
+    max_images: int = 8
+    max_tiles_per_image: int | None = None  # None: the checkpoint's max_dynamic_patch
+    max_prompt_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """What the preprocess stage hands on: prompt ids with image slots as fake ids >= vocab_size, and tiles."""
+
+    input_ids: np.ndarray  # int32 [L]; image token k of the request has id vocab_size + k
+    pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only prompts
+    num_image_tokens: int  # rows of the prompt embedding table this prompt needs
+    prompt_text: str  # the rendered prompt before image expansion (for logs and golden tests)
+
+
+class ModelFamily(ABC):
+    """One model family. Subclasses register in `vlm_triton.families` and are matched on the HF config."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, config: Mapping[str, Any]) -> bool:
+        """True if a checkpoint with this config.json belongs to the family."""
+
+    # --- preprocess stage ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (transformers tokenizer)."""
+
+    @abstractmethod
+    def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
+        """Render the chat template, fetch and tile media, tokenize; raise InvalidRequest on bad input."""
+
+    # --- vision_encoder stage ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_vision_encoder(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """A module mapping pixel tiles [N, 3, S, S] to image embeddings [N, tokens_per_tile, hidden]."""
+
+    # --- llm stage -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """The LLM as a transformers causal-LM model class with the checkpoint's weights."""
+
+    @abstractmethod
+    def stop_token_ids(self, tokenizer: Any) -> list[int]:
+        """Token ids that end generation; the first one is the `end_id`."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the LLM's embedding table; prompt ids >= this index the prompt embedding table."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the LLM's input embeddings (and of the vision encoder's output)."""

@@ -1,0 +1,185 @@
+"""InternVL dynamic tiling and pixel normalisation (model_specs.md 2.1), plus video frame sampling (2.3).
+
+This reproduces the reference PIL path of InternVL (`dynamic_preprocess` + `build_transform`):
+
+1. The candidate grids (cols, rows) are every pair with min_num <= cols*rows <= max_num, in the reference's
+   order: a CPython set of the pairs (built in the same insertion order) stable-sorted by area. Tuples of small
+   ints hash the same in every process, so that order is deterministic.
+2. The grid whose cols/rows is closest to W/H wins; on an exact tie the later candidate replaces the current one
+   only when W*H > 0.5 * S^2 * cols * rows. The initial choice is (1, 1).
+3. The image is resized to (S*cols, S*rows) with PIL BICUBIC and cut into row-major S x S tiles; when there is
+   more than one tile (and `use_thumbnail`), the whole image resized to S x S is appended last.
+4. Each tile becomes float32 CHW: x/255 (torchvision ToTensor), then (x - mean) / std with the ImageNet
+   constants, all in float32 as torchvision computes it.
+
+Small images are upscaled (a 300x200 image becomes 3x2 tiles + thumbnail). EXIF orientation is not applied
+(the reference does not either). No torchvision dependency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 448
+DEFAULT_MAX_TILES = 12
+
+_MEAN32 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD32 = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
+def _check_tile_range(min_num: int, max_num: int) -> None:
+    if not (isinstance(min_num, int) and isinstance(max_num, int)) or min_num < 1 or max_num < min_num:
+        raise ValueError(f"tile range must satisfy 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+
+
+@lru_cache(maxsize=64)
+def _candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    # Same insertion sequence as the reference so that the set's iteration order (which decides ties between
+    # grids of equal area) is identical; sorted() is stable.
+    pairs = {
+        (cols, rows)
+        for n in range(min_num, max_num + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_num <= cols * rows <= max_num
+    }
+    return tuple(sorted(pairs, key=lambda grid: grid[0] * grid[1]))
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """Every (cols, rows) grid with min_num <= cols*rows <= max_num, in the reference's order."""
+    _check_tile_range(min_num, max_num)
+    return list(_candidate_grids(min_num, max_num))
+
+
+def choose_grid(
+    width: int,
+    height: int,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> tuple[int, int]:
+    """The (cols, rows) grid InternVL picks for a width x height image."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    _check_tile_range(min_num, max_num)
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in _candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(
+    width: int,
+    height: int,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> int:
+    """How many tiles `tile_image` returns for a width x height image (without touching pixels)."""
+    cols, rows = choose_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n != 1 else n
+
+
+def tile_image(
+    img: Image.Image,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """Cut `img` into InternVL tiles: row-major grid tiles, then the thumbnail (when more than one tile)."""
+    if img.mode != "RGB":
+        # The reference opens images with .convert('RGB'); resizing a "P"/"1" image would otherwise use NEAREST.
+        img = img.convert("RGB")
+    width, height = img.size
+    cols, rows = choose_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
+    resized = img.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = []
+    for k in range(cols * rows):
+        col, row = k % cols, k // cols
+        box = (col * image_size, row * image_size, (col + 1) * image_size, (row + 1) * image_size)
+        tiles.append(resized.crop(box))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize_tiles(tiles: Sequence[Image.Image], *, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Tiles -> float32 [N, 3, S, S]: RGB, resize to S x S (BICUBIC, a no-op for S x S tiles), /255, ImageNet norm.
+
+    The arithmetic is torchvision's (ToTensor divides a float32 copy by 255, Normalize subtracts and divides by
+    float32 mean/std), so the result is bit-identical to `build_transform` on the same PIL tiles.
+    """
+    out = np.empty((len(tiles), 3, image_size, image_size), dtype=np.float32)
+    for k, tile in enumerate(tiles):
+        if tile.mode != "RGB":
+            tile = tile.convert("RGB")
+        if tile.size != (image_size, image_size):
+            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        chw = np.asarray(tile, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+        chw /= np.float32(255.0)
+        chw -= _MEAN32
+        chw /= _STD32
+        out[k] = chw
+    return out
+
+
+def preprocess_image(
+    img: Image.Image,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> np.ndarray:
+    """`tile_image` then `normalize_tiles`: the reference `pixel_values` [n_tiles, 3, S, S] of one image."""
+    tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
+    return normalize_tiles(tiles, image_size=image_size)
+
+
+def video_frame_indices(
+    num_frames_total: int,
+    fps: float,
+    num_segments: int,
+    *,
+    bound: tuple[float, float] | None = None,
+    first_idx: int = 0,
+) -> list[int]:
+    """Frame indices the InternVL model cards sample from a video (`get_index`).
+
+    The clip [bound[0], bound[1]] seconds (the whole video when `bound` is None) is split into `num_segments`
+    equal segments and the middle frame of each is taken: start + seg/2 + round_half_even(seg*k), truncated.
+    Example: 300 frames, 8 segments -> [18, 55, 93, 130, 168, 205, 242, 280].
+    """
+    if num_frames_total < 1:
+        raise ValueError(f"the video has no frames (num_frames_total={num_frames_total})")
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    start, end = bound if bound else (-100000.0, 100000.0)
+    max_frame = num_frames_total - 1
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg / 2 + float(np.round(seg * k))) for k in range(num_segments)]
