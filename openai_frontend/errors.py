@@ -85,24 +85,37 @@ class ClientDisconnected(Exception):
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """A readable one-line message and the `param` for pydantic/FastAPI request errors."""
-    parts: list[str] = []
-    first_param: str | None = None
+    """A readable one-line message and the `param` for pydantic/FastAPI request errors.
+
+    Union fields (content: string or list of parts) yield one error per member; only the deepest location is
+    kept, and alternatives at the same location are joined with "or".
+    """
+    by_loc: dict[str, list[str]] = {}
     for err in exc.errors():
         loc = [p for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
+        kind = err.get("type")
+        if kind == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return f"request body is not valid JSON: {detail}".rstrip(": "), None
-        if not loc and err.get("type") == "missing":
+        if not loc and kind == "missing":
             return "request body is missing; send a JSON object", None
-        param = _format_loc(loc)
-        first_param = first_param or param
+        if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+            return "request body must be a JSON object sent with 'Content-Type: application/json'", None
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        line = f"{param}: {msg}" if param else msg
-        if line not in parts:
-            parts.append(line)
+        messages = by_loc.setdefault(_format_loc(loc), [])
+        if msg not in messages:
+            messages.append(msg)
+    deepest = [loc for loc in by_loc if not any(_extends(other, loc) for other in by_loc)]
+    parts = []
+    for loc in deepest:
+        text = " or ".join(m if i == 0 else m.removeprefix("Input should be ") for i, m in enumerate(by_loc[loc]))
+        parts.append(f"{loc}: {text}" if loc else text)
     shown = "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
-    return f"invalid request: {shown}", first_param
+    return f"invalid request: {shown}", (deepest[0] or None) if deepest else None
+
+
+def _extends(longer: str, prefix: str) -> bool:
+    return len(longer) > len(prefix) and longer.startswith(prefix) and longer[len(prefix)] in ".[" and prefix != ""
 
 
 def _format_loc(loc: list[Any]) -> str:

@@ -3,7 +3,7 @@
 It answers `echo: <text of the last user message>` one word per chunk, with the stream semantics of the BLS:
 running token counts, finish_reason only on the last chunk, "length" when max_tokens cut it short, "stop" when a
 stop string or the end was reached. An image URL starting with `bad://` fails the way Triton reports a bad image
-(InvalidInput), `error=` makes every request fail, `delay_s` slows each chunk so tests can disconnect mid-way;
+(InvalidInput), `error=` makes every request fail, `fail_after=k` fails after k chunks, `delay_s` slows each chunk so tests can disconnect mid-way;
 `cancelled` (a threading.Event, as tests run the server in another thread) is set when a request is abandoned.
 """
 
@@ -33,11 +33,13 @@ class FakeEngine(Engine):
         *,
         delay_s: float = 0.0,
         error: EngineError | None = None,
+        fail_after: int | None = None,
         is_ready: bool = True,
     ) -> None:
         self.model_name = model_name
         self.delay_s = delay_s
         self.error = error
+        self.fail_after = fail_after  # raise `error` (or an EngineError) after this many chunks
         self.is_ready = is_ready
         self.requests: list[GenerationRequest] = []
         self.started = threading.Event()
@@ -56,7 +58,7 @@ class FakeEngine(Engine):
     async def chat(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
         self.started.set()
-        if self.error is not None:
+        if self.error is not None and self.fail_after is None:
             raise self.error
         for url in _media_urls(request.messages):
             if url.startswith("bad://"):
@@ -69,6 +71,9 @@ class FakeEngine(Engine):
         try:
             pieces = [" ".join(words)] if not request.stream else [w if i == 0 else " " + w for i, w in enumerate(words)]
             for i, piece in enumerate(pieces):
+                if i == self.fail_after:
+                    done = True
+                    raise self.error or EngineError("the fake engine failed mid-stream")
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 count = len(words) if not request.stream else i + 1

@@ -6,7 +6,8 @@ subset of tensorrtllm_backend's `tensorrt_llm` contract that the BLS uses (same 
 real TensorRT-LLM model drops in for the torch one.
 
 `dims` exclude the batch dimension for models with max_batch_size > 0 (Triton's convention). `EMBED` stands for
-the deployment's embedding dtype (FP32 on CPU, FP16/BF16 on GPU) and is resolved when a config is rendered.
+the deployment's embedding dtype (FP32 on CPU, FP16/BF16 on GPU) and `PIXEL` for its pixel dtype; both are resolved
+when a config is rendered.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-EMBED = "EMBED"  # placeholder dtype: the deployment's embedding dtype
+EMBED = "EMBED"  # placeholder dtype: the deployment's embedding dtype (image embeddings, prompt table)
+PIXEL = "PIXEL"  # placeholder dtype: the deployment's pixel dtype (FP32 for torch, FP16 for TensorRT plans)
+PLACEHOLDERS = (EMBED, PIXEL)
 
 # Triton dtype name -> numpy dtype (BF16 travels as a uint16 view, as Triton itself does).
 NUMPY_DTYPES: dict[str, type] = {
@@ -40,13 +43,14 @@ class TensorSpec:
     reshape: tuple[int, ...] | None = None  # Triton `reshape`, e.g. () for scalars sent as [1, 1]
     ragged: bool = False
 
-    def resolved(self, embed_dtype: str) -> "TensorSpec":
-        return replace(self, dtype=embed_dtype) if self.dtype == EMBED else self
+    def resolved(self, dtypes: dict[str, str]) -> "TensorSpec":
+        """Replace a placeholder dtype (EMBED, PIXEL) by the deployment's choice."""
+        return replace(self, dtype=dtypes[self.dtype]) if self.dtype in PLACEHOLDERS else self
 
     @property
     def numpy_dtype(self) -> type:
-        if self.dtype == EMBED:
-            raise ValueError(f"{self.name}: resolve the EMBED dtype first")
+        if self.dtype in PLACEHOLDERS:
+            raise ValueError(f"{self.name}: resolve the {self.dtype} dtype first")
         return NUMPY_DTYPES[self.dtype]
 
 
@@ -99,7 +103,7 @@ PREPROCESS = ModelContract(
     outputs=(
         TensorSpec("input_ids", "INT32", (-1,)),
         TensorSpec("input_lengths", "INT32", (1,)),
-        TensorSpec("pixel_values", EMBED, (-1, 3, -1, -1)),
+        TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
         TensorSpec("end_id", "INT32", (1,)),
         TensorSpec("pad_id", "INT32", (1,)),
         TensorSpec("stop_words_list", "INT32", (2, -1)),
@@ -110,7 +114,7 @@ PREPROCESS = ModelContract(
 # --- vision_encoder: tiles -> one row of image embeddings per image token; Triton batches tiles across requests --
 VISION_ENCODER = ModelContract(
     role="vision_encoder",
-    inputs=(TensorSpec("pixel_values", EMBED, (3, -1, -1)),),
+    inputs=(TensorSpec("pixel_values", PIXEL, (3, -1, -1)),),
     outputs=(TensorSpec("image_embeds", EMBED, (-1, -1)),),
     batched=True,
 )

@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import ipaddress
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +53,8 @@ class _Handler(BaseHTTPRequestHandler):
         port = self.server.server_address[1]
         if self.path == "/img.png":
             self._send(200, PNG, {"Content-Type": "image/png"})
+        elif self.path == "/host":
+            self._send(200, self.headers.get("Host", "").encode())
         elif self.path == "/text":
             self._send(200, b"hello, not an image", {"Content-Type": "text/plain"})
         elif self.path == "/big":
@@ -86,15 +92,46 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = _Server(("127.0.0.1", 0), _Handler)
+def _serve(srv: _Server):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    return srv
+
+
+def _stop(srv: _Server) -> None:
     srv.stopping = True
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = _serve(_Server(("127.0.0.1", 0), _Handler))
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    _stop(srv)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """HTTPS on 127.0.0.1 with a self-signed certificate for the name 'localhost' only."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    if socket.gethostbyname("localhost") != "127.0.0.1":
+        pytest.skip("localhost does not resolve to 127.0.0.1 here")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    srv = _Server(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    _serve(srv)
+    yield srv.server_address[1], cert
+    _stop(srv)
 
 
 LOOPBACK_OK = MediaPolicy(allow_private_networks=True)
@@ -131,7 +168,7 @@ def test_data_url_invalid(url, fragment):
 def test_data_url_truncated_image_fails_on_load():
     cut = PNG[: len(PNG) // 2]
     cut = cut[: len(cut) - len(cut) % 3]  # whole base64 quanta: the base64 is valid, the PNG is not
-    with pytest.raises(InvalidRequest, match="truncated or corrupt|not a supported image"):
+    with pytest.raises(InvalidRequest, match="truncated or corrupt"):
         MediaFetcher().load_image(_data_url(cut))
 
 
@@ -208,12 +245,12 @@ def test_file_traversal_and_symlink_escape_refused(media_dirs, suffix):
 
 def test_file_other_failures(media_dirs):
     allowed, root = media_dirs
-    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(allowed,), max_bytes=100))
+    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(allowed,), max_bytes=10))
     with pytest.raises(InvalidRequest, match="does not exist"):
         fetcher.fetch_bytes(f"file://{allowed}/missing.png")
     with pytest.raises(InvalidRequest, match="not a regular file"):
         fetcher.fetch_bytes(f"file://{allowed}/sub")
-    with pytest.raises(InvalidRequest, match="the limit is 100"):
+    with pytest.raises(InvalidRequest, match="the limit is 10$"):
         fetcher.fetch_bytes(f"file://{allowed}/cat.png")
     with pytest.raises(InvalidRequest, match="must not name a host"):
         fetcher.fetch_bytes(f"file://otherhost{allowed}/cat.png")
@@ -314,3 +351,24 @@ def test_connection_refused_is_invalid_request():
 )
 def test_is_public_address(addr, public):
     assert is_public_address(ipaddress.ip_address(addr)) is public
+
+
+def test_http_host_header_is_the_original(server):
+    # the connection is pinned to the checked IP; the Host header still names the URL's host
+    port = server.rsplit(":", 1)[1]
+    fetcher = MediaFetcher(LOOPBACK_OK)
+    assert fetcher.fetch_bytes(f"http://localhost:{port}/host") == f"localhost:{port}".encode()
+
+
+def test_https_pinned_address_keeps_sni_and_certificate_name(tls_server):
+    port, cert = tls_server
+    policy = MediaPolicy(allowed_networks=("127.0.0.1/32",), ca_bundle=cert, timeout_s=5)
+    assert MediaFetcher(policy).fetch_bytes(f"https://localhost:{port}/img.png") == PNG
+    # the certificate names 'localhost' only: the bare IP fails verification
+    with pytest.raises(InvalidRequest, match="cannot fetch media URL"):
+        MediaFetcher(policy).fetch_bytes(f"https://127.0.0.1:{port}/img.png")
+    # without the CA the self-signed certificate is refused
+    with pytest.raises(InvalidRequest, match="cannot fetch media URL"):
+        MediaFetcher(MediaPolicy(allowed_networks=("127.0.0.1/32",), timeout_s=5)).fetch_bytes(
+            f"https://localhost:{port}/img.png"
+        )

@@ -71,7 +71,7 @@ def load_language_model(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32,
     if result.missing_keys or result.unexpected_keys:
         raise SetupError(f"language-model weights in {ckpt.path} do not match llm_config: missing "
                          f"{sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def _loader(config: Mapping[str, Any]) -> LLMLoader:

@@ -32,6 +32,7 @@ import io
 import ipaddress
 import os
 import socket
+import ssl
 import stat
 import time
 import warnings
@@ -42,11 +43,11 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpx
 from PIL import Image
 
-from vlm_triton.errors import InvalidRequest
+from vlm_triton.errors import InvalidRequest, SetupError
 
 MiB = 1024 * 1024
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-DEFAULT_IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+DEFAULT_IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class MediaPolicy:
     timeout_s: float = 10.0
     max_redirects: int = 3
     image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+    ca_bundle: Path | None = None  # extra PEM CA file for https (e.g. an internal store); None: system CAs
     user_agent: str = "vlm-triton-media-fetcher"
 
 
@@ -124,7 +126,9 @@ class MediaFetcher:
 
     def load_image(self, url: str) -> Image.Image:
         """Fetch and decode an image; returns a fully loaded RGB `PIL.Image`."""
-        return decode_image(self.fetch_bytes(url), policy=self.policy, source=_short(url))
+        data = self.fetch_bytes(url)
+        source = "image in data: URL" if url.strip()[:5].lower() == "data:" else f"image {_short(url.strip())!r}"
+        return decode_image(data, policy=self.policy, source=source)
 
     # ----------------------------------------------------------------------------------------------- data:
     def _fetch_data(self, url: str) -> bytes:
@@ -171,13 +175,16 @@ class MediaFetcher:
             raise InvalidRequest(f"file {raw!r} does not exist") from None
         except OSError as exc:
             raise InvalidRequest(f"file {raw!r} cannot be read ({exc.strerror})") from None
-        with os.fdopen(fd, "rb") as fh:
-            info = os.fstat(fh.fileno())
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise InvalidRequest(f"file {raw!r} is not a regular file")
             if info.st_size > self.policy.max_bytes:
                 raise InvalidRequest(f"file {raw!r} is {info.st_size} bytes; the limit is {self.policy.max_bytes}")
-            data = fh.read(self.policy.max_bytes + 1)
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(self.policy.max_bytes + 1)
+        finally:
+            os.close(fd)
         if len(data) > self.policy.max_bytes:
             raise InvalidRequest(f"file {raw!r} is larger than the {self.policy.max_bytes} byte limit")
         return data
@@ -217,7 +224,10 @@ class MediaFetcher:
         deadline = time.monotonic() + policy.timeout_s
         timed_out = InvalidRequest(f"fetching media URL {_short(url)!r} timed out after {policy.timeout_s:g} s")
         current = url
-        with httpx.Client(trust_env=False, follow_redirects=False, verify=True) as client:
+        verify: ssl.SSLContext | bool = True
+        if policy.ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=str(policy.ca_bundle))
+        with httpx.Client(trust_env=False, follow_redirects=False, verify=verify) as client:
             for hop in range(policy.max_redirects + 1):
                 try:
                     target = httpx.URL(current)
@@ -294,10 +304,14 @@ def decode_image(data: bytes, *, policy: MediaPolicy | None = None, source: str 
     """Decode image bytes into a loaded RGB image under `policy` (formats, pixel limit, truncation)."""
     policy = policy or MediaPolicy()
     formats = ", ".join(policy.image_formats)
+    Image.init()
+    usable = [f.upper() for f in policy.image_formats if f.upper() in Image.OPEN]
+    if not usable:
+        raise SetupError(f"none of the configured image formats ({formats}) is supported by this Pillow")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            img = Image.open(io.BytesIO(data), formats=list(policy.image_formats))
+            img = Image.open(io.BytesIO(data), formats=usable)
     except Image.DecompressionBombError:
         raise InvalidRequest(
             f"{source}: the image has too many pixels; the limit is {policy.max_image_pixels}"

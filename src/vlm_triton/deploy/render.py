@@ -1,0 +1,112 @@
+"""Render the Triton model repository for a deployment.
+
+Each config.pbtxt is built as Triton's own `ModelConfig` protobuf from the tensor contracts and the deployment
+config, written with protobuf's text format and parsed back, so a malformed config fails here, not in the server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from vlm_triton import contracts
+from vlm_triton.contracts import ModelContract, TensorSpec
+from vlm_triton.deploy.config import DeploymentConfig
+from vlm_triton.errors import SetupError
+
+ROLES = ("preprocess", "vision_encoder", "llm", "postprocess", "bls", "ensemble")
+PYTHON_ROLES = ("preprocess", "vision_encoder", "llm", "postprocess", "bls")
+DEPLOYMENT_FILE = "deployment.json"
+
+
+def model_sources() -> Path:
+    """The project's `model_repository/` folder holding each stage's thin model.py."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "model_repository"
+        if (candidate / "bls" / "1" / "model.py").is_file():
+            return candidate
+    raise SetupError("cannot find the project's model_repository/ folder; install the project from its checkout")
+
+
+def _tensor(spec: TensorSpec, dtypes: dict[str, str], kind: type) -> object:
+    spec = spec.resolved(dtypes)
+    msg = kind(name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.dtype.replace('BYTES', 'STRING')}"))
+    msg.dims.extend(spec.dims)
+    if spec.reshape is not None:
+        msg.reshape.shape.extend(spec.reshape)
+    if kind is pb.ModelInput:
+        msg.optional = spec.optional
+        msg.allow_ragged_batch = spec.ragged
+    return msg
+
+
+def _python_model(
+    cfg: DeploymentConfig,
+    contract: ModelContract,
+    *,
+    max_batch_size: int = 0,
+    instances: int = 1,
+    decoupled: bool = False,
+    deployment_file: Path,
+) -> pb.ModelConfig:
+    dtypes = cfg.tensor_dtypes
+    config = pb.ModelConfig(name=contract.role, backend="python", max_batch_size=max_batch_size)
+    config.input.extend(_tensor(s, dtypes, pb.ModelInput) for s in contract.inputs)
+    config.output.extend(_tensor(s, dtypes, pb.ModelOutput) for s in contract.outputs)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.model_transaction_policy.decoupled = decoupled
+    config.parameters["deployment_file"].string_value = str(deployment_file)
+    return config
+
+
+def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
+    t = cfg.triton
+    configs = {
+        "preprocess": _python_model(
+            cfg, contracts.PREPROCESS, instances=t.preprocess_instances, deployment_file=deployment_file
+        ),
+        "vision_encoder": _python_model(
+            cfg, contracts.VISION_ENCODER, max_batch_size=t.vision_max_batch_size, deployment_file=deployment_file
+        ),
+        "llm": _python_model(
+            cfg, contracts.LLM, max_batch_size=cfg.engine.max_slots, decoupled=True, deployment_file=deployment_file
+        ),
+        "postprocess": _python_model(
+            cfg, contracts.POSTPROCESS, instances=t.postprocess_instances, deployment_file=deployment_file
+        ),
+        "bls": _python_model(
+            cfg, contracts.BLS, instances=t.bls_instances, decoupled=True, deployment_file=deployment_file
+        ),
+    }
+    vision = configs["vision_encoder"]
+    vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
+    return configs
+
+
+def to_pbtxt(config: pb.ModelConfig) -> str:
+    text = text_format.MessageToString(config)
+    parsed = text_format.Parse(text, pb.ModelConfig())  # parse back: proves Triton's schema accepts it
+    if parsed != config:
+        raise AssertionError(f"config for {config.name} did not survive a protobuf round trip")
+    return text
+
+
+def render_repository(cfg: DeploymentConfig, out: str | Path) -> Path:
+    """Write a complete model repository for `cfg` into `out` (replacing the stage folders there)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    deployment_file = out / DEPLOYMENT_FILE
+    deployment_file.write_text(cfg.to_json())
+    sources = model_sources()
+    for role, config in render_configs(cfg, deployment_file).items():
+        stage = out / role
+        if stage.exists():
+            shutil.rmtree(stage)
+        (stage / "1").mkdir(parents=True)
+        shutil.copy2(sources / role / "1" / "model.py", stage / "1" / "model.py")
+        (stage / "config.pbtxt").write_text(to_pbtxt(config))
+    return out

@@ -1,0 +1,157 @@
+"""The BLS logic, free of Triton: preprocess -> vision_encoder -> llm (streaming) -> postprocess per response.
+
+`StageClient` is the four stage calls; `triton.bls_model` implements it with async BLS requests, tests with fakes.
+`run_pipeline` turns one chat request into text deltas with a correct finish_reason and exact token counts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+import numpy as np
+
+from vlm_triton.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    max_tokens: int
+    stream: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject out-of-range values with a message saying what is allowed (InvalidRequest)."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (len(self.stop) <= 16, "at most 16 stop strings are allowed"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2^63)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The preprocess stage's outputs, as plain arrays."""
+
+    input_ids: np.ndarray  # int32 [L]
+    pixel_values: Any  # [N, 3, S, S] in the stage's tensor form; N == 0 for text-only prompts
+    num_tiles: int
+    end_id: int
+    pad_id: int
+    stop_words_list: np.ndarray  # int32 [2, K] in the tensorrt_llm format
+    prompt_vocab_size: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def stop_sequences(self) -> list[list[int]]:
+        ids, offsets = self.stop_words_list[0], self.stop_words_list[1]
+        out, start = [], 0
+        for end in offsets:
+            if end < 0:
+                break
+            out.append([int(i) for i in ids[start:end]])
+            start = int(end)
+        return out
+
+
+@dataclass(frozen=True)
+class Detokenized:
+    text: str
+    prefix_offset: int
+    read_offset: int
+    held: str
+    stopped: bool
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    finish_reason: str | None  # None until the last chunk, then "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StageClient(ABC):
+    @abstractmethod
+    async def preprocess(self, messages_json: str) -> Prepared: ...
+
+    @abstractmethod
+    async def encode_images(self, pixel_values: Any) -> Any:
+        """The prompt embedding table for the request's tiles (opaque: passed on to `generate`)."""
+
+    @abstractmethod
+    def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
+        """New token ids per llm response; closing the iterator early cancels the llm request."""
+
+    @abstractmethod
+    async def detokenize(
+        self, window: Sequence[int], prefix_offset: int, read_offset: int, held: str, stop: Sequence[str], final: bool
+    ) -> Detokenized: ...
+
+
+def ended_by_stop_token(tail: Sequence[int], end_id: int, stop_sequences: Sequence[Sequence[int]]) -> bool:
+    if tail and end_id >= 0 and tail[-1] == end_id:
+        return True
+    return any(seq and list(tail[-len(seq):]) == list(seq) for seq in stop_sequences)
+
+
+async def run_pipeline(stages: StageClient, messages_json: str, options: RequestOptions) -> AsyncIterator[Chunk]:
+    prepared = await stages.preprocess(messages_json)
+    table = await stages.encode_images(prepared.pixel_values) if prepared.num_tiles else None
+    stop_sequences = prepared.stop_sequences()
+    keep_tail = max([1, *(len(s) for s in stop_sequences)])
+    window: list[int] = []
+    prefix = read = 0
+    held, pending = "", []
+    tail: list[int] = []
+    completion = 0
+    stopped = False
+    generation = stages.generate(prepared, table, options)
+    try:
+        async for new_ids in generation:
+            completion += len(new_ids)
+            tail = (tail + list(new_ids))[-keep_tail:]
+            window.extend(new_ids)
+            out = await stages.detokenize(window, prefix, read, held, options.stop, False)
+            del window[: out.prefix_offset]
+            prefix, read, held = 0, out.read_offset - out.prefix_offset, out.held
+            if out.stopped:
+                pending.append(out.text)
+                stopped = True
+                break
+            if out.text:
+                if options.stream:
+                    yield Chunk(out.text, None, prepared.prompt_tokens, completion)
+                else:
+                    pending.append(out.text)
+    finally:
+        await generation.aclose()  # cancels the llm request when we stop early
+    if not stopped:
+        out = await stages.detokenize(window, prefix, read, held, options.stop, True)
+        pending.append(out.text)
+        stopped = out.stopped
+    if stopped or ended_by_stop_token(tail, -1 if options.ignore_eos else prepared.end_id, stop_sequences):
+        reason = "stop"
+    else:
+        reason = "length"
+    yield Chunk("".join(pending), reason, prepared.prompt_tokens, completion)

@@ -1,0 +1,53 @@
+"""Incremental detokenization that never emits a broken UTF-8 character.
+
+Stateless per call: the caller threads (window, prefix_offset, read_offset) through, where `window` holds only the
+tokens from prefix_offset on, so every call costs O(new tokens) and nothing grows with the text already sent.
+A byte-level BPE token can end inside a multi-byte character; its decode then ends in U+FFFD and we wait for the
+next token before emitting anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+def decode_delta(
+    tokenizer: Any, window: Sequence[int], prefix_offset: int, read_offset: int, *, final: bool = False
+) -> tuple[str, int, int]:
+    """Text that `window[read_offset:]` adds after `window[prefix_offset:read_offset]`.
+
+    Returns (delta, new_prefix_offset, new_read_offset); offsets index `window`. Decoding a little context
+    (prefix..read) keeps tokenizers' leading-space and merge rules right for the delta.
+    """
+    ids = list(window)
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+    full_text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
+    if len(full_text) > len(prefix_text) and (final or not full_text.endswith(REPLACEMENT)):
+        return full_text[len(prefix_text):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+@dataclass
+class DetokenizerState:
+    """The caller's side of `decode_delta`: keeps a short window and rebases the offsets after each call."""
+
+    window: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def push(self, tokenizer: Any, new_ids: Sequence[int], *, final: bool = False) -> str:
+        self.window.extend(int(i) for i in new_ids)
+        delta, prefix, read = decode_delta(
+            tokenizer, self.window, self.prefix_offset, self.read_offset, final=final
+        )
+        self.advance(prefix, read)
+        return delta
+
+    def advance(self, prefix_offset: int, read_offset: int) -> None:
+        """Adopt offsets returned for the current window, dropping tokens before prefix_offset."""
+        del self.window[:prefix_offset]
+        self.read_offset = read_offset - prefix_offset
+        self.prefix_offset = 0

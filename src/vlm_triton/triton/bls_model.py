@@ -1,0 +1,209 @@
+"""Triton `bls`: the decoupled entry point. Drives preprocess -> vision_encoder -> llm -> postprocess with async
+BLS calls and streams text deltas; the logic is `pipeline.orchestrator.run_pipeline`, this file only adapts it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack
+
+from vlm_triton.errors import InvalidRequest
+from vlm_triton.pipeline.orchestrator import Chunk, Detokenized, Prepared, RequestOptions, StageClient, run_pipeline
+from vlm_triton.triton.common import (
+    error_response,
+    get_scalar,
+    get_text,
+    get_texts,
+    load_deployment,
+    text_output,
+    torch_output,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREPROCESS_OUT = ["input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size"]
+POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
+
+
+def _scalar_tensor(name: str, value: Any, dtype: type) -> Any:
+    return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
+
+
+def _check(response: Any, stage: str) -> Any:
+    if response.has_error():
+        error = response.error()
+        if error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise InvalidRequest(error.message())
+        raise RuntimeError(f"{stage} failed: {error.message()}")
+    return response
+
+
+def _out(response: Any, name: str) -> Any:
+    return pb_utils.get_output_tensor_by_name(response, name)
+
+
+class TritonStages(StageClient):
+    async def preprocess(self, messages_json: str) -> Prepared:
+        request = pb_utils.InferenceRequest(
+            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)]
+        )
+        response = _check(await request.async_exec(), "preprocess")
+        pixels = _out(response, "pixel_values")
+        return Prepared(
+            input_ids=_out(response, "input_ids").as_numpy(),
+            pixel_values=pixels,
+            num_tiles=int(pixels.shape()[0]),
+            end_id=int(_out(response, "end_id").as_numpy()[0]),
+            pad_id=int(_out(response, "pad_id").as_numpy()[0]),
+            stop_words_list=_out(response, "stop_words_list").as_numpy(),
+            prompt_vocab_size=int(_out(response, "prompt_vocab_size").as_numpy()[0]),
+        )
+
+    async def encode_images(self, pixel_values: Any) -> Any:
+        request = pb_utils.InferenceRequest(
+            model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=[pixel_values]
+        )
+        response = _check(await request.async_exec(), "vision_encoder")
+        embeds = from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is
+        return torch_output("prompt_embedding_table", embeds.reshape(1, -1, embeds.shape[-1]))
+
+    async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
+        request_id = uuid.uuid4().hex
+        end_id = -1 if options.ignore_eos else prepared.end_id
+        inputs = [
+            pb_utils.Tensor("input_ids", prepared.input_ids.reshape(1, -1).astype(np.int32)),
+            _scalar_tensor("input_lengths", prepared.prompt_tokens, np.int32),
+            _scalar_tensor("request_output_len", options.max_tokens, np.int32),
+            _scalar_tensor("end_id", end_id, np.int32),
+            _scalar_tensor("pad_id", prepared.pad_id, np.int32),
+            _scalar_tensor("temperature", options.temperature, np.float32),
+            _scalar_tensor("runtime_top_k", options.top_k, np.int32),
+            _scalar_tensor("runtime_top_p", options.top_p, np.float32),
+            _scalar_tensor("repetition_penalty", options.repetition_penalty, np.float32),
+            _scalar_tensor("presence_penalty", options.presence_penalty, np.float32),
+            _scalar_tensor("frequency_penalty", options.frequency_penalty, np.float32),
+            _scalar_tensor("streaming", True, np.bool_),
+            _scalar_tensor("exclude_input_in_output", True, np.bool_),
+        ]
+        if not options.ignore_eos:
+            inputs.append(pb_utils.Tensor("stop_words_list", prepared.stop_words_list[None].astype(np.int32)))
+        if options.seed is not None:
+            inputs.append(_scalar_tensor("seed", options.seed, np.uint64))
+        if table is not None:
+            inputs.append(table)
+            inputs.append(_scalar_tensor("prompt_vocab_size", prepared.prompt_vocab_size, np.int32))
+        request = pb_utils.InferenceRequest(
+            model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
+        )
+        finished = False
+        try:
+            async for response in await request.async_exec(decoupled=True):
+                _check(response, "llm")
+                ids = _out(response, "output_ids")
+                if ids is not None and ids.as_numpy().size:
+                    yield ids.as_numpy().reshape(-1).tolist()
+            finished = True
+        finally:
+            if not finished:
+                await self._cancel(request_id)
+
+    async def _cancel(self, request_id: str) -> None:
+        """tensorrt_llm-style cancellation: a request with the same id and stop=True."""
+        zero = np.zeros((1, 1), dtype=np.int32)
+        request = pb_utils.InferenceRequest(
+            model_name="llm",
+            requested_output_names=["output_ids"],
+            request_id=request_id,
+            inputs=[
+                pb_utils.Tensor("input_ids", zero),
+                pb_utils.Tensor("input_lengths", zero),
+                pb_utils.Tensor("request_output_len", zero),
+                _scalar_tensor("stop", True, np.bool_),
+            ],
+        )
+        async for _ in await request.async_exec(decoupled=True):
+            pass
+
+    async def detokenize(
+        self, window: Sequence[int], prefix_offset: int, read_offset: int, held: str, stop: Sequence[str], final: bool
+    ) -> Detokenized:
+        inputs = [
+            pb_utils.Tensor("token_ids", np.asarray(window, dtype=np.int32)),
+            pb_utils.Tensor("prefix_offset", np.array([prefix_offset], dtype=np.int32)),
+            pb_utils.Tensor("read_offset", np.array([read_offset], dtype=np.int32)),
+            text_output("held_text", held),
+            pb_utils.Tensor("final", np.array([final], dtype=np.bool_)),
+        ]
+        if stop:
+            inputs.append(text_output("stop", list(stop)))
+        request = pb_utils.InferenceRequest(
+            model_name="postprocess", requested_output_names=POSTPROCESS_OUT, inputs=inputs
+        )
+        response = _check(await request.async_exec(), "postprocess")
+        return Detokenized(
+            text=_out(response, "text").as_numpy()[0].decode("utf-8"),
+            prefix_offset=int(_out(response, "prefix_offset").as_numpy()[0]),
+            read_offset=int(_out(response, "read_offset").as_numpy()[0]),
+            held=_out(response, "held_text").as_numpy()[0].decode("utf-8"),
+            stopped=bool(_out(response, "stopped").as_numpy()[0]),
+        )
+
+
+def read_options(request: Any, default_max_tokens: int) -> RequestOptions:
+    seed = get_scalar(request, "seed", None)
+    return RequestOptions(
+        max_tokens=int(get_scalar(request, "max_tokens", default_max_tokens)),
+        stream=bool(get_scalar(request, "stream", False)),
+        temperature=float(get_scalar(request, "temperature", 0.0)),
+        top_p=float(get_scalar(request, "top_p", 1.0)),
+        top_k=int(get_scalar(request, "top_k", 0)),
+        seed=None if seed is None else int(seed),
+        repetition_penalty=float(get_scalar(request, "repetition_penalty", 1.0)),
+        presence_penalty=float(get_scalar(request, "presence_penalty", 0.0)),
+        frequency_penalty=float(get_scalar(request, "frequency_penalty", 0.0)),
+        stop=tuple(get_texts(request, "stop")),
+        ignore_eos=bool(get_scalar(request, "ignore_eos", False)),
+    )
+
+
+def _response(chunk: Chunk) -> Any:
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            text_output("text", chunk.text),
+            text_output("finish_reason", chunk.finish_reason or ""),
+            pb_utils.Tensor("prompt_tokens", np.array([chunk.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([chunk.completion_tokens], dtype=np.int32)),
+        ]
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.default_max_tokens = load_deployment(args).limits.default_max_tokens
+        self.stages = TritonStages()
+
+    async def execute(self, requests: list[Any]) -> None:
+        await asyncio.gather(*(self._serve(r) for r in requests))
+
+    async def _serve(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            messages = get_text(request, "messages")
+            if messages is None:
+                raise InvalidRequest("the 'messages' input is required")
+            options = read_options(request, self.default_max_tokens)
+            chunks = run_pipeline(self.stages, messages, options)
+            try:
+                async for chunk in chunks:
+                    if request.is_cancelled():  # the client went away: closing `chunks` cancels the llm request
+                        cancelled = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+                        sender.send(pb_utils.InferenceResponse(error=cancelled), flags=FINAL)
+                        return
+                    sender.send(_response(chunk), flags=FINAL if chunk.finish_reason else 0)
+            finally:
+                await chunks.aclose()
+        except Exception as exc:  # noqa: BLE001 - the error goes to this request's client
+            sender.send(error_response(exc), flags=FINAL)

@@ -1,0 +1,88 @@
+"""Helpers shared by the stage adapters: deployment loading, tensor conversion, error mapping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from vlm_triton.deploy.config import DeploymentConfig
+from vlm_triton.errors import InvalidRequest
+from vlm_triton.families import ModelFamily, open_family
+
+log = logging.getLogger("vlm_triton")
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRITON_TO_TORCH = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
+
+
+def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
+    model_config = json.loads(args["model_config"])
+    return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
+
+
+def load_family(cfg: DeploymentConfig) -> ModelFamily:
+    return open_family(cfg.model.checkpoint)
+
+
+def torch_device_dtype(cfg: DeploymentConfig) -> tuple[torch.device, torch.dtype]:
+    return torch.device(cfg.device), TORCH_DTYPES[cfg.torch_dtype_name]
+
+
+def get_array(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def get_scalar(request: Any, name: str, default: Any) -> Any:
+    """A per-request scalar sent as [1] or [1, 1]; `default` when absent."""
+    value = get_array(request, name)
+    return default if value is None or value.size == 0 else value.reshape(-1)[0].item()
+
+
+def get_text(request: Any, name: str) -> str | None:
+    value = get_array(request, name)
+    if value is None or value.size == 0:
+        return None
+    item = value.reshape(-1)[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+
+
+def get_texts(request: Any, name: str) -> list[str]:
+    value = get_array(request, name)
+    if value is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+
+
+def get_torch(request: Any, name: str) -> torch.Tensor | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else from_dlpack(tensor.to_dlpack())
+
+
+def torch_output(name: str, value: torch.Tensor) -> Any:
+    """A Triton tensor sharing memory with `value` (any dtype, BF16 included; CPU or GPU)."""
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def text_output(name: str, values: list[str] | str) -> Any:
+    items = [values] if isinstance(values, str) else values
+    return pb_utils.Tensor(name, np.array([v.encode("utf-8") for v in items], dtype=np.object_))
+
+
+def triton_error(exc: BaseException) -> Any:
+    """InvalidRequest -> INVALID_ARGUMENT with its message; anything else -> INTERNAL (and logged)."""
+    if isinstance(exc, InvalidRequest):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+
+def error_response(exc: BaseException) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(exc))

@@ -1,0 +1,53 @@
+"""Triton `postprocess`: stateless incremental detokenization + stop strings; the caller threads the state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_triton.postprocess.detokenizer import decode_delta
+from vlm_triton.postprocess.stop_strings import apply_stop_strings
+from vlm_triton.triton.common import (
+    error_response,
+    get_array,
+    get_scalar,
+    get_text,
+    get_texts,
+    load_deployment,
+    load_family,
+    text_output,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.tokenizer = load_family(load_deployment(args)).load_tokenizer()
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Any) -> Any:
+        try:
+            ids = get_array(request, "token_ids")
+            window = [] if ids is None else ids.reshape(-1).tolist()
+            final = bool(get_scalar(request, "final", False))
+            # No offsets given (e.g. the ensemble): decode the whole sequence at once.
+            prefix = int(get_scalar(request, "prefix_offset", 0))
+            read = int(get_scalar(request, "read_offset", 0))
+            delta, prefix, read = decode_delta(self.tokenizer, window, prefix, read, final=final)
+            result = apply_stop_strings(
+                get_text(request, "held_text") or "", delta, get_texts(request, "stop"), final=final
+            )
+            return pb_utils.InferenceResponse(
+                output_tensors=[
+                    text_output("text", result.emit),
+                    pb_utils.Tensor("prefix_offset", np.array([prefix], dtype=np.int32)),
+                    pb_utils.Tensor("read_offset", np.array([read], dtype=np.int32)),
+                    text_output("held_text", result.held),
+                    pb_utils.Tensor("stopped", np.array([result.stopped], dtype=np.bool_)),
+                ]
+            )
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)

@@ -1,0 +1,88 @@
+"""Triton `preprocess`: OpenAI messages JSON -> prompt ids (image slots as fake ids) + pixel tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from vlm_triton.families.base import PreprocessLimits
+from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+from vlm_triton.prompt.messages import parse_messages
+from vlm_triton.errors import InvalidRequest
+from vlm_triton.triton.common import (
+    TRITON_TO_TORCH,
+    error_response,
+    get_text,
+    load_deployment,
+    load_family,
+    torch_output,
+)
+
+
+def stop_words_list(sequences: list[list[int]]) -> np.ndarray:
+    """tensorrt_llm format [2, K]: row 0 concatenated ids, row 1 cumulative end offsets padded with -1."""
+    flat = [i for seq in sequences for i in seq]
+    offsets = list(np.cumsum([len(s) for s in sequences]))
+    width = max(len(flat), len(offsets), 1)
+    out = np.zeros((2, width), dtype=np.int32)
+    out[1, :] = -1
+    out[0, : len(flat)] = flat
+    out[1, : len(offsets)] = offsets
+    return out
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        cfg = load_deployment(args)
+        self.family = load_family(cfg)
+        self.tokenizer = self.family.load_tokenizer()
+        lim = cfg.limits
+        self.media = MediaFetcher(
+            MediaPolicy(
+                allowed_local_dirs=tuple(Path(d) for d in lim.allowed_local_media_dirs),
+                allow_private_networks=lim.allow_private_networks,
+                max_bytes=lim.max_media_bytes,
+                max_image_pixels=lim.max_image_pixels,
+                timeout_s=lim.media_timeout_s,
+            )
+        )
+        self.limits = PreprocessLimits(
+            max_images=lim.max_images,
+            max_tiles_per_image=lim.max_tiles_per_image or None,
+            max_prompt_tokens=cfg.engine.max_seq_len - 1,
+        )
+        stop_ids = self.family.stop_token_ids(self.tokenizer)
+        self.end_id = stop_ids[0]
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.end_id if pad is None else int(pad)
+        self.stop_words = stop_words_list([[i] for i in stop_ids[1:]])
+        self.pixel_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["PIXEL"]]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Any) -> Any:
+        try:
+            raw = get_text(request, "messages")
+            if raw is None:
+                raise InvalidRequest("the 'messages' input is required")
+            prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
+            ids = prepared.input_ids.astype(np.int32)
+            pixels = torch.from_numpy(np.ascontiguousarray(prepared.pixel_values)).to(self.pixel_dtype)
+            return pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("input_ids", ids),
+                    pb_utils.Tensor("input_lengths", np.array([ids.shape[0]], dtype=np.int32)),
+                    torch_output("pixel_values", pixels),
+                    pb_utils.Tensor("end_id", np.array([self.end_id], dtype=np.int32)),
+                    pb_utils.Tensor("pad_id", np.array([self.pad_id], dtype=np.int32)),
+                    pb_utils.Tensor("stop_words_list", self.stop_words),
+                    pb_utils.Tensor("prompt_vocab_size", np.array([prepared.num_image_tokens], dtype=np.int32)),
+                ]
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
+            return error_response(exc)

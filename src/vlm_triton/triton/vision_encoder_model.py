@@ -1,0 +1,43 @@
+"""Triton `vision_encoder`: pixel tiles [N, 3, S, S] -> image embeddings [N, T, H].
+
+Triton's dynamic batcher hands us tiles of several requests at once; they go through the encoder as one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from vlm_triton.triton.common import (
+    TRITON_TO_TORCH,
+    error_response,
+    get_torch,
+    load_deployment,
+    load_family,
+    torch_device_dtype,
+    torch_output,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        cfg = load_deployment(args)
+        self.device, self.dtype = torch_device_dtype(cfg)
+        self.encoder = load_family(cfg).build_vision_encoder(self.dtype, self.device)
+        self.out_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        try:
+            batches = [get_torch(r, "pixel_values") for r in requests]
+            sizes = [int(b.shape[0]) for b in batches]
+            pixels = torch.cat(batches).to(self.device, self.dtype, non_blocking=True)
+            with torch.inference_mode():
+                embeds = self.encoder(pixels).to(self.out_dtype)
+            return [
+                pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
+                for part in torch.split(embeds, sizes)
+            ]
+        except Exception as exc:  # noqa: BLE001
+            return [error_response(exc) for _ in requests]
