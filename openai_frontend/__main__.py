@@ -28,12 +28,37 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--bls-model", default="bls", help="Triton name of the BLS model (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="listen address (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (default: %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, help=f"require 'Authorization: Bearer <key>' on /v1 routes (default: ${API_KEY_ENV})")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow this browser origin ('*' for any); repeatable")
-    p.add_argument("--max-inflight", type=int, default=256, help="generation requests served at once; more get 429 (default: %(default)s)")
-    p.add_argument("--retry-after", type=int, default=1, metavar="SECONDS", help="Retry-After sent with 429 (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body (default: %(default)s)")
-    p.add_argument("--triton-timeout", type=float, default=None, metavar="SECONDS", help="deadline of one Triton request (default: none)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer <key>' on /v1 routes (default: ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow this browser origin ('*' for any); repeatable",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=256,
+        help="generation requests served at once; more get 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retry-after", type=int, default=1, metavar="SECONDS", help="Retry-After sent with 429 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body (default: %(default)s)"
+    )
+    p.add_argument(
+        "--triton-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline of one Triton request (default: none)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     try:
@@ -86,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(create_app(engine, settings), log_level=settings.log_level, timeout_graceful_shutdown=5)
     logging.getLogger("openai_frontend").info(
         "serving %s on http://%s:%d (Triton %s, BLS model %s)",
-        settings.model_name, settings.host, settings.port, settings.triton_url, settings.bls_model,
+        settings.model_name,
+        settings.host,
+        settings.port,
+        settings.triton_url,
+        settings.bls_model,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -8,7 +8,7 @@ in-flight limit, 503 Triton unavailable, 500 anything else.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +56,7 @@ class APIError(Exception):
     status_code: int = 500
     error_type: str | None = None
     code: str | None = None
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -65,7 +66,9 @@ class APIError(Exception):
             self.code = code
 
     def response(self) -> JSONResponse:
-        return error_response(self.message, self.status_code, type=self.error_type, param=self.param, code=self.code)
+        return error_response(
+            self.message, self.status_code, type=self.error_type, param=self.param, code=self.code, headers=self.headers
+        )
 
 
 class ModelNotFound(APIError):
@@ -77,7 +80,9 @@ class RequestTooLarge(StarletteHTTPException):
     """Raised while the body is read; an HTTPException so FastAPI's body parsing lets it through unchanged."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds the limit of {limit} bytes; send smaller images or raise --max-body-bytes")
+        super().__init__(
+            413, f"request body exceeds the limit of {limit} bytes; send smaller images or raise --max-body-bytes"
+        )
 
 
 class ClientDisconnected(Exception):
@@ -105,11 +110,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         messages = by_loc.setdefault(_format_loc(loc), [])
         if msg not in messages:
             messages.append(msg)
-    deepest = [loc for loc in by_loc if not any(_extends(other, loc) for other in by_loc)]
+    deepest = [where for where in by_loc if not any(_extends(other, where) for other in by_loc)]
     parts = []
-    for loc in deepest:
-        text = " or ".join(m if i == 0 else m.removeprefix("Input should be ") for i, m in enumerate(by_loc[loc]))
-        parts.append(f"{loc}: {text}" if loc else text)
+    for where in deepest:
+        text = " or ".join(m if i == 0 else m.removeprefix("Input should be ") for i, m in enumerate(by_loc[where]))
+        parts.append(f"{where}: {text}" if where else text)
     shown = "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
     return f"invalid request: {shown}", (deepest[0] or None) if deepest else None
 

@@ -38,9 +38,7 @@ class Generation:
         self._first_text_seen = False
 
     @classmethod
-    async def start(
-        cls, request: Request, state: FrontendState, spec: GenerationRequest, endpoint: str
-    ) -> Generation:
+    async def start(cls, request: Request, state: FrontendState, spec: GenerationRequest, endpoint: str) -> Generation:
         generation = cls(request, state, spec, endpoint)
         generation._first = await until_disconnect(request.receive, generation._next_engine_chunk())
         return generation

@@ -13,7 +13,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "vlm_frontend_requests", "Generation requests by endpoint and HTTP status", ["endpoint", "status"], registry=r
+            "vlm_frontend_requests",
+            "Generation requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "vlm_frontend_request_duration_seconds",

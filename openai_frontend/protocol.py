@@ -66,9 +66,9 @@ class ChatMessage(_Open):
     def _check_content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content' (a string or a list of content parts)")
-        if isinstance(self.content, list) and self.role != "user":
-            if any(not isinstance(part, TextPart) for part in self.content):
-                raise ValueError("images and videos are only accepted in user messages")
+        media = isinstance(self.content, list) and any(not isinstance(part, TextPart) for part in self.content)
+        if media and self.role != "user":
+            raise ValueError("images and videos are only accepted in user messages")
         return self
 
 

@@ -33,7 +33,9 @@ class ChunkEncoder:
 
     def __init__(self, request_id: str, created: int, model: str, *, include_usage: bool = False) -> None:
         self.include_usage = include_usage
-        envelope = f'{{"id":{_json(request_id)},"object":"{self.object_name}","created":{created},"model":{_json(model)}'
+        envelope = (
+            f'{{"id":{_json(request_id)},"object":"{self.object_name}","created":{created},"model":{_json(model)}'
+        )
         usage_null = ',"usage":null' if include_usage else ""
         self._head = f'data: {envelope},"choices":[{{"index":0,"{self.choice_key}":'.encode()
         self._tail = f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'.encode()

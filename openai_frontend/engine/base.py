@@ -10,7 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from openai_frontend.errors import APIError
 from vlm_triton.errors import InvalidRequest
@@ -80,6 +80,7 @@ class EngineUnavailable(EngineError):
 
     status_code = 503
     code = "engine_unavailable"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
 
 
 class Engine(ABC):
@@ -101,5 +102,5 @@ class Engine(ABC):
     async def ready(self) -> bool:
         """True when a request would be served now (server up and models loaded)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Release connections; called once when the app shuts down."""

@@ -3,8 +3,9 @@
 It answers `echo: <text of the last user message>` one word per chunk, with the stream semantics of the BLS:
 running token counts, finish_reason only on the last chunk, "length" when max_tokens cut it short, "stop" when a
 stop string or the end was reached. An image URL starting with `bad://` fails the way Triton reports a bad image
-(InvalidInput), `error=` makes every request fail, `fail_after=k` fails after k chunks, `delay_s` slows each chunk so tests can disconnect mid-way;
-`cancelled` (a threading.Event, as tests run the server in another thread) is set when a request is abandoned.
+(InvalidInput); `error=` makes every request fail, or with `fail_after=k` fail after k chunks; `delay_s` slows
+each word so tests can disconnect mid-way; `cancelled` (a threading.Event, as tests run the server in another
+thread) is set when a request is abandoned.
 """
 
 from __future__ import annotations
@@ -69,13 +70,15 @@ class FakeEngine(Engine):
         words, finish = reply_words(request)
         done = False
         try:
-            pieces = [" ".join(words)] if not request.stream else [w if i == 0 else " " + w for i, w in enumerate(words)]
+            pieces = (
+                [" ".join(words)] if not request.stream else [w if i == 0 else " " + w for i, w in enumerate(words)]
+            )
             for i, piece in enumerate(pieces):
                 if i == self.fail_after:
                     done = True
                     raise self.error or EngineError("the fake engine failed mid-stream")
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
+                if self.delay_s:  # per word, also when the whole text comes in one chunk
+                    await asyncio.sleep(self.delay_s * (1 if request.stream else max(len(words), 1)))
                 count = len(words) if not request.stream else i + 1
                 last = i == len(pieces) - 1
                 yield GenerationChunk(piece, finish if last else None, prompt_tokens, count)

@@ -56,7 +56,7 @@ def _tensor(name: str, values: Sequence[Any]) -> InferInput:
     spec = BLS.input(name)
     if len(spec.dims) != 1 or spec.dims[0] not in (-1, len(values)):
         raise ValueError(f"bls input {name}: {len(values)} values do not fit dims {spec.dims}")
-    array = np.array(values, dtype=spec.numpy_dtype)
+    array: np.ndarray[Any, Any] = np.array(values, dtype=spec.numpy_dtype)
     if BLS.batched:
         array = array[np.newaxis]
     tensor = InferInput(spec.name, list(array.shape), spec.dtype)

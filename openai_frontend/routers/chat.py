@@ -33,9 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         id=request_id,
         created=created,
         model=model,
-        choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=generation.finish_reason or "stop")
-        ],
+        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=generation.finish_reason or "stop")],
         usage=generation.usage(),
     )
     return JSONResponse(response.model_dump(mode="json"))

@@ -20,6 +20,4 @@ async def health() -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     if await frontend_state(request).engine.ready():
         return JSONResponse({"status": "ready"})
-    return error_response(
-        "not ready: Triton or the served models are not ready yet", 503, code="not_ready"
-    )
+    return error_response("not ready: Triton or the served models are not ready yet", 503, code="not_ready")

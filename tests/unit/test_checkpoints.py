@@ -15,8 +15,8 @@ from vlm_triton.checkpoints.tiny import make_tiny_checkpoint
 from vlm_triton.checkpoints.to_hf import convert_to_hf
 from vlm_triton.errors import SetupError
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
-            "<ref>", "</ref>", "<box>", "</box>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>",
+            "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 ROUND_TRIP = [
     "Hello, world! What is in this image?",
     "你是书生·万象，英文名是InternVL。请描述这张图片：一只猫🐱坐在桌子上☕️。",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -111,7 +111,9 @@ def drain_one(engine: LLMEngine, req: GenerationRequest) -> list[TokenEvent]:
 
 def test_ragged_batch_matches_generate(model: PreTrainedModel) -> None:
     engine = make_engine(model)
-    reqs = [greedy(f"r{i}", prompt(10 + i, n), m) for i, (n, m) in enumerate([(3, 14), (17, 9), (1, 12), (30, 16), (8, 5)])]
+    reqs = [
+        greedy(f"r{i}", prompt(10 + i, n), m) for i, (n, m) in enumerate([(3, 14), (17, 9), (1, 12), (30, 16), (8, 5)])
+    ]
     for r in reqs:
         engine.add_request(r)
     events = drain(engine)
@@ -315,3 +317,30 @@ def test_background_loop_blocks_when_idle(qwen: PreTrainedModel) -> None:
     assert tokens(got["x"]) == hf_greedy(qwen, prompt(80, 5), 6)
     assert tokens(got["y"]) == hf_greedy(qwen, prompt(81, 9), 9)
     assert got["z"][-1].finished and got["z"][-1].finish_reason in ("cancelled", "length")
+
+
+# --- GPU only: the CUDA-graph decode path ---------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_generate() -> None:
+    model = _tiny("qwen2").to("cuda")
+    engine = LLMEngine(
+        model,
+        max_slots=4,
+        max_seq_len=MAX_SEQ,
+        device="cuda",
+        dtype=torch.float32,
+        vocab_size=VOCAB,
+        use_cuda_graphs=True,
+    )
+    assert engine._graphs is not None and sorted(engine._graphs.graphs) == engine.buckets
+    plan = {
+        0: [greedy("a", prompt(90, 5), 3), greedy("b", prompt(91, 12), 15), greedy("c", prompt(92, 2), 6)],
+        2: [greedy("d", prompt(93, 9), 10)],
+        4: [greedy("e", prompt(94, 4), 4), greedy("f", prompt(95, 20), 8)],
+    }
+    events = drain(engine, lambda step: [engine.add_request(r) for r in plan.get(step, [])] and None)
+    assert engine.slot_moves > 0
+    for r in [r for rs in plan.values() for r in rs]:
+        ids = list(r.input_ids)  # type: ignore[arg-type]
+        ref = model.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=r.max_new_tokens)
+        assert tokens(events[r.request_id]) == ref[0, len(ids) :].tolist(), r.request_id

@@ -41,9 +41,10 @@ def sse_events(text: str) -> list[str]:
     return [block.removeprefix("data: ") for block in text.strip().split("\n\n")]
 
 
-def assert_openai_error(response: httpx.Response, status: int, *, type: str | None = None) -> dict[str, Any]:
+def assert_openai_error(response: Any, status: int, *, type: str | None = None) -> dict[str, Any]:
+    """Checks an OpenAI error body (httpx or the TestClient's httpx2 response) and returns its `error`."""
     assert response.status_code == status, response.text
-    error = response.json()["error"]
+    error: dict[str, Any] = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     if type is not None:
@@ -289,7 +290,9 @@ def test_form_encoded_body_is_explained(client: TestClient) -> None:
 def test_invalid_input_from_the_engine_is_passed_through(client: TestClient) -> None:
     content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "bad://img"}}]
     for stream in (False, True):
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "stream": stream})
+        r = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "stream": stream}
+        )
         error = assert_openai_error(r, 400, type="invalid_request_error")
         assert error["message"].startswith("could not load image 'bad://img'")
 
@@ -297,9 +300,9 @@ def test_invalid_input_from_the_engine_is_passed_through(client: TestClient) -> 
 @pytest.mark.parametrize(("error", "status"), [(EngineUnavailable("Triton is down"), 503), (EngineError("boom"), 500)])
 def test_engine_failures_map_to_status(error: EngineError, status: int) -> None:
     with client_for(FakeEngine(MODEL, error=error)) as c:
-        assert assert_openai_error(c.post("/v1/chat/completions", json={"messages": HELLO}), status, type="server_error")[
-            "message"
-        ] == str(error)
+        r = c.post("/v1/chat/completions", json={"messages": HELLO})
+        assert assert_openai_error(r, status, type="server_error")["message"] == str(error)
+        assert ("retry-after" in r.headers) == (status == 503)
 
 
 def test_error_mid_stream_is_sent_in_band(client: TestClient) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.checkpoints.tiny import make_tiny_checkpoint

@@ -56,12 +56,15 @@ PIXEL_SIZES = [(448, 448), (300, 200), (5, 7), (1920, 1080), (500, 2000), (2000,
 
 
 def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Noise on top of gradients, so that bicubic resampling differences would show."""
+    """Noise on top of gradients, so that bicubic resampling differences would show (kept small in memory)."""
     rng = np.random.default_rng(seed + width * 7919 + height)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1)
-    noisy = base + rng.integers(-40, 41, size=base.shape)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    gx = (np.arange(width, dtype=np.float32) * (255 / max(width - 1, 1))).astype(np.int16)[None, :]
+    gy = (np.arange(height, dtype=np.float32) * (255 / max(height - 1, 1))).astype(np.int16)[:, None]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    for c, base in enumerate((gx + 0 * gy, gy + 0 * gx, (gx + gy) % 256)):
+        noise = rng.integers(-40, 41, size=(height, width), dtype=np.int16)
+        img[..., c] = np.clip(base + noise, 0, 255)
+    return Image.fromarray(img, "RGB")
 
 
 # --------------------------------------------------------------------------------------------------- grid choice

@@ -30,7 +30,9 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-INTERNVL_SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+INTERNVL_SPECIAL_TOKENS = (
+    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+)
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -291,6 +293,7 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any
     tensors = {name: _random_tensor(name, shape, k, seed).to(dtype).contiguous()
                for name, (shape, k) in specs.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "model.safetensors").chmod(0o644)  # readable by a serving container running as another user
 
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file()):

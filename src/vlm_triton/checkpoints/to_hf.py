@@ -163,6 +163,7 @@ def convert_to_hf(src: str | Path, out: str | Path) -> Path:
     _dump(out / "config.json", hf_config)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)
     gen_file = ckpt.path / "generation_config.json"
     if gen_file.is_file():
         shutil.copyfile(gen_file, out / "generation_config.json")

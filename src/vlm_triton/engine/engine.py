@@ -25,42 +25,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from vlm_triton.engine.kv_cache import SlotKVCache
-from vlm_triton.engine.sampling import SamplingParams, sample_tokens
-from vlm_triton.engine.types import FinishReason, GenerationRequest, TokenEvent
+from vlm_triton.engine.sampling import sample_tokens
+from vlm_triton.engine.types import ActiveRequest, FinishReason, GenerationRequest, TokenEvent, prepare_request
 from vlm_triton.errors import InvalidRequest, SetupError
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[TokenEvent]], None]
-
-
-@dataclass
-class _Seq:
-    """A validated request; `slot` is set while it runs."""
-
-    request_id: str
-    ids: torch.Tensor  # int64 [L], CPU
-    table: torch.Tensor | None
-    max_new: int
-    end_id: int
-    ignore_eos: bool
-    stop_words: list[list[int]]
-    params: SamplingParams
-    generator: torch.Generator
-    slot: int = -1
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.ids.shape[0])
 
 
 class LLMEngine:
@@ -82,18 +60,19 @@ class LLMEngine:
         whose language model sits elsewhere). Ids >= vocab_size are image slots."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
-        self.backbone: nn.Module = backbone if backbone is not None else getattr(model, "model")
-        head = lm_head if lm_head is not None else model.get_output_embeddings()
-        assert isinstance(head, nn.Module)
+        self.backbone: nn.Module = backbone if backbone is not None else cast(nn.Module, model.model)
+        head = lm_head if lm_head is not None else cast(Any, model).get_output_embeddings()
+        if not isinstance(head, nn.Module):
+            raise SetupError("the model has no output embeddings (lm_head); pass lm_head=")
         self.lm_head: nn.Module = head
         model.eval()
-        config = self.backbone.config
+        config: Any = self.backbone.config
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
-        self.embed: nn.Embedding = self.backbone.get_input_embeddings()
-        self.hidden_size = int(self.embed.weight.shape[1])
-        if vocab_size > self.embed.weight.shape[0]:
-            raise SetupError(f"vocab_size {vocab_size} exceeds the {self.embed.weight.shape[0]} embedding rows")
+        self.embed: nn.Module = cast(Any, self.backbone).get_input_embeddings()
+        rows, self.hidden_size = (int(d) for d in cast(torch.Tensor, self.embed.weight).shape)
+        if vocab_size > rows:
+            raise SetupError(f"vocab_size {vocab_size} exceeds the {rows} embedding rows")
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise SetupError(f"only full-attention models are supported, this one has {sorted(layer_types)}")
@@ -117,8 +96,8 @@ class LLMEngine:
         self._kv_range = torch.arange(max_seq_len, device=self.device)
         self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
         self._counts: torch.Tensor | None = None  # [max_slots, V] int32
-        self._active: list[_Seq] = []  # index == slot
-        self._waiting: deque[_Seq] = deque()
+        self._active: list[ActiveRequest] = []  # index == slot
+        self._waiting: deque[ActiveRequest] = deque()
         self._cancels: set[str] = set()
         self._inflight: set[str] = set()
         self._cond = threading.Condition()
@@ -132,7 +111,9 @@ class LLMEngine:
     # --- public API -------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
         """Validate and queue a request (thread-safe). Raises InvalidRequest."""
-        seq = self._validate(req)
+        seq = prepare_request(
+            req, vocab_size=self.vocab_size, hidden_size=self.hidden_size, max_seq_len=self.max_seq_len
+        )
         with self._cond:
             if seq.request_id in self._inflight:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in flight")
@@ -214,51 +195,6 @@ class LLMEngine:
             self._thread.join(timeout)
             self._thread = None
 
-    # --- validation -------------------------------------------------------------------------------------------------
-    def _validate(self, req: GenerationRequest) -> _Seq:
-        raw = req.input_ids
-        arr = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
-        if arr.dtype.kind not in "iu" and arr.size:
-            raise InvalidRequest(f"input_ids must be integers, got {arr.dtype}")
-        ids = torch.from_numpy(arr.astype(np.int64).reshape(-1))
-        n = int(ids.shape[0])
-        if n < 1:
-            raise InvalidRequest("input_ids is empty")
-        if n > self.max_seq_len - 1:
-            raise InvalidRequest(f"prompt has {n} tokens; at most {self.max_seq_len - 1} fit (max_seq_len)")
-        if int(ids.min()) < 0:
-            raise InvalidRequest("input_ids has negative ids")
-        if req.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-        table = None
-        n_slots = int((ids >= self.vocab_size).sum())
-        if req.prompt_embedding_table is not None or n_slots:
-            if req.prompt_embedding_table is None:
-                raise InvalidRequest(f"{n_slots} image slot ids (>= {self.vocab_size}) but no prompt_embedding_table")
-            t = req.prompt_embedding_table
-            table = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
-            if table.ndim != 2 or table.shape[1] != self.hidden_size:
-                raise InvalidRequest(f"prompt_embedding_table must be [rows, {self.hidden_size}], got {list(table.shape)}")
-            if not table.is_floating_point():
-                raise InvalidRequest(f"prompt_embedding_table must be floating point, got {table.dtype}")
-            if n_slots and int(ids.max()) - self.vocab_size >= table.shape[0]:
-                raise InvalidRequest(
-                    f"image slot id {int(ids.max())} needs row {int(ids.max()) - self.vocab_size}; the table has {table.shape[0]}"
-                )
-        params = SamplingParams(
-            float(req.temperature), int(req.top_k), float(req.top_p), float(req.repetition_penalty),
-            float(req.presence_penalty), float(req.frequency_penalty),
-        )  # fmt: skip
-        params.validate()
-        stop_words = [list(map(int, w)) for w in req.stop_words if len(w)]
-        generator = torch.Generator()
-        if req.seed is not None:
-            generator.manual_seed(int(req.seed))
-        else:
-            generator.seed()
-        max_new = min(int(req.max_new_tokens), self.max_seq_len - n)
-        return _Seq(req.request_id, ids, table, max_new, int(req.end_id), bool(req.ignore_eos), stop_words, params, generator)
-
     # --- forward passes ---------------------------------------------------------------------------------------------
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self._bool_mask:
@@ -267,7 +203,7 @@ class LLMEngine:
             ~allowed, torch.finfo(self.dtype).min
         )
 
-    def _prefill(self, seq: _Seq) -> TokenEvent:
+    def _prefill(self, seq: ActiveRequest) -> TokenEvent:
         seq.slot = len(self._active)
         self._active.append(seq)
         try:
@@ -315,7 +251,8 @@ class LLMEngine:
             past_key_values=self.cache,
             use_cache=True,
         )
-        return self.lm_head(out.last_hidden_state[:, -1])
+        logits: torch.Tensor = self.lm_head(out.last_hidden_state[:, -1])
+        return logits
 
     def _decode_step(self) -> list[TokenEvent]:
         n = len(self._active)
@@ -338,7 +275,7 @@ class LLMEngine:
         return self._accept(list(self._active), tokens.tolist())
 
     # --- bookkeeping --------------------------------------------------------------------------------------------------
-    def _init_penalty_state(self, seq: _Seq, vocab: int) -> None:
+    def _init_penalty_state(self, seq: ActiveRequest, vocab: int) -> None:
         s = seq.slot
         if seq.params.uses_seen:
             if self._seen is None:
@@ -351,7 +288,7 @@ class LLMEngine:
                 self._counts = torch.zeros(self.max_slots, vocab, dtype=torch.int32, device=self.device)
             self._counts[s].zero_()
 
-    def _accept(self, seqs: list[_Seq], tokens: list[int]) -> list[TokenEvent]:
+    def _accept(self, seqs: list[ActiveRequest], tokens: list[int]) -> list[TokenEvent]:
         """Record one new token per sequence, update penalty state, emit events, free finished slots."""
         seen_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_seen]
         count_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_counts]
@@ -362,13 +299,12 @@ class LLMEngine:
             slots, toks = torch.tensor(count_rows, device=self.device).T
             self._counts.index_put_((slots, toks), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
         events: list[TokenEvent] = []
-        done: list[_Seq] = []
+        done: list[ActiveRequest] = []
         for seq, token in zip(seqs, tokens):
             seq.generated.append(token)
             reason: FinishReason | None = None
-            if token == seq.end_id and not seq.ignore_eos:
-                reason = "stop"
-            elif any(seq.generated[-len(w) :] == w for w in seq.stop_words):
+            eos = token == seq.end_id and not seq.ignore_eos
+            if eos or any(seq.generated[-len(w) :] == w for w in seq.stop_words):
                 reason = "stop"
             elif len(seq.generated) >= seq.max_new:
                 reason = "length"
@@ -381,7 +317,7 @@ class LLMEngine:
             self._release(seq)
         return events
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: ActiveRequest) -> None:
         """Free seq's slot; the last running request moves into the hole to keep slots compact."""
         slot = seq.slot
         last = self._active.pop()
@@ -397,7 +333,7 @@ class LLMEngine:
         with self._cond:
             self._inflight.discard(seq.request_id)
 
-    def _finish_event(self, seq: _Seq, reason: FinishReason, error: str | None = None) -> TokenEvent:
+    def _finish_event(self, seq: ActiveRequest, reason: FinishReason, error: str | None = None) -> TokenEvent:
         with self._cond:
             self._inflight.discard(seq.request_id)
         return TokenEvent(seq.request_id, None, True, reason, len(seq.generated), seq.prompt_len, error)
@@ -439,7 +375,7 @@ class _DecodeGraphs:
             with torch.no_grad():
                 engine._dec_ids.zero_()
                 engine._dec_pos.zero_()
-                side = torch.cuda.Stream(engine.device)
+                side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(engine.device))
                 with torch.cuda.stream(side):
                     for bucket in engine.buckets:

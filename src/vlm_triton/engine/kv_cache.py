@@ -38,14 +38,14 @@ class _Mode:
     positions: torch.Tensor | None = None
 
 
-class SlotLayer(CacheLayerMixin):
+class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One layer's preallocated K/V for all slots."""
 
     is_compileable = False  # only consulted by generate(), which never sees this cache
     is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, mode: _Mode) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.keys = keys
         self.values = values
         self.mode = mode
@@ -112,7 +112,7 @@ class SlotKVCache(Cache):
     ) -> None:
         self.mode = _Mode()
         shape = (max_slots, kv_heads, max_seq_len, head_dim)
-        layers: list[Any] = [
+        self.slot_layers = [
             SlotLayer(
                 torch.zeros(shape, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=dtype, device=device),
@@ -120,7 +120,7 @@ class SlotKVCache(Cache):
             )
             for _ in range(num_layers)
         ]
-        super().__init__(layers=layers)
+        super().__init__(layers=list(self.slot_layers))
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
 
@@ -139,16 +139,18 @@ class SlotKVCache(Cache):
         """Copy the first `length` positions of slot `src` into slot `dst` (compaction after a request leaves)."""
         if src == dst or length <= 0:
             return
-        for layer in self.layers:
+        for layer in self.slot_layers:
             assert layer.keys is not None and layer.values is not None
             layer.keys[dst, :, :length] = layer.keys[src, :, :length]
             layer.values[dst, :, :length] = layer.values[src, :, :length]
 
     def slot_keys(self, layer_idx: int, slot: int, length: int) -> torch.Tensor:
         """Keys of one slot, [kv_heads, length, head_dim] (for tests and debugging)."""
-        keys = self.layers[layer_idx].keys
+        keys = self.slot_layers[layer_idx].keys
         assert keys is not None
         return keys[slot, :, :length]
 
     def nbytes(self) -> int:
-        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers)  # type: ignore[union-attr]
+        return sum(
+            2 * layer.keys.numel() * layer.keys.element_size() for layer in self.slot_layers if layer.keys is not None
+        )

@@ -17,8 +17,8 @@ neutral values is left bit-identical).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

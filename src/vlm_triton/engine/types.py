@@ -7,18 +7,20 @@ word sequences and the sampling options. The engine answers with one `TokenEvent
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
 
+from vlm_triton.engine.sampling import SamplingParams
 from vlm_triton.errors import InvalidRequest
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
-TokenIds = Union[Sequence[int], np.ndarray, torch.Tensor]
-EmbeddingTable = Union[np.ndarray, torch.Tensor]
+TokenIds = Union[Sequence[int], "np.ndarray[Any, Any]", torch.Tensor]
+EmbeddingTable = Union["np.ndarray[Any, Any]", torch.Tensor]
 
 
 @dataclass
@@ -74,7 +76,7 @@ class TokenEvent:
     error: str | None = None
 
 
-def parse_stop_words_list(arr: np.ndarray | torch.Tensor | None) -> list[list[int]]:
+def parse_stop_words_list(arr: np.ndarray[Any, Any] | torch.Tensor | None) -> list[list[int]]:
     """Parse tensorrt_llm's `stop_words_list` ([2, L], or [1, 2, L] with the batch dim) into token sequences.
 
     Row 0 holds the concatenated token ids (padded with 0), row 1 the cumulative end offset of each word (padded
@@ -101,3 +103,72 @@ def parse_stop_words_list(arr: np.ndarray | torch.Tensor | None) -> list[list[in
             words.append([int(t) for t in ids[start:end]])
         start = end
     return words
+
+
+@dataclass
+class ActiveRequest:
+    """A validated request as the engine tracks it; `slot` is set while it runs."""
+
+    request_id: str
+    ids: torch.Tensor  # int64 [L], CPU
+    table: torch.Tensor | None
+    max_new: int
+    end_id: int
+    ignore_eos: bool
+    stop_words: list[list[int]]
+    params: SamplingParams
+    generator: torch.Generator
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def prepare_request(req: GenerationRequest, *, vocab_size: int, hidden_size: int, max_seq_len: int) -> ActiveRequest:
+    """Validate `req` for an engine (raises InvalidRequest) and convert it to the engine's record."""
+    raw = req.input_ids
+    arr = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise InvalidRequest(f"input_ids must be integers, got {arr.dtype}")
+    ids = torch.from_numpy(arr.astype(np.int64).reshape(-1))
+    n = int(ids.shape[0])
+    if n < 1:
+        raise InvalidRequest("input_ids is empty")
+    if n > max_seq_len - 1:
+        raise InvalidRequest(f"prompt has {n} tokens; at most {max_seq_len - 1} fit (max_seq_len)")
+    if int(ids.min()) < 0:
+        raise InvalidRequest("input_ids has negative ids")
+    if req.max_new_tokens < 1:
+        raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+    table = None
+    n_slots = int((ids >= vocab_size).sum())
+    if req.prompt_embedding_table is not None or n_slots:
+        if req.prompt_embedding_table is None:
+            raise InvalidRequest(f"{n_slots} image slot ids (>= {vocab_size}) but no prompt_embedding_table")
+        t = req.prompt_embedding_table
+        table = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+        if table.ndim != 2 or table.shape[1] != hidden_size:
+            raise InvalidRequest(f"prompt_embedding_table must be [rows, {hidden_size}], got {list(table.shape)}")
+        if not table.is_floating_point():
+            raise InvalidRequest(f"prompt_embedding_table must be floating point, got {table.dtype}")
+        if n_slots and int(ids.max()) - vocab_size >= table.shape[0]:
+            raise InvalidRequest(
+                f"image slot id {int(ids.max())} needs row {int(ids.max()) - vocab_size}; the table has {table.shape[0]}"
+            )
+    params = SamplingParams(
+        float(req.temperature), int(req.top_k), float(req.top_p), float(req.repetition_penalty),
+        float(req.presence_penalty), float(req.frequency_penalty),
+    )  # fmt: skip
+    params.validate()
+    stop_words = [list(map(int, w)) for w in req.stop_words if len(w)]
+    generator = torch.Generator()
+    if req.seed is not None:
+        generator.manual_seed(int(req.seed))
+    else:
+        generator.seed()
+    max_new = min(int(req.max_new_tokens), max_seq_len - n)
+    return ActiveRequest(
+        req.request_id, ids, table, max_new, int(req.end_id), bool(req.ignore_eos), stop_words, params, generator
+    )

@@ -228,7 +228,7 @@ class MediaFetcher:
         if policy.ca_bundle is not None:
             verify = ssl.create_default_context(cafile=str(policy.ca_bundle))
         with httpx.Client(trust_env=False, follow_redirects=False, verify=verify) as client:
-            for hop in range(policy.max_redirects + 1):
+            for _hop in range(policy.max_redirects + 1):
                 try:
                     target = httpx.URL(current)
                 except (httpx.InvalidURL, ValueError) as exc:
@@ -258,11 +258,8 @@ class MediaFetcher:
                 except httpx.HTTPError as exc:
                     raise InvalidRequest(f"cannot fetch media URL {_short(current)!r} ({exc})") from None
                 try:
-                    if response.is_redirect:
-                        location = response.headers.get("location")
-                        if not location:
-                            raise InvalidRequest(f"media URL {_short(current)!r} redirected without a Location")
-                        current = urljoin(current, location)
+                    if response.is_redirect:  # a 3xx redirect status with a Location header
+                        current = urljoin(current, response.headers["location"])
                         continue
                     if response.status_code != 200:
                         raise InvalidRequest(

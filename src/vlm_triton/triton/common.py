@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,7 +14,9 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import InvalidRequest
-from vlm_triton.families import ModelFamily, open_family
+
+if TYPE_CHECKING:
+    from vlm_triton.families import ModelFamily
 
 log = logging.getLogger("vlm_triton")
 
@@ -27,7 +29,9 @@ def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
     return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
 
 
-def load_family(cfg: DeploymentConfig) -> ModelFamily:
+def load_family(cfg: DeploymentConfig) -> "ModelFamily":
+    from vlm_triton.families import open_family  # imported here: the bls stage never needs model code
+
     return open_family(cfg.model.checkpoint)
 
 

@@ -6,21 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
-from vlm_triton.triton.common import (
-    TRITON_TO_TORCH,
-    error_response,
-    get_text,
-    load_deployment,
-    load_family,
-    torch_output,
-)
+from vlm_triton.contracts import NUMPY_DTYPES
+from vlm_triton.triton.common import error_response, get_text, load_deployment, load_family
 
 
 def stop_words_list(sequences: list[list[int]]) -> np.ndarray:
@@ -60,7 +53,7 @@ class TritonPythonModel:
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_id if pad is None else int(pad)
         self.stop_words = stop_words_list([[i] for i in stop_ids[1:]])
-        self.pixel_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["PIXEL"]]
+        self.pixel_dtype = NUMPY_DTYPES[cfg.tensor_dtypes["PIXEL"]]  # FP32 or FP16: numpy carries both
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
@@ -72,12 +65,12 @@ class TritonPythonModel:
                 raise InvalidRequest("the 'messages' input is required")
             prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
             ids = prepared.input_ids.astype(np.int32)
-            pixels = torch.from_numpy(np.ascontiguousarray(prepared.pixel_values)).to(self.pixel_dtype)
+            pixels = np.ascontiguousarray(prepared.pixel_values, dtype=self.pixel_dtype)
             return pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor("input_ids", ids),
                     pb_utils.Tensor("input_lengths", np.array([ids.shape[0]], dtype=np.int32)),
-                    torch_output("pixel_values", pixels),
+                    pb_utils.Tensor("pixel_values", pixels),
                     pb_utils.Tensor("end_id", np.array([self.end_id], dtype=np.int32)),
                     pb_utils.Tensor("pad_id", np.array([self.pad_id], dtype=np.int32)),
                     pb_utils.Tensor("stop_words_list", self.stop_words),

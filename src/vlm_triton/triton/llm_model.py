@@ -1,0 +1,169 @@
+"""Triton `llm` (torch profile): the tensorrtllm_backend `tensorrt_llm` contract over our continuous-batching
+engine. Decoupled: execute() only queues; the engine thread sends each request's tokens through its sender."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlm_triton.engine.engine import LLMEngine
+from vlm_triton.engine.types import GenerationRequest, TokenEvent, parse_stop_words_list
+from vlm_triton.errors import InvalidRequest
+from vlm_triton.triton.common import (
+    error_response,
+    get_array,
+    get_scalar,
+    get_torch,
+    load_deployment,
+    load_family,
+    torch_device_dtype,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_EVERY = 8  # tokens between polls of request.is_cancelled()
+
+
+@dataclass
+class _Active:
+    request: Any
+    sender: Any
+    client_id: str
+    streaming: bool
+    prefix: list[int]  # prompt ids echoed in non-streaming output unless exclude_input_in_output
+    tokens: list[int] = field(default_factory=list)
+
+
+def _ids_response(ids: list[int]) -> Any:
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
+            pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+        ]
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        cfg = load_deployment(args)
+        family = load_family(cfg)
+        device, dtype = torch_device_dtype(cfg)
+        self.engine = LLMEngine(
+            family.build_language_model(dtype, device),
+            max_slots=cfg.engine.max_slots,
+            max_seq_len=cfg.engine.max_seq_len,
+            device=device,
+            dtype=dtype,
+            vocab_size=family.vocab_size,
+            use_cuda_graphs=cfg.engine.cuda_graphs,
+        )
+        self._active: dict[str, _Active] = {}
+        self._by_client: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.engine.start(self._on_events)
+
+    def finalize(self) -> None:
+        self.engine.shutdown()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            client_id = request.request_id() or ""
+            if get_scalar(request, "stop", False):
+                self._cancel_client(client_id)
+                sender.send(flags=FINAL)
+                continue
+            try:
+                self._admit(request, sender, client_id)
+            except Exception as exc:  # noqa: BLE001
+                sender.send(error_response(exc), flags=FINAL)
+        return None
+
+    def _admit(self, request: Any, sender: Any, client_id: str) -> None:
+        ids = get_array(request, "input_ids")
+        if ids is None:
+            raise InvalidRequest("input_ids is required")
+        ids = ids.reshape(-1)
+        length = int(get_scalar(request, "input_lengths", ids.shape[0]))
+        if not 0 < length <= ids.shape[0]:
+            raise InvalidRequest(f"input_lengths {length} does not fit {ids.shape[0]} input_ids")
+        ids = ids[:length]
+        table = get_torch(request, "prompt_embedding_table")
+        if table is not None:
+            table = table.reshape(-1, table.shape[-1])
+        internal_id = f"{client_id}#{next(self._ids)}"
+        streaming = bool(get_scalar(request, "streaming", False))
+        exclude = bool(get_scalar(request, "exclude_input_in_output", False))
+        seed = get_scalar(request, "seed", None)
+        generation = GenerationRequest(
+            request_id=internal_id,
+            input_ids=ids,
+            max_new_tokens=int(get_scalar(request, "request_output_len", 16)),
+            prompt_embedding_table=table,
+            end_id=int(get_scalar(request, "end_id", -1)),
+            stop_words=parse_stop_words_list(get_array(request, "stop_words_list")),
+            temperature=float(get_scalar(request, "temperature", 1.0)),
+            top_k=int(get_scalar(request, "runtime_top_k", 0)),
+            top_p=float(get_scalar(request, "runtime_top_p", 1.0)),
+            repetition_penalty=float(get_scalar(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(get_scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(get_scalar(request, "frequency_penalty", 0.0)),
+            seed=None if seed is None else int(seed),
+        )
+        prefix = [] if streaming or exclude else ids.tolist()
+        with self._lock:
+            self._active[internal_id] = _Active(request, sender, client_id, streaming, prefix)
+            self._by_client.setdefault(client_id, set()).add(internal_id)
+        try:
+            self.engine.add_request(generation)
+        except Exception:
+            self._forget(internal_id)
+            raise
+
+    def _cancel_client(self, client_id: str) -> None:
+        with self._lock:
+            targets = list(self._by_client.get(client_id, ()))
+        for internal_id in targets:
+            self.engine.cancel(internal_id)
+
+    def _forget(self, internal_id: str) -> _Active | None:
+        with self._lock:
+            active = self._active.pop(internal_id, None)
+            if active is not None:
+                group = self._by_client.get(active.client_id)
+                if group is not None:
+                    group.discard(internal_id)
+                    if not group:
+                        del self._by_client[active.client_id]
+            return active
+
+    def _on_events(self, events: list[TokenEvent]) -> None:
+        """Runs on the engine thread."""
+        for event in events:
+            active = self._active.get(event.request_id)
+            if active is None:
+                continue
+            if event.token_id is not None:
+                active.tokens.append(event.token_id)
+            if event.finished:
+                self._forget(event.request_id)
+                self._finish(active, event)
+            elif active.streaming:
+                active.sender.send(_ids_response([event.token_id]))
+                if event.index % CANCEL_CHECK_EVERY == 0 and active.request.is_cancelled():
+                    self.engine.cancel(event.request_id)
+
+    def _finish(self, active: Any, event: TokenEvent) -> None:
+        if event.finish_reason == "error":
+            active.sender.send(error_response(RuntimeError(event.error or "engine error")), flags=FINAL)
+        elif event.finish_reason == "cancelled":
+            active.sender.send(flags=FINAL)
+        elif active.streaming:
+            active.sender.send(_ids_response([event.token_id]), flags=FINAL)
+        else:
+            active.sender.send(_ids_response(active.prefix + active.tokens), flags=FINAL)
