@@ -95,6 +95,11 @@ class SamplingFields(_Open):
     n: int | None = None
     user: str | None = None
 
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, stream: Any) -> Any:
+        return False if stream is None else stream
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int | None) -> int | None:

@@ -6,6 +6,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from vlm_triton.engine import GenerationRequest, LLMEngine, TokenEvent, parse_stop_words_list
+from vlm_triton.engine.types import TokenIds
 from vlm_triton.errors import InvalidRequest
 
 VOCAB = 300
@@ -57,8 +59,8 @@ def make_engine(model: PreTrainedModel, max_slots: int = 8, max_seq_len: int = M
     )
 
 
-def greedy(request_id: str, ids: list[int], n: int, **kw: object) -> GenerationRequest:
-    return GenerationRequest(request_id, ids, max_new_tokens=n, temperature=0.0, **kw)  # type: ignore[arg-type]
+def greedy(request_id: str, ids: TokenIds, n: int, **kw: Any) -> GenerationRequest:
+    return GenerationRequest(request_id, ids, max_new_tokens=n, temperature=0.0, **kw)
 
 
 @torch.no_grad()
@@ -119,22 +121,25 @@ def test_ragged_batch_matches_generate(model: PreTrainedModel) -> None:
     events = drain(engine)
     for r in reqs:
         check_events(events[r.request_id])
-        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id  # type: ignore[arg-type]
+        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
     assert engine.active_slots() == {}
 
 
 # --- (c) requests join mid-flight and leave at different times; slots are compacted ------------------------------------
-@pytest.mark.parametrize("full_kv", [False, True])
-def test_join_mid_flight_with_compaction(model: PreTrainedModel, full_kv: bool) -> None:
-    engine = make_engine(model, max_slots=4)
-    if full_kv:  # the CUDA-graph shape: attend over the whole cache length, masked per row
-        eager = engine._decode_forward
-        engine._decode_forward = lambda bucket, kv_len: eager(bucket, engine.max_seq_len)  # type: ignore[method-assign]
-    plan = {  # step -> requests arriving then (6 requests for 4 slots: some wait for a free slot)
-        0: [greedy("a", prompt(20, 5), 3), greedy("b", prompt(21, 12), 15), greedy("c", prompt(22, 2), 6)],
-        2: [greedy("d", prompt(23, 9), 10)],
-        4: [greedy("e", prompt(24, 4), 4), greedy("f", prompt(25, 20), 8)],
+def join_plan(seed: int) -> dict[int, list[GenerationRequest]]:
+    """step -> requests arriving before it (6 requests for 4 slots: some wait for a free slot)."""
+    return {
+        0: [
+            greedy("a", prompt(seed, 5), 3),
+            greedy("b", prompt(seed + 1, 12), 15),
+            greedy("c", prompt(seed + 2, 2), 6),
+        ],
+        2: [greedy("d", prompt(seed + 3, 9), 10)],
+        4: [greedy("e", prompt(seed + 4, 4), 4), greedy("f", prompt(seed + 5, 20), 8)],
     }
+
+
+def run_plan(engine: LLMEngine, plan: dict[int, list[GenerationRequest]]) -> dict[str, list[TokenEvent]]:
     seen_slots: dict[str, set[int]] = defaultdict(set)
 
     def arrive(step: int) -> None:
@@ -149,7 +154,20 @@ def test_join_mid_flight_with_compaction(model: PreTrainedModel, full_kv: bool) 
     assert any(len(s) > 1 for s in seen_slots.values())  # some request was moved to another slot
     for r in [r for rs in plan.values() for r in rs]:
         check_events(events[r.request_id])
-        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id  # type: ignore[arg-type]
+    return events
+
+
+@pytest.mark.parametrize("full_kv", [False, True])
+def test_join_mid_flight_with_compaction(model: PreTrainedModel, full_kv: bool) -> None:
+    engine = make_engine(model, max_slots=4)
+    if full_kv:  # the CUDA-graph shape: attend over the whole cache length, masked per row
+        eager = engine._decode_forward
+        engine._decode_forward = lambda bucket, kv_len: eager(bucket, engine.max_seq_len)  # type: ignore[method-assign]
+    plan = join_plan(20)
+    events = run_plan(engine, plan)
+    for r in [r for rs in plan.values() for r in rs]:
+        ids = list(r.input_ids)
+        assert tokens(events[r.request_id]) == hf_greedy(model, ids, r.max_new_tokens), r.request_id
 
 
 # --- (d) image slots ---------------------------------------------------------------------------------------------------
@@ -260,7 +278,7 @@ def test_repetition_penalty_matches_generate(qwen: PreTrainedModel) -> None:
         engine.add_request(r)
     events = drain(engine)
     for r in reqs:
-        ref = hf_greedy(qwen, list(r.input_ids), r.max_new_tokens, repetition_penalty=1.8)  # type: ignore[arg-type]
+        ref = hf_greedy(qwen, list(r.input_ids), r.max_new_tokens, repetition_penalty=1.8)
         assert tokens(events[r.request_id]) == ref
 
 
@@ -333,14 +351,9 @@ def test_cuda_graph_decode_matches_generate() -> None:
         use_cuda_graphs=True,
     )
     assert engine._graphs is not None and sorted(engine._graphs.graphs) == engine.buckets
-    plan = {
-        0: [greedy("a", prompt(90, 5), 3), greedy("b", prompt(91, 12), 15), greedy("c", prompt(92, 2), 6)],
-        2: [greedy("d", prompt(93, 9), 10)],
-        4: [greedy("e", prompt(94, 4), 4), greedy("f", prompt(95, 20), 8)],
-    }
-    events = drain(engine, lambda step: [engine.add_request(r) for r in plan.get(step, [])] and None)
-    assert engine.slot_moves > 0
+    plan = join_plan(90)
+    events = run_plan(engine, plan)
     for r in [r for rs in plan.values() for r in rs]:
-        ids = list(r.input_ids)  # type: ignore[arg-type]
+        ids = list(r.input_ids)
         ref = model.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=r.max_new_tokens)
         assert tokens(events[r.request_id]) == ref[0, len(ids) :].tolist(), r.request_id

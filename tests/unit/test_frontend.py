@@ -383,3 +383,10 @@ def test_cors() -> None:
         assert "access-control-allow-origin" not in other.headers
     with client_for() as c:
         assert "access-control-allow-origin" not in c.get("/health", headers={"Origin": "https://a.b"}).headers
+
+
+def test_null_options_mean_defaults(client: TestClient, engine: FakeEngine) -> None:
+    body = {"messages": HELLO, "stream": None, "temperature": None, "stop": None, "n": None, "stream_options": None}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert engine.requests[-1].sampling == SamplingOptions() and engine.requests[-1].stream is False

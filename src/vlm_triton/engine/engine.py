@@ -118,6 +118,7 @@ class LLMEngine:
             if seq.request_id in self._inflight:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in flight")
             self._inflight.add(seq.request_id)
+            self._cancels.discard(seq.request_id)  # a stale cancel of an earlier request with this id
             self._waiting.append(seq)
             self._cond.notify_all()
 

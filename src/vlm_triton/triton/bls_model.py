@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
@@ -43,6 +44,21 @@ def _check(response: Any, stage: str) -> Any:
 
 def _out(response: Any, name: str) -> Any:
     return pb_utils.get_output_tensor_by_name(response, name)
+
+
+# The decoupled BLS ResponseIterator is synchronous: each next() blocks until that request's next response.
+# Pulling it on worker threads keeps the event loop free, so concurrent streams interleave instead of queueing.
+_RESPONSE_PULLERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bls-responses")
+_DONE = object()
+
+
+async def _responses(iterator: Any) -> AsyncIterator[Any]:
+    loop = asyncio.get_running_loop()
+    while True:
+        response = await loop.run_in_executor(_RESPONSE_PULLERS, next, iterator, _DONE)
+        if response is _DONE:
+            return
+        yield response
 
 
 class TritonStages(StageClient):
@@ -99,8 +115,9 @@ class TritonStages(StageClient):
             model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
         )
         finished = False
+        iterator = await request.async_exec(decoupled=True)
         try:
-            async for response in await request.async_exec(decoupled=True):
+            async for response in _responses(iterator):
                 _check(response, "llm")
                 ids = _out(response, "output_ids")
                 if ids is not None and ids.as_numpy().size:
@@ -124,7 +141,7 @@ class TritonStages(StageClient):
                 _scalar_tensor("stop", True, np.bool_),
             ],
         )
-        async for _ in await request.async_exec(decoupled=True):
+        async for _ in _responses(await request.async_exec(decoupled=True)):
             pass
 
     async def detokenize(

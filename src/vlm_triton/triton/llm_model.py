@@ -65,6 +65,12 @@ class TritonPythonModel:
         self._by_client: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        family_metric = pb_utils.MetricFamily(
+            name="vlm_llm_active_requests",
+            description="Requests admitted to the llm engine and not yet finished (waiting or decoding)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._active_gauge = family_metric.Metric(labels={"model": args["model_name"]})
         self.engine.start(self._on_events)
 
     def finalize(self) -> None:
@@ -119,6 +125,7 @@ class TritonPythonModel:
         with self._lock:
             self._active[internal_id] = _Active(request, sender, client_id, streaming, prefix)
             self._by_client.setdefault(client_id, set()).add(internal_id)
+            self._active_gauge.set(len(self._active))
         try:
             self.engine.add_request(generation)
         except Exception:
@@ -140,6 +147,7 @@ class TritonPythonModel:
                     group.discard(internal_id)
                     if not group:
                         del self._by_client[active.client_id]
+            self._active_gauge.set(len(self._active))
             return active
 
     def _on_events(self, events: list[TokenEvent]) -> None:

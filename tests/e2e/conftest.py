@@ -1,0 +1,124 @@
+"""The real stack for e2e tests: tritonserver with the rendered repository, and the OpenAI frontend.
+
+One stack per test session (loading five Python-backend models takes a minute or two on 2 cores). Images are
+written into an allow-listed folder and also served by a real local HTTP server.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_triton.deploy.config import DeploymentConfig
+from vlm_triton.deploy.render import render_repository
+from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
+
+SERVED_NAME = "tiny-internvl3"
+IMAGE_SIZES = {"wide.png": (800, 600), "tall.png": (300, 900), "small.png": (64, 48), "square.jpg": (448, 448)}
+
+
+@dataclass(frozen=True)
+class Stack:
+    server: TritonServer
+    checkpoint: Path
+    media_dir: Path
+    deployment: DeploymentConfig
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+
+def _random_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, size=(max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR).save(path)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    for seed, (name, size) in enumerate(IMAGE_SIZES.items()):
+        _random_image(root / name, size, seed)
+    (root / "not-an-image.png").write_bytes(b"this is text, not a PNG")
+    return root
+
+
+@pytest.fixture(scope="session")
+def http_media(media_dir: Path) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving `media_dir`; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cfg = DeploymentConfig.from_dict(
+        {
+            "model": {"checkpoint": str(tiny_internvl3), "served_name": SERVED_NAME},
+            "engine": {"max_slots": 8, "max_seq_len": 8192},
+            # The test HTTP media server listens on loopback, which deployments refuse by default.
+            "limits": {"allowed_local_media_dirs": [str(media_dir)], "allow_private_networks": True,
+                       "max_images": 4, "default_max_tokens": 16, "media_timeout_s": 3.0},
+            "triton": {"preprocess_instances": 1, "postprocess_instances": 1},
+        }
+    )
+    work = tmp_path_factory.mktemp("stack")
+    repo = render_repository(cfg, work / "model_repository")
+    server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()), log_file=work / "triton.log")
+    server.start()
+    try:
+        server.wait_ready(900)
+        yield Stack(server, tiny_internvl3, media_dir, cfg)
+    finally:
+        server.stop()
+        if hasattr(sys, "last_value"):
+            print(server.log_tail(60))
+
+
+@pytest.fixture(scope="session")
+def frontend(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The OpenAI frontend on a free port, talking to `stack`; yields its base URL (…/v1)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("frontend") / "frontend.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openai_frontend", "--triton-url", stack.grpc_url,
+             "--model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "64"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"frontend did not start:\n{log.read_text()}") from None
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
