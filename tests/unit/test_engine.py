@@ -23,7 +23,7 @@ MAX_SEQ = 96
 
 def _tiny(kind: str) -> PreTrainedModel:
     torch.manual_seed(1234)
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,

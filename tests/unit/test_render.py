@@ -1,0 +1,80 @@
+"""Every config.pbtxt is rendered from the deployment through Triton's protobuf and agrees with the contracts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from vlm_triton import contracts
+from vlm_triton.deploy.config import DeploymentConfig
+from vlm_triton.deploy.render import PYTHON_ROLES, render_repository
+from vlm_triton.errors import SetupError
+
+CONTRACTS = {c.role: c for c in contracts.ALL_CONTRACTS}
+
+
+def _cfg(**sections: dict) -> DeploymentConfig:
+    return DeploymentConfig.from_dict({"model": {"checkpoint": "/models/x"}, **sections})
+
+
+def _parse(path: Path) -> pb.ModelConfig:
+    return text_format.Parse(path.read_text(), pb.ModelConfig())
+
+
+@pytest.mark.parametrize("dtype, embed", [("float32", "TYPE_FP32"), ("bfloat16", "TYPE_BF16")])
+def test_rendered_configs_match_the_contracts(tmp_path: Path, dtype: str, embed: str) -> None:
+    cfg = _cfg(engine={"dtype": dtype, "device": "cpu", "max_slots": 6}, triton={"vision_max_batch_size": 26})
+    repo = render_repository(cfg, tmp_path / "repo")
+    for role in PYTHON_ROLES:
+        config = _parse(repo / role / "config.pbtxt")
+        contract = CONTRACTS[role]
+        assert config.name == role and config.backend == "python"
+        assert (repo / role / "1" / "model.py").read_text().count(f"vlm_triton.triton.{role}_model") == 1
+        assert (config.max_batch_size > 0) == contract.batched
+        got = {(t.name, pb.DataType.Name(t.data_type), tuple(t.dims), t.optional) for t in config.input}
+        want = {
+            (s.name, f"TYPE_{s.resolved(cfg.tensor_dtypes).dtype}".replace("BYTES", "STRING"), s.dims, s.optional)
+            for s in contract.inputs
+        }
+        assert got == want
+        assert [t.name for t in config.output] == [s.name for s in contract.outputs]
+        assert config.parameters["deployment_file"].string_value == str(repo / "deployment.json")
+    llm = _parse(repo / "llm" / "config.pbtxt")
+    assert llm.max_batch_size == 6 and llm.model_transaction_policy.decoupled
+    table = next(t for t in llm.input if t.name == "prompt_embedding_table")
+    assert pb.DataType.Name(table.data_type) == embed
+    vision = _parse(repo / "vision_encoder" / "config.pbtxt")
+    assert vision.max_batch_size == 26 and vision.HasField("dynamic_batching")
+    assert _parse(repo / "bls" / "config.pbtxt").model_transaction_policy.decoupled
+    assert DeploymentConfig.load(repo / "deployment.json") == cfg
+
+
+def test_llm_contract_is_the_tensorrt_llm_subset() -> None:
+    """Names, dtypes, dims and reshape of the tensorrt_llm config (specs/triton_contracts.md) for what we use."""
+    trt = {
+        "input_ids": ("INT32", (-1,), None), "input_lengths": ("INT32", (1,), ()),
+        "request_output_len": ("INT32", (1,), ()), "end_id": ("INT32", (1,), ()), "pad_id": ("INT32", (1,), ()),
+        "stop_words_list": ("INT32", (2, -1), None), "temperature": ("FP32", (1,), ()),
+        "runtime_top_k": ("INT32", (1,), ()), "runtime_top_p": ("FP32", (1,), ()),
+        "repetition_penalty": ("FP32", (1,), ()), "presence_penalty": ("FP32", (1,), ()),
+        "frequency_penalty": ("FP32", (1,), ()), "seed": ("UINT64", (1,), ()),
+        "exclude_input_in_output": ("BOOL", (1,), ()), "stop": ("BOOL", (1,), ()), "streaming": ("BOOL", (1,), ()),
+        "prompt_embedding_table": ("EMBED", (-1, -1), None), "prompt_vocab_size": ("INT32", (1,), ()),
+    }
+    ours = {s.name: (s.dtype, s.dims, s.reshape) for s in contracts.LLM.inputs}
+    assert ours == trt
+    assert {s.name: (s.dtype, s.dims) for s in contracts.LLM.outputs} == {
+        "output_ids": ("INT32", (-1, -1)), "sequence_length": ("INT32", (-1,))}
+
+
+def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(SetupError, match=r"unknown keys in \[engine\]: \['max_slot'\]"):
+        DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "engine": {"max_slot": 3}})
+    with pytest.raises(SetupError, match="needs model.checkpoint"):
+        DeploymentConfig.from_dict({"engine": {}})
+    toml = tmp_path / "d.toml"
+    toml.write_text('[model]\ncheckpoint = "/m"\n[limits]\nallowed_local_media_dirs = ["/a"]\n')
+    assert DeploymentConfig.load(toml).limits.allowed_local_media_dirs == ("/a",)
