@@ -59,7 +59,7 @@ def test_greedy_tokens_equal_transformers(stack, tiny_internvl3_hf, case) -> Non
     expected_text = tokenizer.decode(ref_tokens, skip_special_tokens=True)
     for stream in (True, False):
         got = bls_generate(stack.grpc_url, messages, max_tokens=MAX_NEW, stream=stream)
-        assert got.error is None, got.error
+        assert got.error is None, got.error.message()
         assert got.prompt_tokens == prompt_len
         assert got.completion_tokens == len(ref_tokens)
         assert got.text == expected_text
@@ -99,7 +99,7 @@ def test_image_sources_agree(stack, http_media) -> None:
     answers = set()
     for url in (f"file://{stack.media_dir}/wide.png", f"{http_media}/wide.png", _image_b64(stack.media_dir / "wide.png")):
         got = bls_generate(stack.grpc_url, [image(url, "What is it?")], max_tokens=6)
-        assert got.error is None, got.error
+        assert got.error is None, got.error.message()
         answers.add((got.text, got.prompt_tokens))
     assert len(answers) == 1
 

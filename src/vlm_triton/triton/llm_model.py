@@ -65,12 +65,12 @@ class TritonPythonModel:
         self._by_client: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        family_metric = pb_utils.MetricFamily(
+        self._metric_family = pb_utils.MetricFamily(  # must outlive its metrics
             name="vlm_llm_active_requests",
             description="Requests admitted to the llm engine and not yet finished (waiting or decoding)",
             kind=pb_utils.MetricFamily.GAUGE,
         )
-        self._active_gauge = family_metric.Metric(labels={"model": args["model_name"]})
+        self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
         self.engine.start(self._on_events)
 
     def finalize(self) -> None:
