@@ -108,6 +108,8 @@ PREPROCESS = ModelContract(
         TensorSpec("pad_id", "INT32", (1,)),
         TensorSpec("stop_words_list", "INT32", (2, -1)),
         TensorSpec("prompt_vocab_size", "INT32", (1,)),
+        # per input token: 0 for text, a 64-bit hash of the image content for image tokens (KV-cache reuse)
+        TensorSpec("prompt_table_extra_ids", "UINT64", (-1,)),
     ),
 )
 
@@ -141,6 +143,7 @@ LLM = ModelContract(
         _scalar("streaming", "BOOL"),
         TensorSpec("prompt_embedding_table", EMBED, (-1, -1), optional=True, ragged=True),
         _scalar("prompt_vocab_size", "INT32"),
+        TensorSpec("prompt_table_extra_ids", "UINT64", (-1,), optional=True, ragged=True),
     ),
     outputs=(
         TensorSpec("output_ids", "INT32", (-1, -1)),

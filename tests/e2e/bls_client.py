@@ -44,7 +44,9 @@ def bls_generate(url: str, messages: list[dict[str, Any]], timeout_s: float = 30
         options["stop"] = [options["stop"]]
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    # With this header a failed request ends with its real gRPC status (INVALID_ARGUMENT, ...).
+    client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                        headers={"triton_grpc_error": "true"})
     out = BLSResult()
     try:
         client.async_stream_infer("bls", bls_inputs(messages, **options), enable_empty_final_response=True)

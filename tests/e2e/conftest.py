@@ -6,6 +6,7 @@ written into an allow-listed folder and also served by a real local HTTP server.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import subprocess
@@ -69,29 +70,39 @@ def http_media(media_dir: Path) -> Iterator[str]:
     server.shutdown()
 
 
-@pytest.fixture(scope="session")
-def stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    cfg = DeploymentConfig.from_dict(
-        {
-            "model": {"checkpoint": str(tiny_internvl3), "served_name": SERVED_NAME},
-            "engine": {"max_slots": 8, "max_seq_len": 8192},
-            # The test HTTP media server listens on loopback, which deployments refuse by default.
-            "limits": {"allowed_local_media_dirs": [str(media_dir)], "allow_private_networks": True,
-                       "max_images": 4, "default_max_tokens": 16, "media_timeout_s": 3.0},
-            "triton": {"preprocess_instances": 1, "postprocess_instances": 1},
-        }
-    )
-    work = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def running_stack(checkpoint: Path, media_dir: Path, work: Path, served_name: str, **sections: dict) -> Iterator[Stack]:
+    """Render a repository for `checkpoint` and run tritonserver on free ports until the block ends.
+
+    `sections` override deployment sections, e.g. engine={"max_slots": 4}. Families' e2e modules use this
+    with their own tiny checkpoint (module scope), sharing `media_dir`.
+    """
+    data = {
+        "model": {"checkpoint": str(checkpoint), "served_name": served_name},
+        "engine": {"max_slots": 8, "max_seq_len": 8192},
+        # The test HTTP media server listens on loopback, which deployments refuse by default.
+        "limits": {"allowed_local_media_dirs": [str(media_dir)], "allow_private_networks": True,
+                   "max_images": 4, "default_max_tokens": 16, "media_timeout_s": 3.0},
+        "triton": {"preprocess_instances": 1, "postprocess_instances": 1},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    cfg = DeploymentConfig.from_dict(data)
     repo = render_repository(cfg, work / "model_repository")
     server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()), log_file=work / "triton.log")
     server.start()
     try:
         server.wait_ready(900)
-        yield Stack(server, tiny_internvl3, media_dir, cfg)
+        yield Stack(server, checkpoint, media_dir, cfg)
     finally:
         server.stop()
-        if hasattr(sys, "last_value"):
-            print(server.log_tail(60))
+        print(f"--- tritonserver log tail ({server.log_file}) ---\n{server.log_tail(40)}")
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tiny_internvl3, media_dir, tmp_path_factory.mktemp("stack"), SERVED_NAME) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
+from vlm_triton.checkpoints.tiny_internlm2 import internlm2_config, internlm2_params, write_internlm2_tokenizer
 from vlm_triton.errors import SetupError
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
@@ -204,6 +205,10 @@ class LLMKind:
     make_config: Callable[[dict[str, Any], dict[str, int]], dict[str, Any]]
     params: Callable[[dict[str, Any]], ParamSpec]
     write_tokenizer: Callable[..., dict[str, int]]
+    generation: Callable[[dict[str, int]], dict[str, Any]] = lambda ids: {  # generation_config.json
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
 
 
 def _qwen2_config(dims: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
@@ -219,8 +224,17 @@ def _qwen2_config(dims: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
     return dict(sorted(cfg.items()))
 
 
+def _write_internlm2_tokenizer(out: Path, *, llm: dict[str, Any]) -> dict[str, int]:
+    return write_internlm2_tokenizer(out, corpus=list(_CORPUS) * 4, extra_specials=INTERNVL_SPECIAL_TOKENS,
+                                     vocab_size=int(llm.get("sp_vocab_size", 600)),
+                                     max_length=int(llm["max_position_embeddings"]))
+
+
 LLM_KINDS: dict[str, LLMKind] = {
     "qwen2": LLMKind("Qwen2ForCausalLM", _qwen2_config, _qwen2_params, _write_qwen2_tokenizer),
+    "internlm2": LLMKind("InternLM2ForCausalLM", internlm2_config, internlm2_params, _write_internlm2_tokenizer,
+                         lambda ids: {"bos_token_id": ids["<s>"], "eos_token_id": [ids["<|im_end|>"], ids["</s>"]],
+                                      "pad_token_id": ids["</s>"]}),
 }
 
 
@@ -230,11 +244,36 @@ class TinyFamily:
     template: str
     vision: dict[str, Any] = field(default_factory=lambda: dict(TINY_VISION))
     llm: dict[str, Any] = field(default_factory=lambda: dict(TINY_QWEN2))
+    top: dict[str, Any] = field(default_factory=dict)  # top-level config fields beyond _TOP_LEVEL_DEFAULTS
 
+
+TINY_INTERNLM2 = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+}
+TINY_VIT_6B = {**TINY_VISION, "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm"}
+
+
+def _auto_map(modeling: str) -> dict[str, Any]:
+    model = f"{modeling}.InternVLChatModel"
+    return {"auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig", "AutoModel": model,
+                         "AutoModelForCausalLM": model}}
+
+
+TINY_INTERNLM2_FAMILIES: dict[str, TinyFamily] = {  # InternVL2.5-2B/8B/26B, InternVL-Chat-V1.5, InternVideo2.5
+    "internvl2_5_internlm2": TinyFamily("internlm2", "internvl2_5", llm=dict(TINY_INTERNLM2),
+                                        top=_auto_map("modeling_internvl_chat")),
+    "internvl_chat_v1_5": TinyFamily("internlm2", "internlm2-chat", vision=dict(TINY_VIT_6B),
+                                     llm=dict(TINY_INTERNLM2), top={**_auto_map("modeling_internvl_chat"),
+                                                                    "ps_version": "v1"}),
+    "internvideo2_5": TinyFamily("internlm2", "internlm2-chat", llm=dict(TINY_INTERNLM2),
+                                 top=_auto_map("modeling_internvl_chat_hico2")),
+}
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "internvl3": TinyFamily(llm_kind="qwen2", template="internvl2_5"),
     "internvl2_5_qwen": TinyFamily(llm_kind="qwen2", template="internvl2_5"),
+    **TINY_INTERNLM2_FAMILIES,
 }
 
 _TOP_LEVEL_DEFAULTS: dict[str, Any] = {
@@ -263,7 +302,7 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any
     vision = {**fam.vision, **overrides.pop("vision", {})}
     llm_dims = {**fam.llm, **overrides.pop("llm", {})}
     template = overrides.pop("template", fam.template)
-    top = dict(_TOP_LEVEL_DEFAULTS)
+    top = {**_TOP_LEVEL_DEFAULTS, **fam.top}
     top["force_image_size"] = vision["image_size"]
     unknown = set(overrides) - set(top)
     if unknown:
@@ -282,10 +321,7 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any
         "torch_dtype": dtype_name,
     }
     _dump(tmp / "config.json", config)
-    _dump(tmp / "generation_config.json", {
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": ids["<|endoftext|>"],
-    })
+    _dump(tmp / "generation_config.json", kind.generation(ids))
     specs = _vision_params(vision_config, llm_hidden=llm_config["hidden_size"],
                            downsample_ratio=top["downsample_ratio"])
     specs.update(kind.params(llm_config))

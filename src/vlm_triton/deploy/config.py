@@ -33,11 +33,18 @@ class EngineSection:
     max_slots: int = 16  # requests decoded together (KV-cache rows)
     max_seq_len: int = 8192  # prompt + output tokens per request
     cuda_graphs: bool = True
-    # trtllm profile
-    engine_dir: str = ""
-    vision_engine: str = ""
+    # trtllm profile (docs/trtllm.md); max_slots is the engine's max_batch_size there
+    engine_dir: str = ""  # the TensorRT-LLM engine folder (trtllm-build --output_dir)
+    vision_engine: str = ""  # the TensorRT plan of the vision encoder (linked as vision_encoder/1/model.plan)
     kv_cache_free_gpu_mem_fraction: float = 0.9
     enable_kv_cache_reuse: bool = False
+    tensor_parallel: int = 1  # GPUs per LLM layer (one MPI rank each)
+    pipeline_parallel: int = 1  # LLM layer stages (world size = tensor_parallel * pipeline_parallel)
+    weight_only: str = ""  # "" | int8 | int4: weight-only quantization of the LLM (convert_checkpoint.py)
+    max_input_len: int = 0  # prompt tokens per request, images included; 0: max_seq_len - 1
+    max_num_tokens: int = 0  # tokens per engine step; 0: max_input_len
+    batch_scheduler_policy: str = "guaranteed_no_evict"  # | max_utilization
+    vision_gpu: int = 0  # the GPU the vision plan runs on
 
 
 @dataclass(frozen=True)
@@ -82,17 +89,31 @@ class DeploymentConfig:
 
     @property
     def torch_dtype_name(self) -> str:
+        """The model dtype; for trtllm also the engine dtype (auto: bfloat16, the InternVL checkpoints' dtype)."""
         if self.engine.dtype != "auto":
             return self.engine.dtype
+        if self.model.profile == "trtllm":
+            return "bfloat16"
         return "float32" if self.device == "cpu" else "bfloat16"
 
     @property
     def tensor_dtypes(self) -> dict[str, str]:
-        """Triton dtypes of the placeholder tensors (see contracts.EMBED / contracts.PIXEL)."""
-        if self.model.profile == "trtllm":
-            return {"EMBED": "FP16", "PIXEL": "FP16"}
+        """Triton dtypes of the placeholder tensors (see contracts.EMBED / contracts.PIXEL).
+
+        trtllm: the prompt table must be in the engine dtype; pixels travel as FP16 (numpy has no bfloat16).
+        """
         embed = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}[self.torch_dtype_name]
-        return {"EMBED": embed, "PIXEL": "FP32"}
+        return {"EMBED": embed, "PIXEL": "FP16" if self.model.profile == "trtllm" else "FP32"}
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Prompt tokens (images included) one request may have."""
+        return self.engine.max_input_len or self.engine.max_seq_len - 1
+
+    @property
+    def world_size(self) -> int:
+        """LLM ranks (GPUs) of the trtllm profile."""
+        return self.engine.tensor_parallel * self.engine.pipeline_parallel
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,7 +130,31 @@ class DeploymentConfig:
         if "model" not in data or "checkpoint" not in data["model"]:
             raise SetupError("the deployment needs model.checkpoint (the checkpoint folder)")
         kwargs = {name: _section(kind, data.get(name, {}), name) for name, kind in sections.items()}
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Cross-field checks; each message says what is allowed."""
+        e = self.engine
+        checks = [
+            (self.model.profile in ("torch", "trtllm"), f"model.profile must be torch or trtllm, got {self.model.profile!r}"),
+            (e.dtype in ("auto", "float32", "float16", "bfloat16"),
+             f"engine.dtype must be auto, float32, float16 or bfloat16, got {e.dtype!r}"),
+            (e.tensor_parallel >= 1 and e.pipeline_parallel >= 1, "engine.tensor_parallel/pipeline_parallel must be >= 1"),
+            (e.weight_only in ("", "int8", "int4"), f"engine.weight_only must be '', int8 or int4, got {e.weight_only!r}"),
+            (0 <= e.max_input_len < e.max_seq_len, f"engine.max_input_len must be in [0, max_seq_len={e.max_seq_len})"),
+            (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
+             "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
+            (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
+        ]
+        if self.model.profile == "trtllm":
+            checks.append((e.dtype != "float32", "the trtllm profile builds float16 or bfloat16 engines, not float32"))
+        else:
+            checks.append((self.world_size == 1, "tensor/pipeline parallelism needs the trtllm profile"))
+        for ok, message in checks:
+            if not ok:
+                raise SetupError(message)
 
     @classmethod
     def load(cls, path: str | Path) -> "DeploymentConfig":

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 import torch
 
 from vlm_triton.checkpoints.checkpoint import Checkpoint
+from vlm_triton.errors import SetupError
 from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.prompt.messages import Message
+
+if TYPE_CHECKING:
+    from vlm_triton.deploy.config import DeploymentConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,15 @@ class PreprocessLimits:
     max_tiles_per_image: int | None = None  # None: the checkpoint's max_dynamic_patch
     max_prompt_tokens: int = 8192
 
+    @classmethod
+    def from_deployment(cls, cfg: "DeploymentConfig") -> "PreprocessLimits":
+        """The limits of a deployment: what the preprocess enforces and the trtllm engines are sized for."""
+        return cls(
+            max_images=cfg.limits.max_images,
+            max_tiles_per_image=cfg.limits.max_tiles_per_image or None,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class PreparedPrompt:
@@ -31,6 +44,23 @@ class PreparedPrompt:
     pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only prompts
     num_image_tokens: int  # rows of the prompt embedding table this prompt needs
     prompt_text: str  # the rendered prompt before image expansion (for logs and golden tests)
+
+
+@dataclass(frozen=True)
+class VisualBudget:
+    """The most visual input one request may carry under a deployment's limits; sizes the TensorRT engines.
+
+    A unit is one vision-encoder batch item (an InternVL tile, an InternVideo2.5 frame, a MiniCPM-V slice).
+    """
+
+    max_units: int  # vision-encoder batch items per request
+    tokens_per_unit: int  # prompt-table rows (LLM image tokens) per unit
+    unit_shape: tuple[int, int, int]  # one unit's pixel_values shape, e.g. (3, 448, 448)
+
+    @property
+    def max_tokens(self) -> int:
+        """Prompt-table rows of one request (TensorRT-LLM: max_multimodal_len = max_batch_size x this)."""
+        return self.max_units * self.tokens_per_unit
 
 
 class ModelFamily(ABC):
@@ -60,6 +90,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_vision_encoder(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
         """A module mapping pixel tiles [N, 3, S, S] to image embeddings [N, tokens_per_tile, hidden]."""
+
+    def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
+        """The largest visual input `prepare` accepts under `limits` (units, tokens per unit, unit shape)."""
+        raise SetupError(f"the {self.name} family does not declare its visual budget (visual_budget), which the "
+                         "trtllm profile needs to size its engines")
 
     # --- llm stage -----------------------------------------------------------------------------------------------
     @abstractmethod

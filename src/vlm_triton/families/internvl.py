@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.families import register
-from vlm_triton.families.base import ModelFamily, PreparedPrompt, PreprocessLimits
+from vlm_triton.families.base import ModelFamily, PreparedPrompt, PreprocessLimits, VisualBudget
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
@@ -102,6 +102,19 @@ class InternVLFamily(ModelFamily):
             np.concatenate(tiles) if tiles else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
         )
         return PreparedPrompt(ids.astype(np.int32), pixel_values, num_image_tokens, prompt)
+
+    def max_tiles_per_image(self, limits: PreprocessLimits) -> int:
+        """Tiles one image can become: max_num tiles, plus the thumbnail when there is more than one."""
+        max_num = limits.max_tiles_per_image or int(self.config.get("max_dynamic_patch", 12))
+        thumbnail = bool(self.config.get("use_thumbnail", True)) and max_num > 1
+        return max_num + int(thumbnail)
+
+    def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
+        return VisualBudget(
+            max_units=limits.max_images * self.max_tiles_per_image(limits),
+            tokens_per_unit=self.vision_config.tokens_per_tile,
+            unit_shape=(3, self.image_size, self.image_size),
+        )
 
     # --- vision_encoder / llm -----------------------------------------------------------------------------------
     def build_vision_encoder(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -58,6 +58,7 @@ class Prepared:
     pad_id: int
     stop_words_list: np.ndarray  # int32 [2, K] in the tensorrt_llm format
     prompt_vocab_size: int
+    prompt_table_extra_ids: np.ndarray | None = None  # uint64 [L]: 0 for text, image-content ids (KV reuse)
 
     @property
     def prompt_tokens(self) -> int:

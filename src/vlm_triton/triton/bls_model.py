@@ -9,12 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.pipeline.orchestrator import Chunk, Detokenized, Prepared, RequestOptions, StageClient, run_pipeline
 from vlm_triton.triton.common import (
+    INVALID_PREFIX,
+    TRITON_TO_TORCH,
     error_response,
     get_scalar,
     get_text,
@@ -25,7 +28,9 @@ from vlm_triton.triton.common import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PREPROCESS_OUT = ["input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size"]
+PREPROCESS_OUT = [
+    "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
+]
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
 
@@ -36,9 +41,10 @@ def _scalar_tensor(name: str, value: Any, dtype: type) -> Any:
 def _check(response: Any, stage: str) -> Any:
     if response.has_error():
         error = response.error()
-        if error.code() == pb_utils.TritonError.INVALID_ARG:
-            raise InvalidRequest(error.message())
-        raise RuntimeError(f"{stage} failed: {error.message()}")
+        message = error.message()
+        if error.code() == pb_utils.TritonError.INVALID_ARG or message.startswith(INVALID_PREFIX):
+            raise InvalidRequest(message)
+        raise RuntimeError(f"{stage} failed: {message}")
     return response
 
 
@@ -62,12 +68,16 @@ async def _responses(iterator: Any) -> AsyncIterator[Any]:
 
 
 class TritonStages(StageClient):
+    def __init__(self, embed_dtype: torch.dtype | None = None) -> None:
+        self.embed_dtype = embed_dtype  # the llm's prompt-table dtype (tensorrt_llm: the engine dtype)
+
     async def preprocess(self, messages_json: str) -> Prepared:
         request = pb_utils.InferenceRequest(
             model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)]
         )
         response = _check(await request.async_exec(), "preprocess")
         pixels = _out(response, "pixel_values")
+        extra_ids = _out(response, "prompt_table_extra_ids")
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy(),
             pixel_values=pixels,
@@ -76,6 +86,7 @@ class TritonStages(StageClient):
             pad_id=int(_out(response, "pad_id").as_numpy()[0]),
             stop_words_list=_out(response, "stop_words_list").as_numpy(),
             prompt_vocab_size=int(_out(response, "prompt_vocab_size").as_numpy()[0]),
+            prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy(),
         )
 
     async def encode_images(self, pixel_values: Any) -> Any:
@@ -84,6 +95,8 @@ class TritonStages(StageClient):
         )
         response = _check(await request.async_exec(), "vision_encoder")
         embeds = from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is
+        if self.embed_dtype is not None and embeds.dtype != self.embed_dtype:
+            embeds = embeds.to(self.embed_dtype)
         return torch_output("prompt_embedding_table", embeds.reshape(1, -1, embeds.shape[-1]))
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
@@ -111,6 +124,9 @@ class TritonStages(StageClient):
         if table is not None:
             inputs.append(table)
             inputs.append(_scalar_tensor("prompt_vocab_size", prepared.prompt_vocab_size, np.int32))
+            if prepared.prompt_table_extra_ids is not None:
+                extra_ids = prepared.prompt_table_extra_ids.reshape(1, -1).astype(np.uint64)
+                inputs.append(pb_utils.Tensor("prompt_table_extra_ids", extra_ids))
         request = pb_utils.InferenceRequest(
             model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
         )
@@ -199,8 +215,9 @@ def _response(chunk: Chunk) -> Any:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        self.default_max_tokens = load_deployment(args).limits.default_max_tokens
-        self.stages = TritonStages()
+        cfg = load_deployment(args)
+        self.default_max_tokens = cfg.limits.default_max_tokens
+        self.stages = TritonStages(embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]])
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))

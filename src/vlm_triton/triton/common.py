@@ -80,10 +80,19 @@ def text_output(name: str, values: list[str] | str) -> Any:
     return pb_utils.Tensor(name, np.array([v.encode("utf-8") for v in items], dtype=np.object_))
 
 
+# Triton's Python backend resets the error code of responses received over BLS to INTERNAL
+# (triton-inference-server/server#7804), so client faults also carry this prefix, which the BLS maps back.
+INVALID_PREFIX = "invalid request: "
+
+
 def triton_error(exc: BaseException) -> Any:
     """InvalidRequest -> INVALID_ARGUMENT with its message; anything else -> INTERNAL (and logged)."""
     if isinstance(exc, InvalidRequest):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        message = str(exc)
+        return pb_utils.TritonError(
+            message if message.startswith(INVALID_PREFIX) else INVALID_PREFIX + message,
+            pb_utils.TritonError.INVALID_ARG,
+        )
     log.error("internal error: %s", "".join(traceback.format_exception(exc)))
     return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 

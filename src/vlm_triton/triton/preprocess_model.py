@@ -14,6 +14,7 @@ from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.contracts import NUMPY_DTYPES
 from vlm_triton.triton.common import error_response, get_text, load_deployment, load_family
+from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
 
 def stop_words_list(sequences: list[list[int]]) -> np.ndarray:
@@ -43,11 +44,7 @@ class TritonPythonModel:
                 timeout_s=lim.media_timeout_s,
             )
         )
-        self.limits = PreprocessLimits(
-            max_images=lim.max_images,
-            max_tiles_per_image=lim.max_tiles_per_image or None,
-            max_prompt_tokens=cfg.engine.max_seq_len - 1,
-        )
+        self.limits = PreprocessLimits.from_deployment(cfg)
         stop_ids = self.family.stop_token_ids(self.tokenizer)
         self.end_id = stop_ids[0]
         pad = self.tokenizer.pad_token_id
@@ -66,6 +63,7 @@ class TritonPythonModel:
             prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
             ids = prepared.input_ids.astype(np.int32)
             pixels = np.ascontiguousarray(prepared.pixel_values, dtype=self.pixel_dtype)
+            extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=pixels)
             return pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor("input_ids", ids),
@@ -75,6 +73,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("pad_id", np.array([self.pad_id], dtype=np.int32)),
                     pb_utils.Tensor("stop_words_list", self.stop_words),
                     pb_utils.Tensor("prompt_vocab_size", np.array([prepared.num_image_tokens], dtype=np.int32)),
+                    pb_utils.Tensor("prompt_table_extra_ids", extra_ids),
                 ]
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
