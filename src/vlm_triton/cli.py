@@ -30,6 +30,7 @@ def _deployment(args: argparse.Namespace, work_dir: Path) -> DeploymentConfig:
                 print(f"no checkpoint given: generating the tiny random-weight InternVL3 model in {checkpoint}")
                 make_tiny_checkpoint("internvl3", checkpoint, seed=0)
         cfg = DeploymentConfig.from_dict({"model": {"checkpoint": str(Path(checkpoint).resolve())}})
+    check_checkpoint(cfg)
     media_dirs = [*cfg.limits.allowed_local_media_dirs, *(str(Path(d).resolve()) for d in args.allow_media_dir)]
     if not args.checkpoint and not args.deployment and EXAMPLES_DIR.is_dir():
         media_dirs.append(str(EXAMPLES_DIR))
@@ -37,6 +38,16 @@ def _deployment(args: argparse.Namespace, work_dir: Path) -> DeploymentConfig:
     if args.served_name:
         overrides["model"] = {"served_name": args.served_name}
     return cfg.replace(**overrides)
+
+
+def check_checkpoint(cfg: DeploymentConfig) -> None:
+    """Fail fast (one line) on a missing or unsupported checkpoint, before any server starts."""
+    if cfg.model.profile != "torch":
+        return
+    from vlm_triton.checkpoints.checkpoint import Checkpoint
+    from vlm_triton.families import family_class_for
+
+    family_class_for(Checkpoint.open(cfg.model.checkpoint).config)
 
 
 def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
@@ -83,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _wait_http(f"http://127.0.0.1:{args.port}/health", 60, frontend)
         print(f"serving {cfg.served_name!r}: OpenAI API on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)  # also when started from a non-interactive shell (SIG_IGN)
         while server.is_running() and frontend.poll() is None:
             time.sleep(0.5)
         if not server.is_running():
@@ -106,6 +118,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         cfg = DeploymentConfig.from_dict({"model": {"checkpoint": str(Path(args.checkpoint).resolve())}})
     else:
         raise SetupError("pass --deployment FILE or --checkpoint DIR")
+    check_checkpoint(cfg)
     print(render_repository(cfg, args.out))
 
 
