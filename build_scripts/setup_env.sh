@@ -34,7 +34,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 echo "installing the project into $VENV (first run: a few minutes)"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,onnx]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import vlm_triton, torch, transformers, tritonclient.grpc" \
   || { echo "error: the install did not complete; see pip's output above" >&2; exit 2; }
 echo "$want" > "$stamp"

@@ -110,13 +110,19 @@ PREPROCESS = ModelContract(
         TensorSpec("prompt_vocab_size", "INT32", (1,)),
         # per input token: 0 for text, a 64-bit hash of the image content for image tokens (KV-cache reuse)
         TensorSpec("prompt_table_extra_ids", "UINT64", (-1,)),
+        # (patch rows, patch cols) per tile for encoders that take variable-size tiles (MiniCPM-V); [0, 2] otherwise
+        TensorSpec("tgt_sizes", "INT32", (-1, 2)),
     ),
 )
 
 # --- vision_encoder: tiles -> one row of image embeddings per image token; Triton batches tiles across requests --
 VISION_ENCODER = ModelContract(
     role="vision_encoder",
-    inputs=(TensorSpec("pixel_values", PIXEL, (3, -1, -1)),),
+    inputs=(
+        TensorSpec("pixel_values", PIXEL, (3, -1, -1)),
+        # only for variable-size tiles (torch profile); fixed-size TensorRT plans have pixel_values alone
+        TensorSpec("tgt_sizes", "INT32", (2,), optional=True),
+    ),
     outputs=(TensorSpec("image_embeds", EMBED, (-1, -1)),),
     batched=True,
 )

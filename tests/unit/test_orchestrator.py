@@ -40,7 +40,7 @@ class FakeStages(StageClient):
             pad_id=0, stop_words_list=np.array([[EXTRA_STOP], [1]], dtype=np.int32), prompt_vocab_size=0,
         )
 
-    async def encode_images(self, pixel_values: Any) -> Any:
+    async def encode_images(self, prepared: Prepared) -> Any:
         self.encoded += 1
         return "table"
 

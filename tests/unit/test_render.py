@@ -63,6 +63,7 @@ def test_llm_contract_is_the_tensorrt_llm_subset() -> None:
         "frequency_penalty": ("FP32", (1,), ()), "seed": ("UINT64", (1,), ()),
         "exclude_input_in_output": ("BOOL", (1,), ()), "stop": ("BOOL", (1,), ()), "streaming": ("BOOL", (1,), ()),
         "prompt_embedding_table": ("EMBED", (-1, -1), None), "prompt_vocab_size": ("INT32", (1,), ()),
+        "prompt_table_extra_ids": ("UINT64", (-1,), None),
     }
     ours = {s.name: (s.dtype, s.dims, s.reshape) for s in contracts.LLM.inputs}
     assert ours == trt

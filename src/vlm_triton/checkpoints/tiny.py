@@ -284,6 +284,16 @@ _TOP_LEVEL_DEFAULTS: dict[str, Any] = {
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+def _tiny_minicpmv(out: Path, **kwargs: Any) -> Path:
+    from vlm_triton.checkpoints.tiny_minicpmv import make_tiny_minicpmv  # imported late: it uses this module
+
+    return make_tiny_minicpmv(out, **kwargs)
+
+
+# Families written by their own module: name -> writer(out, seed=..., **overrides).
+TINY_WRITERS: dict[str, Callable[..., Path]] = {"minicpmv2_6": _tiny_minicpmv}
+
+
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny checkpoint of `family` into `out` (replaced if it already holds a checkpoint).
 
@@ -291,8 +301,10 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any
     `llm` (dict merged into the LLM dims, e.g. hidden_size, num_merges), `template`, or any top-level
     config field (ps_version, select_layer, downsample_ratio, force_image_size, ...).
     """
+    if family in TINY_WRITERS:
+        return TINY_WRITERS[family](Path(out), seed=seed, **overrides)
     if family not in TINY_FAMILIES:
-        raise SetupError(f"unknown tiny family {family!r}; known: {', '.join(sorted(TINY_FAMILIES))}")
+        raise SetupError(f"unknown tiny family {family!r}; known: {', '.join(sorted({*TINY_FAMILIES, *TINY_WRITERS}))}")
     fam = TINY_FAMILIES[family]
     kind = LLM_KINDS[fam.llm_kind]
     overrides = dict(overrides)
@@ -362,7 +374,7 @@ def _dump(path: Path, obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="internvl3", choices=sorted(TINY_FAMILIES))
+    parser.add_argument("--family", default="internvl3", choices=sorted({*TINY_FAMILIES, *TINY_WRITERS}))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))

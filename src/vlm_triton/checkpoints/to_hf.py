@@ -72,6 +72,7 @@ class TextConverter:
 
     model_type: str
     convert: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]]
+    extra_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda llm_config: {}  # text_config additions
 
 
 def _qwen2_tensors(tensors: dict[str, torch.Tensor], llm_config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -86,9 +87,58 @@ def _qwen2_tensors(tensors: dict[str, torch.Tensor], llm_config: dict[str, Any])
     return out
 
 
-# Keyed by llm_config.architectures[0]; InternLM2 (llama, wqkv split) is added here later.
+def _wqkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[list[int], list[int], list[int]]:
+    """Row indices of q, k, v inside InternLM2's fused wqkv, head by head (spec 5.2: groups of G q heads, then
+    one k head, then one v head, per kv head). Written independently of the serving loader's reshape split."""
+    group = num_heads // num_kv_heads
+    q_rows, k_rows, v_rows = [], [], []
+    for head in range(num_heads):
+        start = ((head // group) * (group + 2) + head % group) * head_dim
+        q_rows.extend(range(start, start + head_dim))
+    for kv in range(num_kv_heads):
+        start = kv * (group + 2) * head_dim
+        k_rows.extend(range(start + group * head_dim, start + (group + 1) * head_dim))
+        v_rows.extend(range(start + (group + 1) * head_dim, start + (group + 2) * head_dim))
+    return q_rows, k_rows, v_rows
+
+
+_INTERNLM2_NAMES = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+                    "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+                    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_INTERNLM2_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _internlm2_tensors(tensors: dict[str, torch.Tensor], llm_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    heads, kv = int(llm_config["num_attention_heads"]), int(llm_config["num_key_value_heads"])
+    head_dim = int(llm_config.get("head_dim") or int(llm_config["hidden_size"]) // heads)
+    q_rows, k_rows, v_rows = _wqkv_rows(heads, kv, head_dim)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name == "language_model.model.tok_embeddings.weight":
+            out["model.language_model.embed_tokens.weight"] = t
+        elif name == "language_model.model.norm.weight":
+            out["model.language_model.norm.weight"] = t
+        elif name == "language_model.output.weight":
+            out["lm_head.weight"] = t
+        elif (m := _INTERNLM2_LAYER.fullmatch(name)) and m.group(2) == "attention.wqkv":
+            pre = f"model.language_model.layers.{m.group(1)}.self_attn"
+            for proj, rows in (("q_proj", q_rows), ("k_proj", k_rows), ("v_proj", v_rows)):
+                out[f"{pre}.{proj}.{m.group(3)}"] = t[torch.tensor(rows)].clone()
+        elif m and m.group(2) in _INTERNLM2_NAMES:
+            out[f"model.language_model.layers.{m.group(1)}.{_INTERNLM2_NAMES[m.group(2)]}.{m.group(3)}"] = t
+        else:
+            raise SetupError(f"unexpected InternLM2 language-model tensor {name!r}")
+    return out
+
+
+def _internlm2_config(llm_config: dict[str, Any]) -> dict[str, Any]:
+    return {"attention_bias": bool(llm_config.get("bias", True)), "mlp_bias": False}
+
+
+# Keyed by llm_config.architectures[0].
 TEXT_CONVERTERS: dict[str, TextConverter] = {
     "Qwen2ForCausalLM": TextConverter("qwen2", _qwen2_tensors),
+    "InternLM2ForCausalLM": TextConverter("llama", _internlm2_tensors, _internlm2_config),
 }
 
 
@@ -123,7 +173,8 @@ def convert_to_hf(src: str | Path, out: str | Path) -> Path:
     dtype_name = str(cfg.get("torch_dtype", "bfloat16"))
 
     text_config = {k: v for k, v in llm_config.items() if k not in _DROP_LLM_KEYS}
-    text_config.update(model_type=text.model_type, tie_word_embeddings=False, use_cache=True)
+    text_config.update(model_type=text.model_type, tie_word_embeddings=False, use_cache=True,
+                       **text.extra_config(llm_config))
     eos = _tokenizer_eos(ckpt.path)
     if eos is not None and eos in tokens:
         text_config["eos_token_id"] = tokens[eos]

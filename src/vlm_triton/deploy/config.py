@@ -138,11 +138,14 @@ class DeploymentConfig:
         """Cross-field checks; each message says what is allowed."""
         e = self.engine
         checks = [
-            (self.model.profile in ("torch", "trtllm"), f"model.profile must be torch or trtllm, got {self.model.profile!r}"),
+            (self.model.profile in ("torch", "trtllm"),
+             f"model.profile must be torch or trtllm, got {self.model.profile!r}"),
             (e.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"engine.dtype must be auto, float32, float16 or bfloat16, got {e.dtype!r}"),
-            (e.tensor_parallel >= 1 and e.pipeline_parallel >= 1, "engine.tensor_parallel/pipeline_parallel must be >= 1"),
-            (e.weight_only in ("", "int8", "int4"), f"engine.weight_only must be '', int8 or int4, got {e.weight_only!r}"),
+            (e.tensor_parallel >= 1 and e.pipeline_parallel >= 1,
+             "engine.tensor_parallel and engine.pipeline_parallel must be >= 1"),
+            (e.weight_only in ("", "int8", "int4"),
+             f"engine.weight_only must be '', int8 or int4, got {e.weight_only!r}"),
             (0 <= e.max_input_len < e.max_seq_len, f"engine.max_input_len must be in [0, max_seq_len={e.max_seq_len})"),
             (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),

@@ -32,7 +32,7 @@ def model_sources() -> Path:
     raise SetupError("cannot find the project's model_repository/ folder; install the project from its checkout")
 
 
-def _tensor(spec: TensorSpec, dtypes: dict[str, str], kind: type) -> object:
+def tensor_config(spec: TensorSpec, dtypes: dict[str, str], kind: type) -> object:
     spec = spec.resolved(dtypes)
     msg = kind(name=spec.name, data_type=pb.DataType.Value(f"TYPE_{spec.dtype.replace('BYTES', 'STRING')}"))
     msg.dims.extend(spec.dims)
@@ -55,8 +55,8 @@ def _python_model(
 ) -> pb.ModelConfig:
     dtypes = cfg.tensor_dtypes
     config = pb.ModelConfig(name=contract.role, backend="python", max_batch_size=max_batch_size)
-    config.input.extend(_tensor(s, dtypes, pb.ModelInput) for s in contract.inputs)
-    config.output.extend(_tensor(s, dtypes, pb.ModelOutput) for s in contract.outputs)
+    config.input.extend(tensor_config(s, dtypes, pb.ModelInput) for s in contract.inputs)
+    config.output.extend(tensor_config(s, dtypes, pb.ModelOutput) for s in contract.outputs)
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     config.model_transaction_policy.decoupled = decoupled
     config.parameters["deployment_file"].string_value = str(deployment_file)
@@ -64,6 +64,7 @@ def _python_model(
 
 
 def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
+    """Every model's config. Profile trtllm swaps `llm` and `vision_encoder` for TensorRT-LLM / TensorRT models."""
     t = cfg.triton
     configs = {
         "preprocess": _python_model(
@@ -84,6 +85,12 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
     }
     vision = configs["vision_encoder"]
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
+    if cfg.model.profile == "trtllm":
+        from vlm_triton.deploy import render_trtllm
+
+        render_trtllm.require_engines(cfg)
+        configs["llm"] = render_trtllm.llm_config(cfg)
+        configs["vision_encoder"] = render_trtllm.vision_config(cfg)
     return configs
 
 
@@ -106,7 +113,12 @@ def render_repository(cfg: DeploymentConfig, out: str | Path) -> Path:
         stage = out / role
         if stage.exists():
             shutil.rmtree(stage)
-        (stage / "1").mkdir(parents=True)
-        shutil.copy2(sources / role / "1" / "model.py", stage / "1" / "model.py")
+        if config.backend == "python":
+            (stage / "1").mkdir(parents=True)
+            shutil.copy2(sources / role / "1" / "model.py", stage / "1" / "model.py")
+        else:
+            from vlm_triton.deploy.render_trtllm import place_engine_files
+
+            place_engine_files(cfg, role, stage / "1")
         (stage / "config.pbtxt").write_text(to_pbtxt(config))
     return out

@@ -35,5 +35,7 @@ def open_family(path: str | Path) -> ModelFamily:
 
 # Importing the family modules registers them.
 from vlm_triton.families import internvl  # noqa: E402,F401
+from vlm_triton.families import minicpmv  # noqa: E402,F401
+from vlm_triton.families import internvideo  # noqa: E402,F401
 
 __all__ = ["FAMILIES", "ModelFamily", "PreparedPrompt", "PreprocessLimits", "open_family", "register"]

@@ -44,6 +44,7 @@ class PreparedPrompt:
     pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only prompts
     num_image_tokens: int  # rows of the prompt embedding table this prompt needs
     prompt_text: str  # the rendered prompt before image expansion (for logs and golden tests)
+    tgt_sizes: np.ndarray | None = None  # int32 [N, 2] patch grid per tile, for variable-size-tile encoders
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,15 @@ class VisualBudget:
     def max_tokens(self) -> int:
         """Prompt-table rows of one request (TensorRT-LLM: max_multimodal_len = max_batch_size x this)."""
         return self.max_units * self.tokens_per_unit
+
+
+@dataclass(frozen=True)
+class LLMPart:
+    """Where a checkpoint keeps its LLM; the trtllm export writes it out as a plain Hugging Face LLM folder."""
+
+    architecture: str  # the LLM's own architecture, e.g. Qwen2ForCausalLM, InternLM2ForCausalLM
+    config: dict[str, Any]  # the LLM's config.json
+    weight_prefix: str  # checkpoint tensor-name prefix of the LLM weights, e.g. "language_model."
 
 
 class ModelFamily(ABC):
@@ -97,6 +107,11 @@ class ModelFamily(ABC):
                          "trtllm profile needs to size its engines")
 
     # --- llm stage -----------------------------------------------------------------------------------------------
+    def llm_part(self) -> LLMPart:
+        """The LLM inside the checkpoint (architecture, config, weight prefix), for the trtllm export."""
+        raise SetupError(f"the {self.name} family does not declare its LLM part (llm_part), which the trtllm "
+                         "profile needs to export the LLM")
+
     @abstractmethod
     def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
         """The LLM as a transformers causal-LM model class with the checkpoint's weights."""

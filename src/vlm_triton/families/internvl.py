@@ -1,9 +1,16 @@
-"""InternVL2.5 / InternVL3: InternViT + pixel shuffle + mlp1 + a Qwen2.5 LLM, original `InternVLChatModel` format."""
+"""InternVL2.5 / InternVL3 / InternVL-Chat-V1.5: InternViT + pixel shuffle + mlp1 + a Qwen2.5 or InternLM2 LLM,
+original `InternVLChatModel` format. Everything that differs between them is read from config.json (ViT shape,
+ps_version, tile limits, template, LLM architecture).
+
+Media: images are tiled (`max_dynamic_patch` tiles + thumbnail); a `video_url` part is decoded and sampled
+(`multimodal.video`, at most `video_policy.max_frames` frames) and each frame becomes one tile behind a
+`Frame{k}: <image>` line, as in the model cards' video example.
+"""
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -11,28 +18,42 @@ from transformers import AutoTokenizer
 
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.families import register
-from vlm_triton.families.base import ModelFamily, PreparedPrompt, PreprocessLimits, VisualBudget
+from vlm_triton.families.base import LLMPart, ModelFamily, PreparedPrompt, PreprocessLimits, VisualBudget
+from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.tiling import preprocess_image
+from vlm_triton.multimodal.video import VideoPolicy, sample_video
 from vlm_triton.prompt.internvl_template import (
     IMG_CONTEXT,
     expand_image_placeholders,
     prompt_media,
     render_internvl_prompt,
 )
-from vlm_triton.prompt.messages import ImagePart, Message
+from vlm_triton.prompt.messages import ImagePart, Message, VideoPart
+
+# Tokens that end generation, looked up by string; the ones a tokenizer lacks are skipped. The first found is the
+# end_id. `<|endoftext|>` exists in Qwen2 vocabularies; the action tokens in InternLM2 ones (lmdeploy stops on them).
+STOP_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>", "<|action_end|>", "<|action_start|>")
 
 
 @register
 class InternVLFamily(ModelFamily):
     name = "internvl"
-    description = "InternVL3 / InternVL2.5 (architectures InternVLChatModel; LLM " + ", ".join(sorted(LLM_LOADERS)) + ")"
+    description = ("InternVL3 / InternVL2.5 / InternVL-Chat-V1.5 (architectures InternVLChatModel; LLM "
+                   + ", ".join(sorted(LLM_LOADERS)) + ")")
+    accepts_images: ClassVar[bool] = True
+    video_policy: ClassVar[VideoPolicy | None] = VideoPolicy(max_frames=8)  # None: no video_url parts
+    vision_encoder_class: ClassVar[type[InternVLVisionEncoder]] = InternVLVisionEncoder
 
     @classmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:
-        return "InternVLChatModel" in (config.get("architectures") or []) and llm_architecture(config) in LLM_LOADERS
+        return (
+            "InternVLChatModel" in (config.get("architectures") or [])
+            and llm_architecture(config) in LLM_LOADERS
+            and not is_hico_config(config)  # InternVideo2.5 (families/internvideo.py)
+        )
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -45,6 +66,11 @@ class InternVLFamily(ModelFamily):
     @property
     def image_size(self) -> int:
         return int(self.config.get("force_image_size") or self.config["vision_config"]["image_size"])
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM tokens per image tile or video frame."""
+        return self.vision_config.tokens_per_tile
 
     @property
     def vocab_size(self) -> int:
@@ -63,32 +89,51 @@ class InternVLFamily(ModelFamily):
         return self.tokenizer
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+        return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+    def _check_media(self, parts: list[ImagePart | VideoPart], limits: PreprocessLimits) -> None:
+        images = sum(isinstance(p, ImagePart) for p in parts)
+        if images and not self.accepts_images:
+            raise InvalidRequest(f"{self.name} checkpoints take video_url parts, not image_url parts")
+        if len(parts) > images and self.video_policy is None:
+            raise InvalidRequest(f"{self.name} checkpoints take images, not video_url parts")
+        if len(parts) > limits.max_images:  # a video counts as one media item
+            raise InvalidRequest(f"{len(parts)} images/videos were sent; this deployment allows at most "
+                                 f"{limits.max_images}")
+
+    def _video_tiles(self, part: VideoPart, media: MediaFetcher) -> list[np.ndarray]:
+        assert self.video_policy is not None
+        url = part.url.strip()
+        source = "video in data: URL" if url[:5].lower() == "data:" else f"video {url[:80]!r}"
+        video = sample_video(media.fetch_bytes(url), self.video_policy, source=source)
+        return [preprocess_image(frame, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False)
+                for frame in video.frames]
 
     def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
         parts = prompt_media(messages)
-        if any(not isinstance(p, ImagePart) for p in parts):
-            raise InvalidRequest(f"{self.name} checkpoints take images, not video_url parts")
-        if len(parts) > limits.max_images:
-            raise InvalidRequest(f"{len(parts)} images were sent; this deployment allows at most {limits.max_images}")
-        prompt = render_internvl_prompt(
-            messages, template=self.config.get("template") or "internvl2_5",
-            system_message=self.config.get("system_message"),
-        )
+        self._check_media(parts, limits)
         max_tiles = limits.max_tiles_per_image or int(self.config.get("max_dynamic_patch", 12))
-        tiles = [
-            preprocess_image(
+        tiles: list[np.ndarray] = []  # tiles behind each `<image>`, in prompt order
+        frames: list[int] = []
+        for part in parts:
+            if isinstance(part, VideoPart):
+                video = self._video_tiles(part, media)
+                frames.append(len(video))
+                tiles.extend(video)
+                continue
+            tiles.append(preprocess_image(
                 media.load_image(part.url),
                 min_num=int(self.config.get("min_dynamic_patch", 1)),
                 max_num=max_tiles,
                 image_size=self.image_size,
                 use_thumbnail=bool(self.config.get("use_thumbnail", True)),
-            )
-            for part in parts
-        ]
-        per_tile = self.vision_config.tokens_per_tile
-        expanded = expand_image_placeholders(prompt, [t.shape[0] * per_tile for t in tiles])
+            ))
+        prompt = render_internvl_prompt(
+            messages, template=self.config.get("template") or "internvl2_5",
+            system_message=self.config.get("system_message"), video_frames=frames,
+        )
+        expanded = expand_image_placeholders(prompt, [t.shape[0] * self.tokens_per_tile for t in tiles])
         ids = np.asarray(self.tokenizer.encode(expanded), dtype=np.int64)
         if ids.shape[0] > limits.max_prompt_tokens:
             raise InvalidRequest(
@@ -110,15 +155,20 @@ class InternVLFamily(ModelFamily):
         return max_num + int(thumbnail)
 
     def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
+        per_item = max(self.max_tiles_per_image(limits) if self.accepts_images else 0,
+                       self.video_policy.max_frames if self.video_policy else 0)
         return VisualBudget(
-            max_units=limits.max_images * self.max_tiles_per_image(limits),
-            tokens_per_unit=self.vision_config.tokens_per_tile,
+            max_units=limits.max_images * per_item,
+            tokens_per_unit=self.tokens_per_tile,
             unit_shape=(3, self.image_size, self.image_size),
         )
 
     # --- vision_encoder / llm -----------------------------------------------------------------------------------
     def build_vision_encoder(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        return InternVLVisionEncoder.from_checkpoint(self.checkpoint, dtype=dtype, device=device)
+        return self.vision_encoder_class.from_checkpoint(self.checkpoint, dtype=dtype, device=device)
+
+    def llm_part(self) -> LLMPart:
+        return LLMPart(llm_architecture(self.config), dict(self.config["llm_config"]), "language_model.")
 
     def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
         return load_language_model(self.checkpoint, dtype=dtype, device=device)

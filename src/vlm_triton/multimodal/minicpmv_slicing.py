@@ -199,3 +199,15 @@ def image_placeholder(
         cell = tokens.slice_start + tokens.unk * query_num + tokens.slice_end
         text += "\n".join(cell * cols for _ in range(rows))
     return text
+
+
+def card_frame_indices(*, total_frames: int, fps: float, max_frames: int = 64) -> list[int]:
+    """The MiniCPM-V-2.6 card's `encode_video` sampling: one frame per second (step round(fps)); more than
+    `max_frames` are thinned to idx[int(i*g + g/2)], g = len/max_frames (spec 2.3)."""
+    if total_frames < 1 or not fps > 0 or max_frames < 1:
+        raise ValueError(f"need total_frames >= 1, fps > 0, max_frames >= 1; got {total_frames}, {fps}, {max_frames}")
+    idx = list(range(0, total_frames, max(round(fps), 1)))
+    if len(idx) > max_frames:
+        gap = len(idx) / max_frames
+        idx = [idx[int(i * gap + gap / 2)] for i in range(max_frames)]
+    return idx

@@ -13,8 +13,9 @@ exactly the card's choice; a shorter video gets one sample per frame instead of 
 Decoding: frames are decoded in order and converted to RGB (`frame.to_image()`, swscale's default YUV->RGB,
 the same conversion decord uses; bit-equality with decord is not verified). Limits: the container must hold a
 video stream; its duration must be known and within `max_duration_s`; its frame count (header, or a demux pass
-when the header has none) within `max_total_frames`. An undecodable, truncated (fewer decodable frames than the
-container declares) or empty video raises `InvalidRequest` saying what was wrong.
+when the header has none) within `max_total_frames`. An undecodable, truncated (a sampled frame that the
+container declares cannot be decoded) or empty video raises `InvalidRequest` saying what was wrong. Decoding
+stops at the last sampled frame, so damage after it goes unnoticed.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class Prepared:
     pad_id: int
     stop_words_list: np.ndarray  # int32 [2, K] in the tensorrt_llm format
     prompt_vocab_size: int
-    prompt_table_extra_ids: np.ndarray | None = None  # uint64 [L]: 0 for text, image-content ids (KV reuse)
+    prompt_table_extra_ids: np.ndarray | None = None
+    tgt_sizes: Any = None  # patch grid per tile, only for encoders with variable-size tiles  # uint64 [L]: 0 for text, image-content ids (KV reuse)
 
     @property
     def prompt_tokens(self) -> int:
@@ -97,7 +98,7 @@ class StageClient(ABC):
     async def preprocess(self, messages_json: str) -> Prepared: ...
 
     @abstractmethod
-    async def encode_images(self, pixel_values: Any) -> Any:
+    async def encode_images(self, prepared: Prepared) -> Any:
         """The prompt embedding table for the request's tiles (opaque: passed on to `generate`)."""
 
     @abstractmethod
@@ -118,7 +119,7 @@ def ended_by_stop_token(tail: Sequence[int], end_id: int, stop_sequences: Sequen
 
 async def run_pipeline(stages: StageClient, messages_json: str, options: RequestOptions) -> AsyncIterator[Chunk]:
     prepared = await stages.preprocess(messages_json)
-    table = await stages.encode_images(prepared.pixel_values) if prepared.num_tiles else None
+    table = await stages.encode_images(prepared) if prepared.num_tiles else None
     stop_sequences = prepared.stop_sequences()
     keep_tail = max([1, *(len(s) for s in stop_sequences)])
     window: list[int] = []

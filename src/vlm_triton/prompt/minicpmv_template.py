@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_triton.errors import InvalidRequest
+from vlm_triton.errors import InvalidRequest, SetupError
 from vlm_triton.multimodal.minicpmv_slicing import PlaceholderTokens
 from vlm_triton.prompt.messages import ImagePart, Message, TextPart, VideoPart
 
@@ -94,13 +94,14 @@ def chat_messages(
             turns.append({"role": message.role, "content": content})
     if frames:
         raise ValueError(f"frames_per_video has {len(frames)} more entries than the messages have videos")
-    return ([{"role": "system", "content": "\n".join(system)}] if system else []) + turns
+    system_prompt = "\n".join(system)  # the reference adds a system message only for a non-empty prompt
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + turns
 
 
 def render_prompt(chat: list[dict[str, str]], *, tokenizer: Any) -> str:
     """The checkpoint's chat template over `chat`, ending with the open assistant turn (the reference path)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequest("the checkpoint's tokenizer has no chat_template; MiniCPM-V needs its ChatML template")
+        raise SetupError("the checkpoint's tokenizer has no chat_template; MiniCPM-V needs its ChatML template")
     return str(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
 
 

@@ -30,6 +30,7 @@ from vlm_triton.triton.common import (
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
+    "tgt_sizes",
 ]
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
@@ -78,6 +79,7 @@ class TritonStages(StageClient):
         response = _check(await request.async_exec(), "preprocess")
         pixels = _out(response, "pixel_values")
         extra_ids = _out(response, "prompt_table_extra_ids")
+        tgt_sizes = _out(response, "tgt_sizes")
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy(),
             pixel_values=pixels,
@@ -87,11 +89,14 @@ class TritonStages(StageClient):
             stop_words_list=_out(response, "stop_words_list").as_numpy(),
             prompt_vocab_size=int(_out(response, "prompt_vocab_size").as_numpy()[0]),
             prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy(),
+            tgt_sizes=tgt_sizes if tgt_sizes is not None and tgt_sizes.shape()[0] else None,
         )
 
-    async def encode_images(self, pixel_values: Any) -> Any:
+    async def encode_images(self, prepared: Prepared) -> Any:
         request = pb_utils.InferenceRequest(
-            model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=[pixel_values]
+            model_name="vision_encoder",
+            requested_output_names=["image_embeds"],
+            inputs=[prepared.pixel_values] + ([] if prepared.tgt_sizes is None else [prepared.tgt_sizes]),
         )
         response = _check(await request.async_exec(), "vision_encoder")
         embeds = from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is

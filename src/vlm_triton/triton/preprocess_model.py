@@ -29,6 +29,10 @@ def stop_words_list(sequences: list[list[int]]) -> np.ndarray:
     return out
 
 
+def _tgt_sizes(value: np.ndarray | None) -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int32) if value is None else np.ascontiguousarray(value, dtype=np.int32)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
@@ -74,6 +78,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("stop_words_list", self.stop_words),
                     pb_utils.Tensor("prompt_vocab_size", np.array([prepared.num_image_tokens], dtype=np.int32)),
                     pb_utils.Tensor("prompt_table_extra_ids", extra_ids),
+                    pb_utils.Tensor("tgt_sizes", _tgt_sizes(prepared.tgt_sizes)),
                 ]
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error

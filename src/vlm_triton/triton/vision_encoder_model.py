@@ -33,8 +33,10 @@ class TritonPythonModel:
             batches = [get_torch(r, "pixel_values") for r in requests]
             sizes = [int(b.shape[0]) for b in batches]
             pixels = torch.cat(batches).to(self.device, self.dtype, non_blocking=True)
+            grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
+            extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
             with torch.inference_mode():
-                embeds = self.encoder(pixels).to(self.out_dtype)
+                embeds = self.encoder(pixels, *extra).to(self.out_dtype)
             return [
                 pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
                 for part in torch.split(embeds, sizes)

@@ -1,0 +1,133 @@
+"""OpenAI-level async load generator (httpx): closed loop at a fixed concurrency, streaming or not.
+
+Per request it records the send time, the arrival of every SSE chunk that carries text, and the usage block;
+from those: TTFT (first text chunk), TPOT ((last - first) / (tokens - 1)), ITL (gaps between text chunks),
+output tok/s and req/s over the run's wall time, with p50/p90/p99. Bounded by a request count and a time cap.
+
+    python -m benchmarks.loadgen --url http://127.0.0.1:9997/v1 --model NAME --concurrency 16 --requests 64 \
+        --prompt "Hello" --max-tokens 128 [--no-stream] [--image FILE_URL ...] [--time-cap 60]
+Loopback use is intended: it is a load generator, point it only at servers you run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from benchmarks.baselines import summarize
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream: bool,
+               rec: dict[str, Any]) -> None:
+    rec["sent"] = time.perf_counter()
+    times: list[float] = rec["times"]
+    if not stream:
+        r = await client.post(url, json=body)
+        now = time.perf_counter()
+        if r.status_code != 200:
+            rec["error"] = f"HTTP {r.status_code}: {r.text[:200]}"
+            return
+        usage = r.json().get("usage") or {}
+        rec["completion_tokens"] = int(usage.get("completion_tokens", 0))
+        rec["end"] = now
+        return
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            rec["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            now = time.perf_counter()
+            obj = json.loads(data)
+            if obj.get("usage"):
+                rec["completion_tokens"] = int(obj["usage"].get("completion_tokens", 0))
+            for choice in obj.get("choices") or ():
+                if (choice.get("delta") or {}).get("content"):
+                    times.append(now)
+    rec["end"] = time.perf_counter()
+
+
+async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
+                   stream: bool = True, request_timeout_s: float = 300.0) -> dict[str, Any]:
+    url = base_url.rstrip("/") + "/chat/completions"
+    body = {**body, "stream": stream}
+    if stream:
+        body.setdefault("stream_options", {"include_usage": True})
+    else:
+        body.pop("stream_options", None)
+    records: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout_s)) as client:
+        t0 = time.perf_counter()
+        counter = iter(range(n_requests))
+
+        async def worker() -> None:
+            for _ in counter:
+                if time.perf_counter() - t0 > time_cap_s:
+                    return
+                rec: dict[str, Any] = {"times": []}
+                records.append(rec)
+                try:
+                    await _one(client, url, body, stream, rec)
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in records if "error" not in r]
+    errors = [r["error"] for r in records if "error" in r]
+    sent = {str(i): r["sent"] for i, r in enumerate(ok)}
+    if stream:
+        times = {str(i): r["times"] for i, r in enumerate(ok)}
+        out = summarize(sent, times, wall, concurrency, errors=len(errors))
+        out["chunks_per_token"] = (sum(len(r["times"]) for r in ok) /
+                                   max(1, sum(r.get("completion_tokens", 0) for r in ok)))
+    else:
+        lat = [r["end"] - r["sent"] for r in ok]
+        from benchmarks.baselines import percentiles
+
+        out = {"concurrency": concurrency, "requests": len(ok), "errors": len(errors), "wall_s": wall,
+               "latency_ms": percentiles(lat)}
+    tokens = sum(r.get("completion_tokens", 0) for r in ok)
+    out["usage_output_tokens"] = tokens
+    out["output_tok_s"] = tokens / wall if wall else None  # from usage: counts every generated token
+    out["req_s"] = len(ok) / wall if wall else None
+    out["stream"] = stream
+    out["first_errors"] = errors[:3]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:9997/v1")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--time-cap", type=float, default=60.0)
+    ap.add_argument("--prompt", default="Describe this image in detail.")
+    ap.add_argument("--image", action="append", default=[], help="image URL (file://, http(s)://, data:)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-stream", action="store_true")
+    args = ap.parse_args()
+    content: Any = args.prompt
+    if args.image:
+        content = [*({"type": "image_url", "image_url": {"url": u}} for u in args.image),
+                   {"type": "text", "text": args.prompt}]
+    body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
+            "temperature": 0.0, "ignore_eos": True}
+    result = asyncio.run(run_load(args.url, body, args.concurrency, args.requests, args.time_cap,
+                                  stream=not args.no_stream))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Assemble the offline bundle a GPU host without network needs to run the benchmark (<= 64 MiB).
+
+    .venv/bin/python benchmarks/make_bundle.py            # writes .bundle/ (git-ignored)
+
+Contents of `.bundle/`:
+  triton.tar.xz   tritonserver 2.51 from the nvidia-pytriton 0.7.0 wheel, in the wheel's own layout
+                  (pytriton/tritonserver/{bin,backends,python_backend_stubs/3.12}, nvidia_pytriton.libs without
+                  libpython3.13), so that `vlm_triton.server.triton_install` finds it once it is unpacked into a
+                  site-packages folder (an empty pytriton/__init__.py makes `pytriton` importable there).
+  wheels/         numpy 1.26.4 (cp312; the Triton Python stub garbles BYTES tensors with numpy 2) and the small
+                  packages the stack needs that a GPU image with torch/transformers may lack (fastapi, starlette,
+                  pydantic(-core), uvicorn, tritonclient, python-rapidjson, protobuf<5, ...).
+On the GPU host `benchmarks/gpu_setup.sh` installs both into the interpreter that holds torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = "3.12"
+# name==version: pinned to what the project's own venv runs (pyproject.toml), cp312 / manylinux x86_64
+WHEELS = [
+    "numpy==1.26.4",
+    "protobuf==4.25.9",
+    "tritonclient==2.51.0",
+    "python-rapidjson==1.25",
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "pydantic==2.14.3",
+    "pydantic-core==2.50.4",
+    "annotated-types==0.8.0",
+    "annotated-doc==0.0.7",
+    "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
+    "uvicorn==0.54.0",
+    "prometheus-client==0.26.0",
+    "opentelemetry-api==1.45.2",  # fastapi >= 0.16x imports it
+]
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64", "manylinux_2_5_x86_64"]
+
+
+def pytriton_site() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("nvidia-pytriton is not installed in this interpreter (pip install nvidia-pytriton==0.7.0)")
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def build_triton(out: Path, py: str) -> Path:
+    site = pytriton_site()
+    root = site / "pytriton" / "tritonserver"
+    target = out / "triton.tar.xz"
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = info.name
+        if "__pycache__" in name or "libpython3.13" in name:
+            return None
+        if "/python_backend_stubs/" in name and f"/python_backend_stubs/{py}" not in name:
+            return None
+        return info
+
+    with tarfile.open(target, "w:xz", preset=6) as tar:
+        init = out / "_pytriton_init.py"
+        init.write_text('"""tritonserver parts of nvidia-pytriton 0.7.0 (benchmark bundle)."""\n')
+        tar.add(init, "pytriton/__init__.py")
+        init.unlink()
+        for sub in ("bin", "backends", f"python_backend_stubs/{py}"):
+            tar.add(root / sub, f"pytriton/tritonserver/{sub}", filter=keep)
+        tar.add(site / "nvidia_pytriton.libs", "nvidia_pytriton.libs", filter=keep)
+    return target
+
+
+def slim_tritonclient(wheel: Path) -> None:
+    """Drop perf_analyzer/perf_client (2 x 20 MB) from the tritonclient wheel: the stack needs only its Python
+    gRPC client, and the bundle must stay under 64 MiB. (perf_analyzer also needs libb64, absent on GPU images.)"""
+    import zipfile
+
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if ".data/data/bin/" in item.filename:
+                continue
+            data = src.read(item.filename)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True) if b".data/data/bin/" not in line)
+            dst.writestr(item, data)
+    slim.replace(wheel)
+
+
+def download_wheels(out: Path, py: str) -> None:
+    dest = out / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", py,
+           "--implementation", "cp", "-d", str(dest)]
+    for p in PLATFORMS:
+        cmd += ["--platform", p]
+    subprocess.run(cmd + WHEELS, check=True)
+    for wheel in dest.glob("tritonclient-*.whl"):
+        slim_tritonclient(wheel)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / ".bundle")
+    ap.add_argument("--python", default=PY, help="the GPU host's Python (major.minor), default %(default)s")
+    ap.add_argument("--force", action="store_true", help="rebuild triton.tar.xz even if it exists (xz: minutes)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.force or not (args.out / "triton.tar.xz").is_file():
+        print("wrote", build_triton(args.out, args.python))
+    download_wheels(args.out, args.python)
+    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    for f in sorted(args.out.rglob("*")):
+        if f.is_file():
+            print(f"{f.stat().st_size / 2**20:8.1f} MiB  {f.relative_to(args.out)}")
+    print(f"{total / 2**20:8.1f} MiB  total (the device tool carries at most 64 MiB with the working tree)")
+    if total > 60 * 2**20:
+        raise SystemExit("bundle too large")
+
+
+if __name__ == "__main__":
+    main()

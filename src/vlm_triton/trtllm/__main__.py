@@ -1,0 +1,3 @@
+from vlm_triton.trtllm.cli import main
+
+main()
