@@ -83,7 +83,8 @@ def running_stack(checkpoint: Path, media_dir: Path, work: Path, served_name: st
         # The test HTTP media server listens on loopback, which deployments refuse by default.
         "limits": {"allowed_local_media_dirs": [str(media_dir)], "allow_private_networks": True,
                    "max_images": 4, "default_max_tokens": 16, "media_timeout_s": 3.0},
-        "triton": {"preprocess_instances": 1, "postprocess_instances": 1},
+        # 8 < 13 tiles: the 13-tile image cases also exercise the BLS's chunked vision requests (8 + 5).
+        "triton": {"preprocess_instances": 1, "postprocess_instances": 1, "vision_max_batch_size": 8},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
@@ -105,15 +106,15 @@ def stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPa
         yield running
 
 
-@pytest.fixture(scope="session")
-def frontend(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running_frontend(stack: Stack, served_name: str, work: Path) -> Iterator[str]:
     """The OpenAI frontend on a free port, talking to `stack`; yields its base URL (…/v1)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("frontend") / "frontend.log"
+    log = work / "frontend.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "openai_frontend", "--triton-url", stack.grpc_url,
-             "--model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "64"],
+             "--model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "64"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -133,3 +134,9 @@ def frontend(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def frontend(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_frontend(stack, SERVED_NAME, tmp_path_factory.mktemp("frontend")) as url:
+        yield url

@@ -240,3 +240,23 @@ def test_bad_video_is_invalid_argument(internvideo: tuple[Stack, Path], name: st
     assert got.error.status() == "StatusCode.INVALID_ARGUMENT", (got.error.status(), got.error.message())
     ok = bls_generate(stack.grpc_url, [{"role": "user", "content": "still there?"}], max_tokens=2)
     assert ok.error is None and ok.completion_tokens >= 1
+
+
+def test_internvideo_through_the_openai_frontend(internvideo: tuple[Stack, Path],
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The seeds' InternVideo2.5 curl example (video_url, adapted to a local file) through the OpenAI frontend."""
+    import httpx
+
+    from tests.e2e.conftest import running_frontend
+
+    stack, _ = internvideo
+    with running_frontend(stack, "tiny-internvideo", tmp_path_factory.mktemp("fe-video")) as url:
+        body = {"model": "tiny-internvideo", "max_tokens": 6, "messages": [
+            _user(_vid(f"file://{stack.media_dir}/clip.mp4"), text="Describe this video in detail.")]}
+        r = httpx.post(f"{url}/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] > 8 * 16 and usage["completion_tokens"] >= 1
+        bad = {**body, "messages": [_user(_img(f"file://{stack.media_dir}/small.png"), text="What is it?")]}
+        r = httpx.post(f"{url}/chat/completions", json=bad, timeout=60)
+        assert r.status_code == 400 and "video" in r.json()["error"]["message"]

@@ -57,3 +57,21 @@ def test_greedy_tokens_equal_reference_composition(minicpmv_stack: Stack, case: 
             assert got.error is None, got.error.message()
             assert got.completion_tokens == len(expected)
             assert got.text == text
+
+
+def test_minicpmv_through_the_openai_frontend(minicpmv_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The seeds' MiniCPM-V curl example (an image, adapted to a local file) through the OpenAI frontend, with the
+    openai SDK; a bad image is a 400."""
+    import openai
+
+    from tests.e2e.conftest import running_frontend
+
+    with running_frontend(minicpmv_stack, "tiny-minicpmv", tmp_path_factory.mktemp("fe-minicpmv")) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        image = f"file://{minicpmv_stack.media_dir}/wide.png"
+        r = client.chat.completions.create(model="tiny-minicpmv", max_tokens=6, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is in the image?"}]}])
+        assert r.usage.prompt_tokens > 64 and r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny-minicpmv", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])

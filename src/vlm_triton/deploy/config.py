@@ -17,6 +17,8 @@ from typing import Any, Literal
 from vlm_triton.errors import SetupError
 
 Profile = Literal["torch", "trtllm"]
+# Vision requests are split in multiples of this many tiles: InternVideo2.5's HiCo merges 4 consecutive frames.
+TILE_GROUP = 4
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class LimitsSection:
-    max_images: int = 8
+    max_images: int = 8  # images and videos per request
+    max_video_frames: int = 0  # frames sampled per video; 0: the family's default (InternVideo2.5 128, InternVL 8)
     max_tiles_per_image: int = 0  # 0: the checkpoint's max_dynamic_patch
     max_media_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 8192 * 8192
@@ -115,6 +118,11 @@ class DeploymentConfig:
         """LLM ranks (GPUs) of the trtllm profile."""
         return self.engine.tensor_parallel * self.engine.pipeline_parallel
 
+    @property
+    def vision_chunk(self) -> int:
+        """Tiles per vision_encoder request: the batch limit, in whole groups of TILE_GROUP tiles."""
+        return self.triton.vision_max_batch_size // TILE_GROUP * TILE_GROUP
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -150,6 +158,8 @@ class DeploymentConfig:
             (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
+            (self.triton.vision_max_batch_size >= TILE_GROUP,
+             f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]
         if self.model.profile == "trtllm":
             checks.append((e.dtype != "float32", "the trtllm profile builds float16 or bfloat16 engines, not float32"))

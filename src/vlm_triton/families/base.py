@@ -24,6 +24,7 @@ class PreprocessLimits:
 
     max_images: int = 8
     max_tiles_per_image: int | None = None  # None: the checkpoint's max_dynamic_patch
+    max_video_frames: int | None = None  # None: the family's default
     max_prompt_tokens: int = 8192
 
     @classmethod
@@ -32,6 +33,7 @@ class PreprocessLimits:
         return cls(
             max_images=cfg.limits.max_images,
             max_tiles_per_image=cfg.limits.max_tiles_per_image or None,
+            max_video_frames=cfg.limits.max_video_frames or None,
             max_prompt_tokens=cfg.max_prompt_tokens,
         )
 
@@ -113,8 +115,12 @@ class ModelFamily(ABC):
                          "profile needs to export the LLM")
 
     @abstractmethod
-    def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        """The LLM as a transformers causal-LM model class with the checkpoint's weights."""
+    def build_language_model(
+        self, dtype: torch.dtype, device: torch.device, *, max_seq_len: int | None = None
+    ) -> torch.nn.Module:
+        """The LLM as a transformers causal-LM model class with the checkpoint's weights.
+
+        `max_seq_len` is the longest sequence it will serve; loaders may simplify what cannot trigger below it."""
 
     @abstractmethod
     def stop_token_ids(self, tokenizer: Any) -> list[int]:

@@ -9,6 +9,7 @@ Media: images are tiled (`max_dynamic_patch` tiles + thumbnail); a `video_url` p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import Any, ClassVar, Mapping
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from vlm_triton.errors import InvalidRequest
+from vlm_triton.errors import InvalidRequest, SetupError
 from vlm_triton.families import register
 from vlm_triton.families.base import LLMPart, ModelFamily, PreparedPrompt, PreprocessLimits, VisualBudget
 from vlm_triton.models.hico import is_hico_config
@@ -102,11 +103,20 @@ class InternVLFamily(ModelFamily):
             raise InvalidRequest(f"{len(parts)} images/videos were sent; this deployment allows at most "
                                  f"{limits.max_images}")
 
-    def _video_tiles(self, part: VideoPart, media: MediaFetcher) -> list[np.ndarray]:
-        assert self.video_policy is not None
+    def video_policy_for(self, limits: PreprocessLimits) -> VideoPolicy | None:
+        """The family's video policy with the deployment's frame cap, if it sets one."""
+        if self.video_policy is None or not limits.max_video_frames:
+            return self.video_policy
+        if limits.max_video_frames < self.video_policy.frame_multiple:
+            raise SetupError(f"limits.max_video_frames must be >= {self.video_policy.frame_multiple} for {self.name}")
+        return replace(self.video_policy, max_frames=limits.max_video_frames)
+
+    def _video_tiles(self, part: VideoPart, media: MediaFetcher, limits: PreprocessLimits) -> list[np.ndarray]:
+        policy = self.video_policy_for(limits)
+        assert policy is not None
         url = part.url.strip()
         source = "video in data: URL" if url[:5].lower() == "data:" else f"video {url[:80]!r}"
-        video = sample_video(media.fetch_bytes(url), self.video_policy, source=source)
+        video = sample_video(media.fetch_bytes(url), policy, source=source)
         return [preprocess_image(frame, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False)
                 for frame in video.frames]
 
@@ -118,7 +128,7 @@ class InternVLFamily(ModelFamily):
         frames: list[int] = []
         for part in parts:
             if isinstance(part, VideoPart):
-                video = self._video_tiles(part, media)
+                video = self._video_tiles(part, media, limits)
                 frames.append(len(video))
                 tiles.extend(video)
                 continue
@@ -155,8 +165,9 @@ class InternVLFamily(ModelFamily):
         return max_num + int(thumbnail)
 
     def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
+        video = self.video_policy_for(limits)
         per_item = max(self.max_tiles_per_image(limits) if self.accepts_images else 0,
-                       self.video_policy.max_frames if self.video_policy else 0)
+                       video.max_frames if video else 0)
         return VisualBudget(
             max_units=limits.max_images * per_item,
             tokens_per_unit=self.tokens_per_tile,
@@ -170,5 +181,7 @@ class InternVLFamily(ModelFamily):
     def llm_part(self) -> LLMPart:
         return LLMPart(llm_architecture(self.config), dict(self.config["llm_config"]), "language_model.")
 
-    def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        return load_language_model(self.checkpoint, dtype=dtype, device=device)
+    def build_language_model(
+        self, dtype: torch.dtype, device: torch.device, *, max_seq_len: int | None = None
+    ) -> torch.nn.Module:
+        return load_language_model(self.checkpoint, dtype=dtype, device=device, max_seq_len=max_seq_len)

@@ -207,5 +207,7 @@ class MiniCPMVFamily(ModelFamily):
         config["architectures"] = ["Qwen2ForCausalLM"]
         return LLMPart("Qwen2ForCausalLM", config, "llm.")
 
-    def build_language_model(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        return load_minicpmv_language_model(self.checkpoint, dtype=dtype, device=device)
+    def build_language_model(
+        self, dtype: torch.dtype, device: torch.device, *, max_seq_len: int | None = None
+    ) -> torch.nn.Module:
+        return load_minicpmv_language_model(self.checkpoint, dtype=dtype, device=device, max_seq_len=max_seq_len)

@@ -140,11 +140,27 @@ def build_llm_config(config: Mapping[str, Any]) -> PreTrainedConfig:
     return loader.config_class(**fields)
 
 
+def static_rope_within(config: PreTrainedConfig, max_seq_len: int | None) -> None:
+    """Use plain RoPE when dynamic-NTK scaling can never trigger.
+
+    Dynamic NTK changes the base only for sequences longer than max_position_embeddings; below that it equals plain
+    RoPE exactly. The engine never runs a sequence past `max_seq_len`, so when that is within the limit the plain
+    form gives the same numbers and has no data-dependent branch (which breaks CUDA-graph capture of the decode step).
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    limit = getattr(config, "max_position_embeddings", None)
+    if params.get("rope_type") == "dynamic" and max_seq_len is not None and limit and max_seq_len <= limit:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": params["rope_theta"]}
+
+
 def load_language_model(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> PreTrainedModel:
-    """The checkpoint's LLM as a transformers causal LM (SDPA attention, eval mode, no grad)."""
+                        device: str | torch.device = "cpu", max_seq_len: int | None = None) -> PreTrainedModel:
+    """The checkpoint's LLM as a transformers causal LM (SDPA attention, eval mode, no grad).
+
+    `max_seq_len`: the longest sequence it will serve (enables `static_rope_within`)."""
     loader = _loader(ckpt.config)
     config = build_llm_config(ckpt.config)
+    static_rope_within(config, max_seq_len)
     with no_init_weights(), torch.device(device):
         model = loader.model_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     weights = loader.convert_weights(ckpt.load_tensors("language_model."), config)

@@ -15,6 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.errors import SetupError
+from vlm_triton.models.language_model import static_rope_within
 
 try:  # skips the random init of weights we overwrite anyway
     from transformers.initialization import no_init_weights
@@ -40,9 +41,10 @@ def minicpmv_llm_config(config: Mapping[str, Any]) -> Qwen2Config:
 
 
 def load_minicpmv_language_model(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32,
-                                 device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
+                                 device: str | torch.device = "cpu", max_seq_len: int | None = None) -> Qwen2ForCausalLM:
     """`Qwen2ForCausalLM` with the checkpoint's `llm.*` weights (SDPA attention, eval mode, no grad)."""
     config = minicpmv_llm_config(ckpt.config)
+    static_rope_within(config, max_seq_len)
     with no_init_weights(), torch.device(device):
         model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
     weights = ckpt.load_tensors("llm.")

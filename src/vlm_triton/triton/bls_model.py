@@ -69,8 +69,9 @@ async def _responses(iterator: Any) -> AsyncIterator[Any]:
 
 
 class TritonStages(StageClient):
-    def __init__(self, embed_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32) -> None:
         self.embed_dtype = embed_dtype  # the llm's prompt-table dtype (tensorrt_llm: the engine dtype)
+        self.vision_chunk = vision_chunk  # most tiles per vision_encoder request (its max batch size)
 
     async def preprocess(self, messages_json: str) -> Prepared:
         request = pb_utils.InferenceRequest(
@@ -93,16 +94,26 @@ class TritonStages(StageClient):
         )
 
     async def encode_images(self, prepared: Prepared) -> Any:
-        request = pb_utils.InferenceRequest(
-            model_name="vision_encoder",
-            requested_output_names=["image_embeds"],
-            inputs=[prepared.pixel_values] + ([] if prepared.tgt_sizes is None else [prepared.tgt_sizes]),
-        )
-        response = _check(await request.async_exec(), "vision_encoder")
-        embeds = from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is
+        inputs = [prepared.pixel_values] + ([] if prepared.tgt_sizes is None else [prepared.tgt_sizes])
+        if prepared.num_tiles <= self.vision_chunk:
+            embeds = await self._encode(inputs)
+        else:  # more tiles than the encoder's max batch: concurrent requests of whole chunks, in order
+            tensors = [(t.name(), from_dlpack(t.to_dlpack())) for t in inputs]
+            chunks = [
+                [torch_output(name, value[start: start + self.vision_chunk]) for name, value in tensors]
+                for start in range(0, prepared.num_tiles, self.vision_chunk)
+            ]
+            embeds = torch.cat(await asyncio.gather(*(self._encode(c) for c in chunks)))
         if self.embed_dtype is not None and embeds.dtype != self.embed_dtype:
             embeds = embeds.to(self.embed_dtype)
         return torch_output("prompt_embedding_table", embeds.reshape(1, -1, embeds.shape[-1]))
+
+    async def _encode(self, inputs: list[Any]) -> torch.Tensor:
+        request = pb_utils.InferenceRequest(
+            model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=inputs
+        )
+        response = _check(await request.async_exec(), "vision_encoder")
+        return from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
         request_id = uuid.uuid4().hex
@@ -222,7 +233,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.default_max_tokens = cfg.limits.default_max_tokens
-        self.stages = TritonStages(embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]])
+        self.stages = TritonStages(
+            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk
+        )
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))

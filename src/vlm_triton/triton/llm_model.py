@@ -53,7 +53,7 @@ class TritonPythonModel:
         family = load_family(cfg)
         device, dtype = torch_device_dtype(cfg)
         self.engine = LLMEngine(
-            family.build_language_model(dtype, device),
+            family.build_language_model(dtype, device, max_seq_len=cfg.engine.max_seq_len),
             max_slots=cfg.engine.max_slots,
             max_seq_len=cfg.engine.max_seq_len,
             device=device,
