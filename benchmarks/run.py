@@ -36,7 +36,7 @@ def requests_for(c: int, workload: str) -> int:
     if c == 1:
         return 4
     if c == 64:
-        return 128 if workload == "W2" else 64
+        return 64
     return 2 * c
 
 
@@ -141,7 +141,7 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
     for name in meta["stack_workloads"]:
         w = ws[name]
         body = chat_body(w, SERVED_NAME, True)
-        warm = asyncio.run(run_load(stack.base_url, body, 1, 1, cap, stream=True))
+        warm = asyncio.run(run_load(stack.base_url, body, 1, 1, cap, stream=True, request_timeout_s=60))
         log(f"stack {name} warm-up: errors={warm['errors']} {warm['first_errors']}")
         if warm["errors"]:
             runs[name] = [{"error": warm["first_errors"]}]
@@ -151,7 +151,8 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
                 log(f"stack {name} c={c}: skipped (deadline)")
                 continue
             n = 2 if meta["smoke"] else requests_for(c, name)
-            r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=True))
+            r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=True,
+                                     request_timeout_s=90))
             runs.setdefault(name, []).append(r)
             log(f"stack {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']}, TPOT p50 "
                 f"{r['tpot_ms']['p50']}, errors {r['errors']} {r['first_errors']}, {r['requests']} req, "
@@ -161,7 +162,8 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
             continue
         n = 2 if meta["smoke"] else requests_for(c, "W2")
         body = chat_body(ws["W2"], SERVED_NAME, False)
-        r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=False))
+        r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=False,
+                                 request_timeout_s=90))
         non_stream.append(r)
         log(f"stack W2 non-streaming c={c}: {r['output_tok_s']:.0f} tok/s, errors {r['errors']}")
     return {"runs": runs, "non_stream_W2": non_stream}
@@ -238,46 +240,85 @@ def main() -> None:
         return deadline - time.time() - reserve
 
     stack_reserve = 150.0 if "stack" in phases and not args.smoke else 0.0
-    if "ceilings" in phases:
-        results.update(run_phase("ceilings", state, min(90, remaining(stack_reserve))))
-        dump()
-    if "engine" in phases:
-        results.update(run_phase("engine", state, min(150, remaining(stack_reserve))))
-        dump()
     stack = None
+    gpu = args.device.startswith("cuda")
     if "stack" in phases:
         from benchmarks.stack import Stack, deployment
 
         cfg = deployment(ckpt, media, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                          device=args.device, instances=2 if args.smoke else 4)
         t_stack = time.perf_counter()
-        stack = Stack.start(cfg, work / "stack", gpu=args.device.startswith("cuda"))
-        log("tritonserver starting (loads while the hf phase runs)")
+        stack = Stack.start(cfg, work / "stack-a", gpu, pools=True, verbose=True, log_dir=out / "stack-a")
+        log("tritonserver starting (loads while the next phases run)")
     try:
+        if "ceilings" in phases:
+            results.update(run_phase("ceilings", state, min(90, remaining(stack_reserve))))
+            dump()
+        if "engine" in phases:
+            results.update(run_phase("engine", state, min(150, remaining(stack_reserve))))
+            dump()
         if "hf" in phases:
             results.update(run_phase("hf", state, min(240, remaining(110.0 if stack else 0.0))))
             dump()
         if stack is not None:
-            try:
-                stack.wait(max(30.0, remaining(30.0)))
-                results["stack_ready_s"] = time.perf_counter() - t_stack
-                log(f"stack ready after {results['stack_ready_s']:.0f} s: {stack.base_url}")
-                results["stack"] = stack_sweeps(stack, ws, meta, deadline)
-                results["stack"]["metrics_tail"] = [l for l in stack.metrics().splitlines()
-                                                    if l.startswith(("nv_inference_count", "nv_inference_exec",
-                                                                     "vlm_"))][:40]
-            except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                results["stack_error"] = f"{type(exc).__name__}: {exc}"
-            dump()
+            results["stack_attempts"] = []
+            for attempt in ("a", "b"):
+                if attempt == "b":
+                    if remaining() < 120:
+                        break
+                    log("stack attempt b: CUDA graphs off, no CUDA/pinned memory pool flags")
+                    cfg = cfg.replace(engine={"cuda_graphs": False})
+                    t_stack = time.perf_counter()
+                    stack = Stack.start(cfg, work / "stack-b", gpu, pools=False, verbose=True,
+                                        log_dir=out / "stack-b")
+                info: dict[str, Any] = {"attempt": attempt, "cuda_graphs": cfg.engine.cuda_graphs}
+                results["stack_attempts"].append(info)
+                try:
+                    stack.wait(max(30.0, remaining(30.0)))
+                    info["ready_s"] = time.perf_counter() - t_stack
+                    log(f"stack {attempt} ready after {info['ready_s']:.0f} s: {stack.base_url}")
+                    ok = True
+                    for name in meta["stack_workloads"]:
+                        info[f"bls_{name}"] = stack.bls_check(ws[name].messages, 90.0)
+                        log(f"stack {attempt} direct BLS check {name}: {info[f'bls_{name}']}")
+                        ok = ok and info[f"bls_{name}"].startswith("ok")
+                        if not ok:
+                            break
+                    if ok:
+                        from benchmarks.loadgen import run_load
+                        from benchmarks.stack import SERVED_NAME
+                        from benchmarks.workloads import chat_body
+
+                        warm = asyncio.run(run_load(stack.base_url, chat_body(ws["W2"], SERVED_NAME, True), 1, 1,
+                                                    60, stream=True, request_timeout_s=60))
+                        info["frontend_check"] = warm["first_errors"] or "ok"
+                        log(f"stack {attempt} frontend check: {info['frontend_check']}")
+                        ok = not warm["errors"]
+                    if not ok:
+                        (out / f"stack-{attempt}" / "stacks.txt").write_text(stack.dump_stacks())
+                        log(f"stack {attempt}: checks failed; thread dumps in stack-{attempt}/stacks.txt")
+                        continue
+                    stack.set_verbose(0)
+                    results["stack_ready_s"] = info["ready_s"]
+                    results["stack"] = stack_sweeps(stack, ws, meta, deadline)
+                    results["stack"]["attempt"] = attempt
+                    results["stack"]["cuda_graphs"] = cfg.engine.cuda_graphs
+                    results["stack"]["metrics_tail"] = [
+                        line for line in stack.metrics().splitlines()
+                        if line.startswith(("nv_inference_count", "nv_inference_exec", "nv_inference_request_d",
+                                            "nv_inference_queue", "nv_inference_compute", "vlm_"))][:60]
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    info["error"] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    dump()
+                    stack.stop()
+                    results.setdefault("stack_logs", {})[attempt] = stack.logs(40)
+                    dump()
     finally:
         if stack is not None:
             stack.stop()
-            results["stack_logs"] = stack.logs(80)
-            for name in ("tritonserver.log", "frontend.log"):
-                src = work / "stack" / name
-                if src.is_file():
-                    (out / name).write_bytes(src.read_bytes()[-2_000_000:])
         dump()
     from benchmarks.report import table
 

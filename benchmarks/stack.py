@@ -3,6 +3,9 @@ the same code path as `vlm-triton serve` (render_repository, TritonServer, `pyth
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,24 +41,115 @@ class Stack:
     frontend: subprocess.Popen[bytes] | None = None
     base_url: str = ""
 
+    log_dir: Path | None = None
+
     @classmethod
-    def start(cls, cfg: DeploymentConfig, work: Path, gpu: bool) -> "Stack":
-        """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next."""
+    def start(cls, cfg: DeploymentConfig, work: Path, gpu: bool, *, pools: bool = True, verbose: bool = False,
+              log_dir: Path | None = None) -> "Stack":
+        """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next.
+
+        Each rendered model.py also registers faulthandler on SIGUSR1 (thread dumps into work/stacks-*.txt),
+        so that a stuck stage can be inspected; the project's model.py files are not touched."""
         work.mkdir(parents=True, exist_ok=True)
         repo = render_repository(cfg, work / "model_repository")
+        for model_py in repo.glob("*/1/model.py"):
+            role = model_py.parent.parent.name
+            model_py.write_text(model_py.read_text() + (
+                "\nimport faulthandler as _fh, os as _os, signal as _sig\n"
+                f"_fh.register(_sig.SIGUSR1, all_threads=True, file=open('{work}/stacks-{role}-' + "
+                "str(_os.getpid()) + '.txt', 'w'))\n"))
         extra: tuple[str, ...] = ()
-        if gpu:  # GPU tensors between Python-backend models travel through Triton's CUDA memory pool
+        if gpu and pools:  # GPU tensors between Python-backend models travel through Triton's CUDA memory pool
             extra = ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")
+        if verbose:
+            extra += ("--log-verbose=1",)
+        log_dir = log_dir or work
+        log_dir.mkdir(parents=True, exist_ok=True)
         server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
-                              log_file=work / "tritonserver.log", extra_args=extra)
+                              log_file=log_dir / "tritonserver.log", extra_args=extra)
         server.start()
-        return cls(server, work, cfg)
+        return cls(server, work, cfg, log_dir=log_dir)
+
+    def set_verbose(self, level: int) -> None:
+        req = urllib.request.Request(f"http://{self.server.http_url}/v2/logging", method="POST",
+                                     data=json.dumps({"log_verbose_level": level}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=5).read()
+        except OSError as exc:
+            print(f"could not set the log level: {exc}", flush=True)
+
+    def dump_stacks(self) -> str:
+        """SIGUSR1 to the Python backend stubs of THIS server (its own process group: TritonServer starts it with
+        setsid) -- they dump their threads through faulthandler; returns all dumps."""
+        group = self.server._process.pid if self.server._process is not None else None
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if (b"triton_python_backend_stub" in (proc / "cmdline").read_bytes()
+                            and group is not None and os.getpgid(int(proc.name)) == group):
+                        pids.append(int(proc.name))
+                except (OSError, ProcessLookupError):
+                    pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+        time.sleep(2)
+        out = [f"stubs: {pids}"]
+        for f in sorted(self.work.glob("stacks-*.txt")):
+            out.append(f"===== {f.name}\n{f.read_text(errors='replace')}")
+        return "\n".join(out)
+
+    def bls_check(self, messages: list[dict[str, Any]], timeout_s: float, max_tokens: int = 4) -> str:
+        """One request straight to the BLS over gRPC (no frontend); returns 'ok ...' or what went wrong."""
+        import queue
+
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from vlm_triton.contracts import BLS
+
+        values: dict[str, Any] = {"messages": [json.dumps(messages)], "max_tokens": max_tokens, "stream": True,
+                                  "ignore_eos": True}
+        inputs = []
+        for name, value in values.items():
+            spec = BLS.input(name)
+            arr = np.array([v.encode() for v in value] if spec.dtype == "BYTES" else [value],
+                           dtype=spec.numpy_dtype)
+            t = grpcclient.InferInput(name, list(arr.shape), spec.dtype)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        responses: queue.Queue[Any] = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        n = 0
+        t0 = time.perf_counter()
+        try:
+            client.async_stream_infer("bls", inputs, enable_empty_final_response=True)
+            while True:
+                r, e = responses.get(timeout=timeout_s)
+                if e is not None:
+                    return f"error: {e}"
+                n += 1
+                if r.get_response().parameters["triton_final_response"].bool_param:
+                    return f"ok: {n} responses in {time.perf_counter() - t0:.2f} s"
+        except queue.Empty:
+            return f"timeout after {timeout_s} s with {n} responses"
+        finally:
+            try:
+                client.stop_stream(cancel_requests=True)
+            except TypeError:
+                client.stop_stream()
+            client.close()
 
     def wait(self, timeout_s: float) -> float:
         t = time.perf_counter()
         self.server.wait_ready(timeout_s)
         port = free_port()
-        log = open(self.work / "frontend.log", "wb")  # noqa: SIM115
+        log = open((self.log_dir or self.work) / "frontend.log", "wb")  # noqa: SIM115
         self.frontend = subprocess.Popen(
             [sys.executable, "-m", "openai_frontend", "--triton-url", self.server.grpc_url, "--model-name",
              SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "512"],
@@ -68,7 +162,7 @@ class Stack:
                     break
             except OSError:
                 if self.frontend.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("frontend did not start:\n" + (self.work / "frontend.log").read_text())
+                    raise RuntimeError("frontend did not start:\n" + ((self.log_dir or self.work) / "frontend.log").read_text())
                 time.sleep(0.3)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return time.perf_counter() - t
@@ -91,7 +185,7 @@ class Stack:
 
     def logs(self, lines: int = 60) -> dict[str, Any]:
         out = {"tritonserver": self.server.log_tail(lines)}
-        f = self.work / "frontend.log"
+        f = (self.log_dir or self.work) / "frontend.log"
         if f.is_file():
             out["frontend"] = "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
         return out

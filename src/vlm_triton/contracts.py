@@ -97,21 +97,25 @@ REQUEST_OPTIONS: tuple[TensorSpec, ...] = (
 )
 
 # --- preprocess: OpenAI messages JSON -> prompt ids (image slots = fake ids >= vocab_size) + pixel tiles ----------
+# What goes on to the batched `llm` carries an explicit leading 1 (the llm's batch dim), so in the ensemble these
+# tensors feed the llm unchanged; the BLS reads them the same way.
 PREPROCESS = ModelContract(
     role="preprocess",
     inputs=(TensorSpec("messages", "BYTES", (1,)),),
     outputs=(
-        TensorSpec("input_ids", "INT32", (-1,)),
-        TensorSpec("input_lengths", "INT32", (1,)),
+        TensorSpec("input_ids", "INT32", (1, -1)),
+        TensorSpec("input_lengths", "INT32", (1, 1)),
         TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
-        TensorSpec("end_id", "INT32", (1,)),
-        TensorSpec("pad_id", "INT32", (1,)),
-        TensorSpec("stop_words_list", "INT32", (2, -1)),
-        TensorSpec("prompt_vocab_size", "INT32", (1,)),
+        TensorSpec("end_id", "INT32", (1, 1)),
+        TensorSpec("pad_id", "INT32", (1, 1)),
+        TensorSpec("stop_words_list", "INT32", (1, 2, -1)),
+        TensorSpec("prompt_vocab_size", "INT32", (1, 1)),
         # per input token: 0 for text, a 64-bit hash of the image content for image tokens (KV-cache reuse)
-        TensorSpec("prompt_table_extra_ids", "UINT64", (-1,)),
+        TensorSpec("prompt_table_extra_ids", "UINT64", (1, -1)),
         # (patch rows, patch cols) per tile for encoders that take variable-size tiles (MiniCPM-V); [0, 2] otherwise
         TensorSpec("tgt_sizes", "INT32", (-1, 2)),
+        # always true: asks the llm for num_input_tokens (the ensemble's prompt_tokens; tensorrt_llm needs the flag)
+        TensorSpec("return_num_input_tokens", "BOOL", (1, 1)),
     ),
 )
 
@@ -125,6 +129,17 @@ VISION_ENCODER = ModelContract(
     ),
     outputs=(TensorSpec("image_embeds", EMBED, (-1, -1)),),
     batched=True,
+)
+
+# --- vision_table (ensemble only): tiles -> the llm's prompt table [1, rows, H]; calls vision_encoder over BLS ----
+# Zero tiles (text-only) give a table of zero rows, which the llm treats as no table.
+VISION_TABLE = ModelContract(
+    role="vision_table",
+    inputs=(
+        TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
+        TensorSpec("tgt_sizes", "INT32", (-1, 2), optional=True),
+    ),
+    outputs=(TensorSpec("prompt_embedding_table", EMBED, (1, -1, -1)),),
 )
 
 # --- llm: the tensorrtllm_backend `tensorrt_llm` contract, the subset the BLS uses ------------------------------
@@ -150,10 +165,12 @@ LLM = ModelContract(
         TensorSpec("prompt_embedding_table", EMBED, (-1, -1), optional=True, ragged=True),
         _scalar("prompt_vocab_size", "INT32"),
         TensorSpec("prompt_table_extra_ids", "UINT64", (-1,), optional=True, ragged=True),
+        _scalar("return_num_input_tokens", "BOOL"),
     ),
     outputs=(
         TensorSpec("output_ids", "INT32", (-1, -1)),
         TensorSpec("sequence_length", "INT32", (-1,)),
+        TensorSpec("num_input_tokens", "INT32", (1,)),  # the torch llm always sends it; tensorrt_llm on request
     ),
     batched=True,
 )
@@ -162,12 +179,12 @@ LLM = ModelContract(
 POSTPROCESS = ModelContract(
     role="postprocess",
     inputs=(
-        TensorSpec("token_ids", "INT32", (-1,)),
+        TensorSpec("token_ids", "INT32", (1, 1, -1)),  # the llm's output_ids of one request: [batch, beam, n]
         TensorSpec("prefix_offset", "INT32", (1,), optional=True),
         TensorSpec("read_offset", "INT32", (1,), optional=True),
         TensorSpec("held_text", "BYTES", (1,), optional=True),
         TensorSpec("stop", "BYTES", (-1,), optional=True),
-        TensorSpec("final", "BOOL", (1,), optional=True),
+        TensorSpec("final", "BOOL", (1,), optional=True),  # absent: true (the whole sequence, as in the ensemble)
     ),
     outputs=(
         TensorSpec("text", "BYTES", (1,)),
@@ -197,4 +214,56 @@ BLS = ModelContract(
     outputs=RESULT_OUTPUTS,
 )
 
-ALL_CONTRACTS: tuple[ModelContract, ...] = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, BLS)
+# --- ensemble: the same stages without BLS for non-streaming callers (one response, no finish_reason) ------------
+# Its request options feed the batched llm, so they are [1, 1] like the llm's scalars; max_tokens is required
+# (request_output_len is). Unset sampling options take the llm's defaults. Triton refuses a step (or the ensemble's
+# outputs) mixing tensors from the decoupled llm with tensors from elsewhere, so everything after the llm comes
+# from the llm alone: no stop strings (postprocess would need them) and prompt_tokens is the llm's num_input_tokens.
+ENSEMBLE_LLM_OPTIONS: dict[str, str] = {  # ensemble input -> llm input
+    "max_tokens": "request_output_len",
+    "temperature": "temperature",
+    "top_p": "runtime_top_p",
+    "top_k": "runtime_top_k",
+    "seed": "seed",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+_OPTIONS = {s.name: s for s in REQUEST_OPTIONS}
+ENSEMBLE = ModelContract(
+    role="ensemble",
+    inputs=(
+        TensorSpec("messages", "BYTES", (1,)),
+        *(replace(_OPTIONS[n], dims=(1, 1), optional=n != "max_tokens") for n in ENSEMBLE_LLM_OPTIONS),
+    ),
+    outputs=(
+        TensorSpec("text", "BYTES", (1,)),
+        TensorSpec("prompt_tokens", "INT32", (1, 1)),
+        TensorSpec("completion_tokens", "INT32", (1, 1)),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    """One ensemble step: the stage's tensor name -> the ensemble tensor name, for inputs and outputs."""
+
+    role: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+_TO_LLM = ("input_ids", "input_lengths", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size",
+           "prompt_table_extra_ids", "return_num_input_tokens")
+ENSEMBLE_STEPS: tuple[EnsembleStep, ...] = (
+    EnsembleStep("preprocess", {"messages": "messages"}, {n: n for n in (*_TO_LLM, "pixel_values", "tgt_sizes")}),
+    EnsembleStep("vision_table", {"pixel_values": "pixel_values", "tgt_sizes": "tgt_sizes"},
+                 {"prompt_embedding_table": "prompt_embedding_table"}),
+    EnsembleStep("llm", {
+        **{n: n for n in (*_TO_LLM, "prompt_embedding_table")},
+        **{llm: option for option, llm in ENSEMBLE_LLM_OPTIONS.items()}},
+        {"output_ids": "output_ids", "sequence_length": "completion_tokens", "num_input_tokens": "prompt_tokens"}),
+    EnsembleStep("postprocess", {"token_ids": "output_ids"}, {"text": "text"}),
+)
+
+ALL_CONTRACTS: tuple[ModelContract, ...] = (PREPROCESS, VISION_ENCODER, VISION_TABLE, LLM, POSTPROCESS, BLS, ENSEMBLE)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.bls_client import bls_generate
+from tests.e2e.bls_client import bls_generate, ensemble_generate
 from tests.e2e.reference import reference_generate
 
 pytestmark = pytest.mark.e2e
@@ -67,6 +67,25 @@ def test_greedy_tokens_equal_transformers(stack, tiny_internvl3_hf, case) -> Non
         assert got.finish_reason == ("stop" if stopped else "length")
     if case == "single_image_13_tiles":  # 800x600 -> 4x3 grid + thumbnail = 13 tiles of 256 tokens
         assert prompt_len > 13 * 256 and prompt_len < 13 * 256 + 100
+
+
+@pytest.mark.parametrize("case", ["text_only", "single_image_13_tiles", "two_images"])
+def test_ensemble_equals_the_bls(stack, case) -> None:
+    """The ensemble (gRPC streaming, one response) gives the BLS's greedy text and counts (13 tiles: chunked)."""
+    messages = cases(stack.media_dir)[case]
+    want = bls_generate(stack.grpc_url, messages, max_tokens=MAX_NEW)
+    got = ensemble_generate(stack.grpc_url, messages, max_tokens=MAX_NEW, temperature=0.0)
+    assert want.error is None and got.error is None, (got.error or want.error).message()
+    assert len(got.deltas) == 1
+    assert (got.text, got.prompt_tokens, got.completion_tokens) == (
+        want.text, want.prompt_tokens, want.completion_tokens)
+
+
+def test_ensemble_bad_image_is_invalid_argument(stack) -> None:
+    got = ensemble_generate(stack.grpc_url, [BAD_INPUTS["not an image"]], max_tokens=4)
+    assert got.error is not None and got.error.status() == "StatusCode.INVALID_ARGUMENT", got.error
+    ok = ensemble_generate(stack.grpc_url, [{"role": "user", "content": "still there?"}], max_tokens=2)
+    assert ok.error is None and ok.completion_tokens >= 1
 
 
 def test_streaming_deltas_concatenate_to_the_text(stack) -> None:

@@ -63,12 +63,12 @@ def test_llm_contract_is_the_tensorrt_llm_subset() -> None:
         "frequency_penalty": ("FP32", (1,), ()), "seed": ("UINT64", (1,), ()),
         "exclude_input_in_output": ("BOOL", (1,), ()), "stop": ("BOOL", (1,), ()), "streaming": ("BOOL", (1,), ()),
         "prompt_embedding_table": ("EMBED", (-1, -1), None), "prompt_vocab_size": ("INT32", (1,), ()),
-        "prompt_table_extra_ids": ("UINT64", (-1,), None),
+        "prompt_table_extra_ids": ("UINT64", (-1,), None), "return_num_input_tokens": ("BOOL", (1,), ()),
     }
     ours = {s.name: (s.dtype, s.dims, s.reshape) for s in contracts.LLM.inputs}
     assert ours == trt
     assert {s.name: (s.dtype, s.dims) for s in contracts.LLM.outputs} == {
-        "output_ids": ("INT32", (-1, -1)), "sequence_length": ("INT32", (-1,))}
+        "output_ids": ("INT32", (-1, -1)), "sequence_length": ("INT32", (-1,)), "num_input_tokens": ("INT32", (1,))}
 
 
 def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:

@@ -83,14 +83,18 @@ class Recorder:
         ids = np.array([1, 2, *range(VOCAB, VOCAB + TILES * TOKENS), 3], dtype=np.int32)
         pixels = np.zeros((TILES, 3, 28, 28), dtype=NUMPY_DTYPES[self.cfg.tensor_dtypes["PIXEL"]])
         values = {
-            "input_ids": ids, "input_lengths": np.array([ids.size], np.int32), "pixel_values": pixels,
-            "end_id": np.array([7], np.int32), "pad_id": np.array([0], np.int32),
-            "stop_words_list": np.array([[9, 0], [1, -1]], np.int32),
-            "prompt_vocab_size": np.array([TILES * TOKENS], np.int32),
-            "prompt_table_extra_ids": np.where(ids >= VOCAB, 5, 0).astype(np.uint64),
+            "input_ids": ids[None], "input_lengths": np.array([[ids.size]], np.int32), "pixel_values": pixels,
+            "end_id": np.array([[7]], np.int32), "pad_id": np.array([[0]], np.int32),
+            "stop_words_list": np.array([[[9, 0], [1, -1]]], np.int32),
+            "prompt_vocab_size": np.array([[TILES * TOKENS]], np.int32),
+            "prompt_table_extra_ids": np.where(ids >= VOCAB, 5, 0).astype(np.uint64)[None],
             "tgt_sizes": np.zeros((0, 2), np.int32),  # fixed-size tiles: the encoder needs no patch grid
+            "return_num_input_tokens": np.ones((1, 1), np.bool_),
         }
-        assert set(values) == {s.name for s in contracts.PREPROCESS.outputs}  # the fake follows the contract
+        # the fake follows the contract: names and shapes
+        assert {k: v.ndim for k, v in values.items()} == {s.name: len(s.dims) for s in contracts.PREPROCESS.outputs}
+        for spec in contracts.PREPROCESS.outputs:
+            assert all(w in (-1, g) for w, g in zip(spec.dims, values[spec.name].shape)), spec.name
         return FakeResponse([FakeTensor(k, v) for k, v in values.items()])
 
     def vision_encoder(self, request: "FakeRequest") -> FakeResponse:
@@ -103,7 +107,7 @@ class Recorder:
         return iter([FakeResponse([FakeTensor("output_ids", np.array(i, np.int32))]) for i in ids])
 
     def postprocess(self, request: "FakeRequest") -> FakeResponse:
-        n = len(next(t for t in request.inputs if t.name() == "token_ids").as_numpy())
+        n = next(t for t in request.inputs if t.name() == "token_ids").as_numpy().size
         text = np.array([b"x"], dtype=np.object_)
         return FakeResponse([FakeTensor("text", text), FakeTensor("prefix_offset", np.array([0], np.int32)),
                              FakeTensor("read_offset", np.array([n], np.int32)),
@@ -135,7 +139,7 @@ def fake_pb_utils() -> types.ModuleType:
 def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
     """vlm_triton.triton.bls_model imported against the fake pb_utils (and forgotten afterwards)."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    names = ("vlm_triton.triton.common", "vlm_triton.triton.bls_model")
+    names = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client", "vlm_triton.triton.bls_model")
     for name in names:
         monkeypatch.delitem(sys.modules, name, raising=False)
     yield importlib.import_module("vlm_triton.triton.bls_model")
@@ -184,23 +188,25 @@ def test_every_tensor_the_bls_sends_fits_the_rendered_configs(name: str, bls: ty
                                                               tmp_path: Path) -> None:
     cfg = CFGS[name]
     repo = render_repository(cfg, tmp_path / "repo")
-    configs = {role: parse(repo / role / "config.pbtxt") for role in ("llm", "vision_encoder")}
-    requests = [r for r in sent_tensors(bls, cfg) if r.model_name in configs]
-    assert [r.model_name for r in requests] == ["vision_encoder", "llm", "llm"]  # encode, generate, cancel
+    configs = {role: parse(repo / role / "config.pbtxt")
+               for role in ("preprocess", "vision_encoder", "llm", "postprocess")}
+    requests = sent_tensors(bls, cfg)
+    # preprocess, encode, generate, detokenize per response and at the end, then the cancellation
+    assert [r.model_name for r in requests] == ["preprocess", "vision_encoder", "llm", *["postprocess"] * 3, "llm"]
     for request in requests:
         config = configs[request.model_name]
         inputs = {t.name: t for t in config.input}
         for tensor in request.inputs:
             assert tensor.name() in inputs, f"{request.model_name} config lacks {tensor.name()}"
             spec = inputs[tensor.name()]
-            assert pb.DataType.Name(spec.data_type) == "TYPE_" + tensor.triton_dtype(), tensor.name()
+            assert pb.DataType.Name(spec.data_type) == "TYPE_" + tensor.triton_dtype().replace("BYTES", "STRING")
             batch = 1 if config.max_batch_size > 0 else 0
             assert len(tensor.shape()) == len(spec.dims) + batch, tensor.name()
             fixed = [(want, got) for want, got in zip(spec.dims, tensor.shape()[batch:]) if want != -1]
             assert all(want == got for want, got in fixed), (tensor.name(), fixed)
         sent = {t.name() for t in request.inputs}
         assert {t.name for t in config.input if not t.optional} <= sent
-    generate = requests[1]
+    generate = requests[2]
     assert {"prompt_embedding_table", "prompt_table_extra_ids", "prompt_vocab_size", "seed"} <= {
         t.name() for t in generate.inputs}
 

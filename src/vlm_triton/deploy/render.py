@@ -17,8 +17,8 @@ from vlm_triton.contracts import ModelContract, TensorSpec
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import SetupError
 
-ROLES = ("preprocess", "vision_encoder", "llm", "postprocess", "bls", "ensemble")
-PYTHON_ROLES = ("preprocess", "vision_encoder", "llm", "postprocess", "bls")
+ROLES = ("preprocess", "vision_encoder", "vision_table", "llm", "postprocess", "bls", "ensemble")
+PYTHON_ROLES = ("preprocess", "vision_encoder", "vision_table", "llm", "postprocess", "bls")
 DEPLOYMENT_FILE = "deployment.json"
 
 
@@ -63,6 +63,23 @@ def _python_model(
     return config
 
 
+def ensemble_config(cfg: DeploymentConfig) -> pb.ModelConfig:
+    """The `ensemble` model: contracts.ENSEMBLE's tensors wired through contracts.ENSEMBLE_STEPS.
+
+    max_batch_size 0 (its stages are not batched), so tensors flow with their full shapes. The llm is decoupled:
+    callers use the gRPC streaming API and get one response.
+    """
+    contract, dtypes = contracts.ENSEMBLE, cfg.tensor_dtypes
+    config = pb.ModelConfig(name=contract.role, platform="ensemble", max_batch_size=0)
+    config.input.extend(tensor_config(s, dtypes, pb.ModelInput) for s in contract.inputs)
+    config.output.extend(tensor_config(s, dtypes, pb.ModelOutput) for s in contract.outputs)
+    for step in contracts.ENSEMBLE_STEPS:
+        added = config.ensemble_scheduling.step.add(model_name=step.role, model_version=-1)
+        added.input_map.update(step.inputs)
+        added.output_map.update(step.outputs)
+    return config
+
+
 def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
     """Every model's config. Profile trtllm swaps `llm` and `vision_encoder` for TensorRT-LLM / TensorRT models."""
     t = cfg.triton
@@ -73,6 +90,7 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
         "vision_encoder": _python_model(
             cfg, contracts.VISION_ENCODER, max_batch_size=t.vision_max_batch_size, deployment_file=deployment_file
         ),
+        "vision_table": _python_model(cfg, contracts.VISION_TABLE, deployment_file=deployment_file),
         "llm": _python_model(
             cfg, contracts.LLM, max_batch_size=cfg.engine.max_slots, decoupled=True, deployment_file=deployment_file
         ),
@@ -82,6 +100,7 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
         "bls": _python_model(
             cfg, contracts.BLS, instances=t.bls_instances, decoupled=True, deployment_file=deployment_file
         ),
+        "ensemble": ensemble_config(cfg),
     }
     vision = configs["vision_encoder"]
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
@@ -116,6 +135,8 @@ def render_repository(cfg: DeploymentConfig, out: str | Path) -> Path:
         if config.backend == "python":
             (stage / "1").mkdir(parents=True)
             shutil.copy2(sources / role / "1" / "model.py", stage / "1" / "model.py")
+        elif config.platform == "ensemble":
+            (stage / "1").mkdir(parents=True)  # an ensemble has an empty version folder
         else:
             from vlm_triton.deploy.render_trtllm import place_engine_files
 

@@ -25,7 +25,7 @@ BATCHING_STRATEGY = "inflight_fused_batching"
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 PLAN_FILE = "model.plan"
 
-# tensorrt_llm outputs beyond the two the BLS reads (logits in FP32, the backend's default logits dtype)
+# tensorrt_llm outputs beyond those of contracts.LLM (logits in FP32, the backend's default logits dtype)
 _MORE_LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("cum_log_probs", "FP32", (-1,)),
     TensorSpec("output_log_probs", "FP32", (-1, -1)),
@@ -44,7 +44,6 @@ _MORE_LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("acceptance_rate", "FP32", (1,)),
     TensorSpec("total_accepted_draft_tokens", "INT32", (1,)),
     TensorSpec("total_draft_tokens", "INT32", (1,)),
-    TensorSpec("num_input_tokens", "INT32", (1,)),
     TensorSpec("num_output_tokens", "INT32", (1,)),
 )
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (*contracts.LLM.outputs, *_MORE_LLM_OUTPUTS)

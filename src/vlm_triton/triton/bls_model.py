@@ -11,13 +11,12 @@ from typing import Any, AsyncIterator, Sequence
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack
 
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.pipeline.orchestrator import Chunk, Detokenized, Prepared, RequestOptions, StageClient, run_pipeline
 from vlm_triton.triton.common import (
-    INVALID_PREFIX,
     TRITON_TO_TORCH,
+    check_response,
     error_response,
     get_scalar,
     get_text,
@@ -26,6 +25,7 @@ from vlm_triton.triton.common import (
     text_output,
     torch_output,
 )
+from vlm_triton.triton.vision_client import prompt_table
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_OUT = [
@@ -39,18 +39,13 @@ def _scalar_tensor(name: str, value: Any, dtype: type) -> Any:
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
-def _check(response: Any, stage: str) -> Any:
-    if response.has_error():
-        error = response.error()
-        message = error.message()
-        if error.code() == pb_utils.TritonError.INVALID_ARG or message.startswith(INVALID_PREFIX):
-            raise InvalidRequest(message)
-        raise RuntimeError(f"{stage} failed: {message}")
-    return response
-
-
 def _out(response: Any, name: str) -> Any:
     return pb_utils.get_output_tensor_by_name(response, name)
+
+
+def _int(response: Any, name: str) -> int:
+    """A per-request scalar output ([1] or [1, 1])."""
+    return int(_out(response, name).as_numpy().reshape(-1)[0])
 
 
 # The decoupled BLS ResponseIterator is synchronous: each next() blocks until that request's next response.
@@ -77,43 +72,25 @@ class TritonStages(StageClient):
         request = pb_utils.InferenceRequest(
             model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)]
         )
-        response = _check(await request.async_exec(), "preprocess")
+        response = check_response(await request.async_exec(), "preprocess")
         pixels = _out(response, "pixel_values")
         extra_ids = _out(response, "prompt_table_extra_ids")
         tgt_sizes = _out(response, "tgt_sizes")
         return Prepared(
-            input_ids=_out(response, "input_ids").as_numpy(),
+            input_ids=_out(response, "input_ids").as_numpy().reshape(-1),
             pixel_values=pixels,
             num_tiles=int(pixels.shape()[0]),
-            end_id=int(_out(response, "end_id").as_numpy()[0]),
-            pad_id=int(_out(response, "pad_id").as_numpy()[0]),
-            stop_words_list=_out(response, "stop_words_list").as_numpy(),
-            prompt_vocab_size=int(_out(response, "prompt_vocab_size").as_numpy()[0]),
-            prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy(),
+            end_id=_int(response, "end_id"),
+            pad_id=_int(response, "pad_id"),
+            stop_words_list=_out(response, "stop_words_list").as_numpy().reshape(2, -1),
+            prompt_vocab_size=_int(response, "prompt_vocab_size"),
+            prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy().reshape(-1),
             tgt_sizes=tgt_sizes if tgt_sizes is not None and tgt_sizes.shape()[0] else None,
         )
 
     async def encode_images(self, prepared: Prepared) -> Any:
-        inputs = [prepared.pixel_values] + ([] if prepared.tgt_sizes is None else [prepared.tgt_sizes])
-        if prepared.num_tiles <= self.vision_chunk:
-            embeds = await self._encode(inputs)
-        else:  # more tiles than the encoder's max batch: concurrent requests of whole chunks, in order
-            tensors = [(t.name(), from_dlpack(t.to_dlpack())) for t in inputs]
-            chunks = [
-                [torch_output(name, value[start: start + self.vision_chunk]) for name, value in tensors]
-                for start in range(0, prepared.num_tiles, self.vision_chunk)
-            ]
-            embeds = torch.cat(await asyncio.gather(*(self._encode(c) for c in chunks)))
-        if self.embed_dtype is not None and embeds.dtype != self.embed_dtype:
-            embeds = embeds.to(self.embed_dtype)
-        return torch_output("prompt_embedding_table", embeds.reshape(1, -1, embeds.shape[-1]))
-
-    async def _encode(self, inputs: list[Any]) -> torch.Tensor:
-        request = pb_utils.InferenceRequest(
-            model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=inputs
-        )
-        response = _check(await request.async_exec(), "vision_encoder")
-        return from_dlpack(_out(response, "image_embeds").to_dlpack())  # [N, T, H], stays where it is
+        table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype)
+        return torch_output("prompt_embedding_table", table)
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
         request_id = uuid.uuid4().hex
@@ -150,7 +127,7 @@ class TritonStages(StageClient):
         iterator = await request.async_exec(decoupled=True)
         try:
             async for response in _responses(iterator):
-                _check(response, "llm")
+                check_response(response, "llm")
                 ids = _out(response, "output_ids")
                 if ids is not None and ids.as_numpy().size:
                     yield ids.as_numpy().reshape(-1).tolist()
@@ -180,7 +157,7 @@ class TritonStages(StageClient):
         self, window: Sequence[int], prefix_offset: int, read_offset: int, held: str, stop: Sequence[str], final: bool
     ) -> Detokenized:
         inputs = [
-            pb_utils.Tensor("token_ids", np.asarray(window, dtype=np.int32)),
+            pb_utils.Tensor("token_ids", np.asarray(window, dtype=np.int32).reshape(1, 1, -1)),
             pb_utils.Tensor("prefix_offset", np.array([prefix_offset], dtype=np.int32)),
             pb_utils.Tensor("read_offset", np.array([read_offset], dtype=np.int32)),
             text_output("held_text", held),
@@ -191,7 +168,7 @@ class TritonStages(StageClient):
         request = pb_utils.InferenceRequest(
             model_name="postprocess", requested_output_names=POSTPROCESS_OUT, inputs=inputs
         )
-        response = _check(await request.async_exec(), "postprocess")
+        response = check_response(await request.async_exec(), "postprocess")
         return Detokenized(
             text=_out(response, "text").as_numpy()[0].decode("utf-8"),
             prefix_offset=int(_out(response, "prefix_offset").as_numpy()[0]),

@@ -99,3 +99,14 @@ def triton_error(exc: BaseException) -> Any:
 
 def error_response(exc: BaseException) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(exc))
+
+
+def check_response(response: Any, stage: str) -> Any:
+    """A BLS response, or its error raised: client faults (code or INVALID_PREFIX) as InvalidRequest."""
+    if response.has_error():
+        error = response.error()
+        message = error.message()
+        if error.code() == pb_utils.TritonError.INVALID_ARG or message.startswith(INVALID_PREFIX):
+            raise InvalidRequest(message)
+        raise RuntimeError(f"{stage} failed: {message}")
+    return response

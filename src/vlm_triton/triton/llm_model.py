@@ -35,14 +35,16 @@ class _Active:
     client_id: str
     streaming: bool
     prefix: list[int]  # prompt ids echoed in non-streaming output unless exclude_input_in_output
+    prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
 
 
-def _ids_response(ids: list[int]) -> Any:
+def _ids_response(ids: list[int], prompt_tokens: int) -> Any:
     return pb_utils.InferenceResponse(
         output_tensors=[
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
             pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+            pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
         ]
     )
 
@@ -100,11 +102,11 @@ class TritonPythonModel:
             raise InvalidRequest(f"input_lengths {length} does not fit {ids.shape[0]} input_ids")
         ids = ids[:length]
         table = get_torch(request, "prompt_embedding_table")
-        if table is not None:
-            table = table.reshape(-1, table.shape[-1])
+        if table is not None:  # [1, R, H] as sent; R == 0 (the ensemble's text-only requests) means no table
+            table = table.reshape(-1, table.shape[-1]) if table.numel() else None
         internal_id = f"{client_id}#{next(self._ids)}"
         streaming = bool(get_scalar(request, "streaming", False))
-        exclude = bool(get_scalar(request, "exclude_input_in_output", False))
+        exclude = bool(get_scalar(request, "exclude_input_in_output", True))  # as the rendered tensorrt_llm
         seed = get_scalar(request, "seed", None)
         generation = GenerationRequest(
             request_id=internal_id,
@@ -123,7 +125,7 @@ class TritonPythonModel:
         )
         prefix = [] if streaming or exclude else ids.tolist()
         with self._lock:
-            self._active[internal_id] = _Active(request, sender, client_id, streaming, prefix)
+            self._active[internal_id] = _Active(request, sender, client_id, streaming, prefix, length)
             self._by_client.setdefault(client_id, set()).add(internal_id)
             self._active_gauge.set(len(self._active))
         try:
@@ -162,7 +164,7 @@ class TritonPythonModel:
                 self._forget(event.request_id)
                 self._finish(active, event)
             elif active.streaming:
-                active.sender.send(_ids_response([event.token_id]))
+                active.sender.send(_ids_response([event.token_id], active.prompt_tokens))
                 if event.index % CANCEL_CHECK_EVERY == 0 and active.request.is_cancelled():
                     self.engine.cancel(event.request_id)
 
@@ -172,6 +174,6 @@ class TritonPythonModel:
         elif event.finish_reason == "cancelled":
             active.sender.send(flags=FINAL)
         elif active.streaming:
-            active.sender.send(_ids_response([event.token_id]), flags=FINAL)
+            active.sender.send(_ids_response([event.token_id], active.prompt_tokens), flags=FINAL)
         else:
-            active.sender.send(_ids_response(active.prefix + active.tokens), flags=FINAL)
+            active.sender.send(_ids_response(active.prefix + active.tokens, active.prompt_tokens), flags=FINAL)

@@ -32,8 +32,8 @@ class TritonPythonModel:
         try:
             ids = get_array(request, "token_ids")
             window = [] if ids is None else ids.reshape(-1).tolist()
-            final = bool(get_scalar(request, "final", False))
-            # No offsets given (e.g. the ensemble): decode the whole sequence at once.
+            # No offsets and no `final` (the ensemble): decode the whole sequence at once.
+            final = bool(get_scalar(request, "final", True))
             prefix = int(get_scalar(request, "prefix_offset", 0))
             read = int(get_scalar(request, "read_offset", 0))
             delta, prefix, read = decode_delta(self.tokenizer, window, prefix, read, final=final)

@@ -1,4 +1,6 @@
-"""Triton `preprocess`: OpenAI messages JSON -> prompt ids (image slots as fake ids) + pixel tiles."""
+"""Triton `preprocess`: OpenAI messages JSON -> prompt ids (image slots as fake ids) + pixel tiles.
+
+What the llm takes is shaped as the llm takes it ([1, ...], see contracts.PREPROCESS), for the ensemble."""
 
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ def stop_words_list(sequences: list[list[int]]) -> np.ndarray:
     return out
 
 
+def _scalar(value: int) -> np.ndarray:
+    """[1, 1]: a per-request scalar of the batched llm."""
+    return np.array([[value]], dtype=np.int32)
+
+
 def _tgt_sizes(value: np.ndarray | None) -> np.ndarray:
     return np.zeros((0, 2), dtype=np.int32) if value is None else np.ascontiguousarray(value, dtype=np.int32)
 
@@ -57,9 +64,9 @@ class TritonPythonModel:
         self.pixel_dtype = NUMPY_DTYPES[cfg.tensor_dtypes["PIXEL"]]  # FP32 or FP16: numpy carries both
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return [self._one(r) for r in requests]
+        return [self.__scalar(r) for r in requests]
 
-    def _one(self, request: Any) -> Any:
+    def __scalar(self, request: Any) -> Any:
         try:
             raw = get_text(request, "messages")
             if raw is None:
@@ -70,15 +77,16 @@ class TritonPythonModel:
             extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=pixels)
             return pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor("input_ids", ids),
-                    pb_utils.Tensor("input_lengths", np.array([ids.shape[0]], dtype=np.int32)),
+                    pb_utils.Tensor("input_ids", ids.reshape(1, -1)),
+                    pb_utils.Tensor("input_lengths", _scalar(ids.shape[0])),
                     pb_utils.Tensor("pixel_values", pixels),
-                    pb_utils.Tensor("end_id", np.array([self.end_id], dtype=np.int32)),
-                    pb_utils.Tensor("pad_id", np.array([self.pad_id], dtype=np.int32)),
-                    pb_utils.Tensor("stop_words_list", self.stop_words),
-                    pb_utils.Tensor("prompt_vocab_size", np.array([prepared.num_image_tokens], dtype=np.int32)),
-                    pb_utils.Tensor("prompt_table_extra_ids", extra_ids),
+                    pb_utils.Tensor("end_id", _scalar(self.end_id)),
+                    pb_utils.Tensor("pad_id", _scalar(self.pad_id)),
+                    pb_utils.Tensor("stop_words_list", self.stop_words[None]),
+                    pb_utils.Tensor("prompt_vocab_size", _scalar(prepared.num_image_tokens)),
+                    pb_utils.Tensor("prompt_table_extra_ids", extra_ids.reshape(1, -1)),
                     pb_utils.Tensor("tgt_sizes", _tgt_sizes(prepared.tgt_sizes)),
+                    pb_utils.Tensor("return_num_input_tokens", np.ones((1, 1), dtype=np.bool_)),
                 ]
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
