@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
+import sys
 import logging
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -24,7 +27,16 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 TRITON_TO_TORCH = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
 
 
+def enable_thread_dumps() -> None:
+    """With VLM_TRITON_DUMP_THREADS=N, dump every Python thread of this stub to the server log every N seconds
+    (diagnosing a stage that hangs: the Triton stub gives no other view of its threads)."""
+    period = os.environ.get("VLM_TRITON_DUMP_THREADS")
+    if period:
+        faulthandler.dump_traceback_later(float(period), repeat=True, file=sys.stderr)
+
+
 def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
+    enable_thread_dumps()  # every stage loads its deployment first
     model_config = json.loads(args["model_config"])
     return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
 
