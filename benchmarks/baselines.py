@@ -140,7 +140,6 @@ def drive_engine(engine: Any, encoder: Any, w: Workload, c: int, n_total: int, t
     ids = torch.as_tensor(w.input_ids)
     pixels = None if w.pixel_values is None else torch.as_tensor(w.pixel_values).to(device, dtype)
     sent = {}
-    first: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     done = 0
     submitted = 0

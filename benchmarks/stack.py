@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.deploy.render import render_repository
+from vlm_triton.server.frontend_process import start_frontend, stop_frontend
 from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
 
 SERVED_NAME = "bench"
@@ -149,21 +149,9 @@ class Stack:
         t = time.perf_counter()
         self.server.wait_ready(timeout_s)
         port = free_port()
-        log = open((self.log_dir or self.work) / "frontend.log", "wb")  # noqa: SIM115
-        self.frontend = subprocess.Popen(
-            [sys.executable, "-m", "openai_frontend", "--triton-url", self.server.grpc_url, "--model-name",
-             SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "512"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if self.frontend.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("frontend did not start:\n" + ((self.log_dir or self.work) / "frontend.log").read_text())
-                time.sleep(0.3)
+        self.frontend = start_frontend(self.server.grpc_url, SERVED_NAME, port=port,
+                                       log_file=(self.log_dir or self.work) / "frontend.log",
+                                       extra_args=("--max-inflight", "512"))
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return time.perf_counter() - t
 
@@ -175,12 +163,8 @@ class Stack:
             return f"(metrics unavailable: {exc})"
 
     def stop(self) -> None:
-        if self.frontend is not None and self.frontend.poll() is None:
-            self.frontend.terminate()
-            try:
-                self.frontend.wait(10)
-            except subprocess.TimeoutExpired:
-                self.frontend.kill()
+        if self.frontend is not None:
+            stop_frontend(self.frontend)
         self.server.stop(timeout_s=15)
 
     def logs(self, lines: int = 60) -> dict[str, Any]:

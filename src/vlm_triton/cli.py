@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from vlm_triton.deploy.config import DeploymentConfig
@@ -50,25 +49,13 @@ def check_checkpoint(cfg: DeploymentConfig) -> None:
     family_class_for(Checkpoint.open(cfg.model.checkpoint).config)
 
 
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SetupError(f"the OpenAI frontend exited with code {process.returncode}; see its output above")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise SetupError(f"the OpenAI frontend did not answer {url} within {timeout_s:.0f} s")
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from vlm_triton.deploy.render import render_repository
+    from vlm_triton.server.frontend_process import start_frontend, stop_frontend
     from vlm_triton.server.triton_process import TritonPorts, TritonServer, port_is_free
 
     work_dir = Path(args.work_dir)
@@ -84,14 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         server.start()
         server.wait_ready(args.ready_timeout)
-        command = [
-            sys.executable, "-m", "openai_frontend", "--triton-url", server.grpc_url,
-            "--model-name", cfg.served_name, "--port", str(args.port), "--host", args.host,
-        ]
-        if args.api_key:
-            command += ["--api-key", args.api_key]
-        frontend = subprocess.Popen(command)
-        _wait_http(f"http://127.0.0.1:{args.port}/health", 60, frontend)
+        frontend = start_frontend(
+            server.grpc_url, cfg.served_name, port=args.port, host=args.host,
+            extra_args=("--api-key", args.api_key) if args.api_key else (),
+        )
         print(f"serving {cfg.served_name!r}: OpenAI API on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)  # also when started from a non-interactive shell (SIG_IGN)
@@ -103,9 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         print("stopping")
     finally:
-        if frontend is not None and frontend.poll() is None:
-            frontend.terminate()
-            frontend.wait(10)
+        if frontend is not None:
+            stop_frontend(frontend)
         server.stop()
 
 

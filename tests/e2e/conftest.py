@@ -9,11 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +20,8 @@ from PIL import Image
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.deploy.render import render_repository
+from vlm_triton.errors import SetupError
+from vlm_triton.server import frontend_process
 from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
 
 SERVED_NAME = "tiny-internvl3"
@@ -109,31 +107,13 @@ def stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPa
 @contextlib.contextmanager
 def running_frontend(stack: Stack, served_name: str, work: Path) -> Iterator[str]:
     """The OpenAI frontend on a free port, talking to `stack`; yields its base URL (…/v1)."""
-    port = free_port()
     log = work / "frontend.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "openai_frontend", "--triton-url", stack.grpc_url,
-             "--model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--max-inflight", "64"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"frontend did not start:\n{log.read_text()}") from None
-                time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with frontend_process.running_frontend(stack.grpc_url, served_name, port=free_port(), log_file=log,
+                                               extra_args=("--max-inflight", "64")) as url:
+            yield url
+    except SetupError as exc:
+        raise RuntimeError(f"{exc}\n{log.read_text() if log.exists() else ''}") from None
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,62 @@
+"""CUDA-graph capture and replay of the engine's decode step, one graph per batch-size bucket."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vlm_triton.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    """CUDA-graph capture and replay of `LLMEngine._decode_forward`, one graph per batch-size bucket.
+
+    Captured once at engine construction, before any request: warm-up and capture write position 0 of slots
+    [0:bucket] (nothing lives there yet). Every graph attends over the full cache length (kv_len = max_seq_len);
+    the 4D mask built inside the graph from the static position buffer hides what each row has not written.
+    """
+
+    def __init__(self, engine: LLMEngine, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
+        self.engine = engine
+        self.graphs = graphs
+
+    @classmethod
+    def capture(cls, engine: LLMEngine, warmup: int = 2) -> DecodeGraphs | None:
+        kv_len = engine.max_seq_len
+        try:
+            with torch.no_grad():
+                engine._dec_ids.zero_()
+                engine._dec_pos.zero_()
+                side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
+                side.wait_stream(torch.cuda.current_stream(engine.device))
+                with torch.cuda.stream(side):
+                    for bucket in engine.buckets:
+                        for _ in range(warmup):
+                            engine._decode_forward(bucket, kv_len)
+                torch.cuda.current_stream(engine.device).wait_stream(side)
+                pool = torch.cuda.graph_pool_handle()
+                graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                for bucket in reversed(engine.buckets):  # largest first: smaller graphs reuse its pool memory
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = engine._decode_forward(bucket, kv_len)
+                    graphs[bucket] = (graph, logits)
+                torch.cuda.synchronize(engine.device)
+        except Exception:  # e.g. a rope variant that syncs with the host: serve eagerly instead
+            logger.exception("CUDA graph capture failed; decoding eagerly")
+            return None
+        finally:
+            engine.cache.set_idle()
+        return cls(engine, graphs)
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Run the captured step for `bucket`; the returned logits buffer is overwritten by the next replay."""
+        self.engine.cache.set_decode(bucket, self.engine._dec_pos, self.engine.max_seq_len)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits
