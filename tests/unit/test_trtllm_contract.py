@@ -125,9 +125,6 @@ class FakeRequest:
     async def async_exec(self, decoupled: bool = False) -> Any:
         return self.recorder.respond(self)
 
-    def exec(self, decoupled: bool = False) -> Any:  # the BLS runs decoupled calls synchronously on a thread
-        return self.recorder.respond(self)
-
 
 def fake_pb_utils() -> types.ModuleType:
     m = types.ModuleType("triton_python_backend_utils")

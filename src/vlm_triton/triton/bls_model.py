@@ -48,33 +48,19 @@ def _int(response: Any, name: str) -> int:
     return int(_out(response, name).as_numpy().reshape(-1)[0])
 
 
-# A decoupled BLS call is synchronous: exec(decoupled=True) returns an iterator whose next() blocks until that
-# request's next response. Each call runs whole (exec and iteration) on one puller thread that hands responses to
-# the event loop, which stays free, so concurrent streams interleave. (Not async_exec(decoupled=True): it
-# dispatches exec on its own worker thread, and is reported flaky under concurrency, server#8922.)
+# The decoupled BLS ResponseIterator is synchronous: each next() blocks until that request's next response.
+# Pulling it on worker threads keeps the event loop free, so concurrent streams interleave instead of queueing.
 _RESPONSE_PULLERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bls-responses")
 _DONE = object()
 
 
-def _pull(request: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
-    try:
-        for response in request.exec(decoupled=True):
-            loop.call_soon_threadsafe(queue.put_nowait, response)
-    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-        loop.call_soon_threadsafe(queue.put_nowait, exc)
-    finally:
-        loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-
-async def _responses(request: Any) -> AsyncIterator[Any]:
-    """The responses of a decoupled BLS request, as they arrive."""
+async def _responses(iterator: Any) -> AsyncIterator[Any]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    _RESPONSE_PULLERS.submit(_pull, request, loop, queue)
-    while (item := await queue.get()) is not _DONE:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    while True:
+        response = await loop.run_in_executor(_RESPONSE_PULLERS, next, iterator, _DONE)
+        if response is _DONE:
+            return
+        yield response
 
 
 class TritonStages(StageClient):
@@ -138,8 +124,9 @@ class TritonStages(StageClient):
             model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
         )
         finished = False
+        iterator = await request.async_exec(decoupled=True)
         try:
-            async for response in _responses(request):
+            async for response in _responses(iterator):
                 check_response(response, "llm")
                 ids = _out(response, "output_ids")
                 if ids is not None and ids.as_numpy().size:
@@ -163,7 +150,7 @@ class TritonStages(StageClient):
                 _scalar_tensor("stop", True, np.bool_),
             ],
         )
-        async for _ in _responses(request):
+        async for _ in _responses(await request.async_exec(decoupled=True)):
             pass
 
     async def detokenize(
