@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,34 @@ class Checkpoint:
                 for name in names:
                     out[name[len(prefix):] if strip_prefix else name] = f.get_tensor(name)
         return out
+
+
+def load_module_weights(
+    ckpt: Checkpoint,
+    model: torch.nn.Module,
+    prefixes: tuple[str, ...],
+    *,
+    layers: tuple[str, int] | None = None,
+    ignore: tuple[str, ...] = (),
+    what: str = "weights",
+) -> None:
+    """Load the tensors under `prefixes` into `model` (names kept), strictly.
+
+    `layers` = (layer prefix, n) drops checkpoint layers >= n that the model does not build (a feature layer before
+    the last); `ignore` names tensors the model recomputes. Any other mismatch raises SetupError listing it."""
+    weights: dict[str, torch.Tensor] = {}
+    for prefix in prefixes:
+        weights.update(ckpt.load_tensors(prefix, strip_prefix=False))
+    if layers is not None:
+        pattern = re.compile(re.escape(layers[0]) + r"(\d+)\.")
+        weights = {k: v for k, v in weights.items()
+                   if not ((m := pattern.match(k)) and int(m.group(1)) >= layers[1])}
+    for name in ignore:
+        weights.pop(name, None)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise SetupError(f"{what} in {ckpt.path} do not match the config: missing "
+                         f"{result.missing_keys}, unexpected {result.unexpected_keys}")
 
 
 def _weight_map(path: Path) -> dict[str, str]:

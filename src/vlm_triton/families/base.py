@@ -84,6 +84,11 @@ class ModelFamily(ABC):
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
 
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The checkpoint's config.json."""
+        return self.checkpoint.config
+
     @classmethod
     @abstractmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:

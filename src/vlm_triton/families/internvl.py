@@ -56,10 +56,6 @@ class InternVLFamily(ModelFamily):
             and not is_hico_config(config)  # InternVideo2.5 (families/internvideo.py)
         )
 
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return self.checkpoint.config
-
     @cached_property
     def vision_config(self) -> InternViTConfig:
         return InternViTConfig.from_internvl_config(self.config)

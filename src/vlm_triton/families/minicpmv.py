@@ -65,10 +65,6 @@ class MiniCPMVFamily(ModelFamily):
             return False
         return "MiniCPMV" in (config.get("architectures") or []) and abs(version - 2.6) < 1e-6
 
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return self.checkpoint.config
-
     @cached_property
     def vision_config(self) -> MiniCPMVVisionConfig:
         return MiniCPMVVisionConfig.from_minicpmv_config(self.config)

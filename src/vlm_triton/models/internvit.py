@@ -8,7 +8,6 @@ rows [N, tokens_per_tile, llm_hidden] (spec 3.1-3.3). Module names mirror the ch
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_triton.checkpoints.checkpoint import Checkpoint
+from vlm_triton.checkpoints.checkpoint import Checkpoint, load_module_weights
 from vlm_triton.errors import SetupError
 
 
@@ -226,15 +225,8 @@ class InternVLVisionEncoder(nn.Module):
                         device: str | torch.device = "cpu") -> "InternVLVisionEncoder":
         cfg = InternViTConfig.from_internvl_config(ckpt.config)
         model = cls(cfg)
-        weights = {**ckpt.load_tensors("vision_model.", strip_prefix=False),
-                   **ckpt.load_tensors("mlp1.", strip_prefix=False)}
-        skipped = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
-        weights = {k: v for k, v in weights.items()
-                   if not ((m := skipped.match(k)) and int(m.group(1)) >= cfg.layers_to_run)}
-        result = model.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise SetupError(f"vision weights in {ckpt.path} do not match the config: missing "
-                             f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+        load_module_weights(ckpt, model, ("vision_model.", "mlp1."),
+                            layers=("vision_model.encoder.layers.", cfg.layers_to_run), what="vision weights")
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @property

@@ -14,7 +14,6 @@ Module names mirror the checkpoint (`vpm.*`, `resampler.*`), so the weights load
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_triton.checkpoints.checkpoint import Checkpoint
+from vlm_triton.checkpoints.checkpoint import Checkpoint, load_module_weights
 from vlm_triton.errors import SetupError
 from vlm_triton.models.minicpmv_resampler import Resampler
 
@@ -177,16 +176,9 @@ class MiniCPMVVisionEncoder(nn.Module):
                         device: str | torch.device = "cpu") -> "MiniCPMVVisionEncoder":
         cfg = MiniCPMVVisionConfig.from_minicpmv_config(ckpt.config)
         model = cls(cfg)
-        weights = {**ckpt.load_tensors("vpm.", strip_prefix=False),
-                   **ckpt.load_tensors("resampler.", strip_prefix=False)}
-        dropped = re.compile(r"vpm\.encoder\.layers\.(\d+)\.")
-        weights = {k: v for k, v in weights.items()
-                   if not ((m := dropped.match(k)) and int(m.group(1)) >= cfg.num_layers)}
-        weights.pop("resampler.pos_embed", None)  # a non-persistent buffer in the reference; recomputed here
-        result = model.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise SetupError(f"vision weights in {ckpt.path} do not match the config: missing "
-                             f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+        # resampler.pos_embed is a non-persistent buffer in the reference, recomputed here
+        load_module_weights(ckpt, model, ("vpm.", "resampler."), layers=("vpm.encoder.layers.", cfg.num_layers),
+                            ignore=("resampler.pos_embed",), what="vision weights")
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @property
