@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import time
 from pathlib import Path
 
@@ -29,7 +30,36 @@ def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return t
 
 
-def stream(url: str, model: str, inputs: list[grpcclient.InferInput], timeout_s: float) -> str:
+def dump_stubs(out: Path) -> None:
+    """SIGUSR1 to every Python-backend stub (each dumps its Python threads to the server log) and a listing of
+    their threads' kernel wait states, for a request that hangs."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "triton_python_backend_stub" not in cmdline:
+            continue
+        lines.append(f"== pid {proc.name}: {cmdline[:160]}")
+        for task in sorted((proc / "task").iterdir()):
+            try:
+                comm = (task / "comm").read_text().strip()
+                wchan = (task / "wchan").read_text().strip()
+                state = (task / "stat").read_text().split(") ")[1].split()[0]
+                syscall = (task / "syscall").read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            lines.append(f"   tid {task.name} {comm:16s} state {state} wchan {wchan} syscall {syscall}")
+        try:
+            os.kill(int(proc.name), signal.SIGUSR1)
+        except OSError:
+            pass
+    (out / "stubs.txt").write_text("\n".join(lines) + "\n")
+    time.sleep(2)
+
+
+def stream(url: str, model: str, inputs: list[grpcclient.InferInput], timeout_s: float, on_timeout=None) -> str:
     client = grpcclient.InferenceServerClient(url)
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
@@ -45,9 +75,11 @@ def stream(url: str, model: str, inputs: list[grpcclient.InferInput], timeout_s:
             if response.parameters["triton_final_response"].bool_param:
                 return f"ok: {len(got)} responses, last {str(got[-1])[:200]}"
     except queue.Empty:
+        if on_timeout is not None:
+            on_timeout()
+        client.stop_stream(cancel_requests=True)
         return f"TIMEOUT after {timeout_s:.0f} s with {len(got)} responses"
-    finally:
-        client.stop_stream()
+    client.stop_stream()
 
 
 def main() -> None:
@@ -56,9 +88,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--timeout", type=float, default=45.0)
+    parser.add_argument("--log-verbose", action="store_true", help="tritonserver --log-verbose=1")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/probe-work")
+    work = Path(f"/tmp/probe-work-{args.device}")
     ckpt = make_tiny_checkpoint("internvl3", work / "ckpt", seed=0)
     cfg = DeploymentConfig.from_dict({
         "model": {"checkpoint": str(ckpt)},
@@ -67,8 +100,11 @@ def main() -> None:
     })
     repo = render_repository(cfg, work / "repo")
     os.environ.setdefault("VLM_TRITON_DUMP_THREADS", "15")
+    (args.out / "trace").mkdir(exist_ok=True)
+    os.environ.setdefault("VLM_TRITON_TRACE_DIR", str((args.out / "trace").resolve()))
     server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
-                          log_file=args.out / "tritonserver.log")
+                          log_file=args.out / f"tritonserver-{args.device}.log",
+                          extra_args=("--log-verbose=1",) if args.log_verbose else ())
     t0 = time.monotonic()
     with server:
         print(f"ready after {time.monotonic() - t0:.0f} s on device {cfg.device}", flush=True)
@@ -109,7 +145,7 @@ def main() -> None:
         print("postprocess:", post.as_numpy("text").tolist(), flush=True)
         bls_inputs = [tensor("messages", np.array([messages], dtype=object), "BYTES"),
                       tensor("max_tokens", np.array([4], np.int32), "INT32")]
-        print("bls:", stream(url, "bls", bls_inputs, args.timeout), flush=True)
+        print("bls:", stream(url, "bls", bls_inputs, args.timeout, lambda: dump_stubs(args.out)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CUDA-graph capture and replay of the engine's decode step, one graph per batch-size bucket."""
+"""CUDA-graph capture and replay of the engine's decode step, one graph per (batch bucket, KV-length bucket)."""
 
 from __future__ import annotations
 
@@ -13,21 +13,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+Key = tuple[int, int]  # (batch bucket, kv-length bucket)
+
+
 class DecodeGraphs:
-    """CUDA-graph capture and replay of `LLMEngine._decode_forward`, one graph per batch-size bucket.
+    """CUDA-graph capture and replay of `LLMEngine._decode_forward`, one graph per batch bucket and KV-length
+    bucket (`engine.kv_buckets`: a step attends over the smallest bucket that covers its longest row, so short
+    requests do not pay for the whole cache).
 
     Captured once at engine construction, before any request: warm-up and capture write position 0 of slots
-    [0:bucket] (nothing lives there yet). Every graph attends over the full cache length (kv_len = max_seq_len);
-    the 4D mask built inside the graph from the static position buffer hides what each row has not written.
+    [0:bucket] (nothing lives there yet). The 4D mask built inside the graph from the static position buffer hides
+    what each row has not written.
     """
 
-    def __init__(self, engine: LLMEngine, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
+    def __init__(self, engine: LLMEngine, graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
         self.engine = engine
         self.graphs = graphs
 
     @classmethod
     def capture(cls, engine: LLMEngine, warmup: int = 2) -> DecodeGraphs | None:
-        kv_len = engine.max_seq_len
+        keys = [(b, kv) for b in engine.buckets for kv in engine.kv_buckets]
         try:
             with torch.no_grad():
                 engine._dec_ids.zero_()
@@ -35,17 +40,17 @@ class DecodeGraphs:
                 side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(engine.device))
                 with torch.cuda.stream(side):
-                    for bucket in engine.buckets:
+                    for bucket, kv_len in keys:
                         for _ in range(warmup):
                             engine._decode_forward(bucket, kv_len)
                 torch.cuda.current_stream(engine.device).wait_stream(side)
                 pool = torch.cuda.graph_pool_handle()
-                graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-                for bucket in reversed(engine.buckets):  # largest first: smaller graphs reuse its pool memory
+                graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                for bucket, kv_len in reversed(keys):  # largest first: smaller graphs reuse its pool memory
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
                         logits = engine._decode_forward(bucket, kv_len)
-                    graphs[bucket] = (graph, logits)
+                    graphs[(bucket, kv_len)] = (graph, logits)
                 torch.cuda.synchronize(engine.device)
         except Exception:  # e.g. a rope variant that syncs with the host: serve eagerly instead
             logger.exception("CUDA graph capture failed; decoding eagerly")
@@ -54,9 +59,10 @@ class DecodeGraphs:
             engine.cache.set_idle()
         return cls(engine, graphs)
 
-    def replay(self, bucket: int) -> torch.Tensor:
-        """Run the captured step for `bucket`; the returned logits buffer is overwritten by the next replay."""
-        self.engine.cache.set_decode(bucket, self.engine._dec_pos, self.engine.max_seq_len)
-        graph, logits = self.graphs[bucket]
+    def replay(self, bucket: int, kv_len: int) -> torch.Tensor:
+        """Run the captured step for (`bucket`, `kv_len`), both buckets; the returned logits buffer is overwritten
+        by the next replay."""
+        self.engine.cache.set_decode(bucket, self.engine._dec_pos, kv_len)
+        graph, logits = self.graphs[(bucket, kv_len)]
         graph.replay()
         return logits

@@ -31,6 +31,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
+from vlm_triton.engine.attention import use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.sampling import sample_tokens
@@ -40,6 +42,13 @@ from vlm_triton.errors import InvalidRequest, SetupError
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[TokenEvent]], None]
+MIN_KV_BUCKET = 256
+
+
+def kv_length_buckets(max_seq_len: int) -> list[int]:
+    """KV lengths a decode step attends over: powers of two from MIN_KV_BUCKET, then max_seq_len."""
+    buckets = [k for k in (MIN_KV_BUCKET << i for i in range(32)) if k < max_seq_len]
+    return [*buckets, max_seq_len]
 
 
 class LLMEngine:
@@ -78,9 +87,10 @@ class LLMEngine:
         if layer_types != {"full_attention"}:
             raise SetupError(f"only full-attention models are supported, this one has {sorted(layer_types)}")
         attn = getattr(config, "_attn_implementation", "sdpa")
-        if attn not in ("sdpa", "eager"):
+        if attn not in ("sdpa", "eager", SLOT_ATTENTION):
             raise SetupError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
-        self._bool_mask = attn == "sdpa"  # sdpa takes a bool mask (True = attend); eager an additive float mask
+        self._bool_mask = attn != "eager"  # sdpa takes a bool mask (True = attend); eager an additive float mask
+        use_slot_attention(config)  # sdpa -> the same maths without repeating K/V per query head
         heads = int(config.num_attention_heads)
         self.cache = SlotKVCache(
             num_layers=int(config.num_hidden_layers),
@@ -92,6 +102,7 @@ class LLMEngine:
             device=self.device,
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
+        self.kv_buckets = kv_length_buckets(max_seq_len)
         self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
         self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
         self._kv_range = torch.arange(max_seq_len, device=self.device)
@@ -265,10 +276,11 @@ class LLMEngine:
         pos[:n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in self._active])
         self._dec_ids[:bucket, 0].copy_(ids, non_blocking=True)
         self._dec_pos[:bucket].copy_(pos, non_blocking=True)
+        kv_len = next(k for k in self.kv_buckets if k > int(pos[:n].max()))
         if self._graphs is not None:
-            logits = self._graphs.replay(bucket)
+            logits = self._graphs.replay(bucket, kv_len)
         else:
-            logits = self._decode_forward(bucket, int(pos[:n].max()) + 1)
+            logits = self._decode_forward(bucket, kv_len)
         self.cache.set_idle()
         tokens = sample_tokens(
             logits[:n], [s.params for s in self._active], [s.generator for s in self._active],

@@ -22,8 +22,11 @@ from vlm_triton.triton.common import (
     get_text,
     get_texts,
     load_deployment,
+    requested_outputs,
+    response_of,
     text_output,
     torch_output,
+    trace,
 )
 from vlm_triton.triton.vision_client import prompt_table
 
@@ -124,9 +127,12 @@ class TritonStages(StageClient):
             model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
         )
         finished = False
+        trace(f"llm exec {request_id}")
         iterator = await request.async_exec(decoupled=True)
+        trace(f"llm iterator {request_id}")
         try:
             async for response in _responses(iterator):
+                trace(f"llm response {request_id}")
                 check_response(response, "llm")
                 ids = _out(response, "output_ids")
                 if ids is not None and ids.as_numpy().size:
@@ -195,14 +201,15 @@ def read_options(request: Any, default_max_tokens: int) -> RequestOptions:
     )
 
 
-def _response(chunk: Chunk) -> Any:
-    return pb_utils.InferenceResponse(
-        output_tensors=[
+def _response(chunk: Chunk, requested: frozenset[str]) -> Any:
+    return response_of(
+        [
             text_output("text", chunk.text),
             text_output("finish_reason", chunk.finish_reason or ""),
             pb_utils.Tensor("prompt_tokens", np.array([chunk.prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([chunk.completion_tokens], dtype=np.int32)),
-        ]
+        ],
+        requested,
     )
 
 
@@ -224,6 +231,7 @@ class TritonPythonModel:
             if messages is None:
                 raise InvalidRequest("the 'messages' input is required")
             options = read_options(request, self.default_max_tokens)
+            requested = requested_outputs(request)
             chunks = run_pipeline(self.stages, messages, options)
             try:
                 async for chunk in chunks:
@@ -231,7 +239,7 @@ class TritonPythonModel:
                         cancelled = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
                         sender.send(pb_utils.InferenceResponse(error=cancelled), flags=FINAL)
                         return
-                    sender.send(_response(chunk), flags=FINAL if chunk.finish_reason else 0)
+                    sender.send(_response(chunk, requested), flags=FINAL if chunk.finish_reason else 0)
             finally:
                 await chunks.aclose()
         except Exception as exc:  # noqa: BLE001 - the error goes to this request's client

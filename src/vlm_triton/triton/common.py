@@ -5,7 +5,10 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import logging
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -28,11 +31,25 @@ TRITON_TO_TORCH = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.b
 
 
 def enable_thread_dumps() -> None:
-    """With VLM_TRITON_DUMP_THREADS=N, dump every Python thread of this stub to the server log every N seconds
-    (diagnosing a stage that hangs: the Triton stub gives no other view of its threads)."""
+    """With VLM_TRITON_DUMP_THREADS=N, dump every Python thread of this stub to the server log every N seconds,
+    on SIGUSR1 and on a fatal signal (diagnosing a stage that hangs: the Triton stub gives no other view of its
+    threads)."""
     period = os.environ.get("VLM_TRITON_DUMP_THREADS")
     if period:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         faulthandler.dump_traceback_later(float(period), repeat=True, file=sys.stderr)
+
+
+_TRACE_DIR = os.environ.get("VLM_TRITON_TRACE_DIR")
+
+
+def trace(message: str) -> None:
+    """With VLM_TRITON_TRACE_DIR set, append a timestamped line to <dir>/<pid>.trace: plain file writes, so a
+    stage can be followed even when Triton's IPC (and with it pb_utils logging) is what hangs."""
+    if _TRACE_DIR:
+        with open(os.path.join(_TRACE_DIR, f"{os.getpid()}.trace"), "a") as f:
+            f.write(f"{time.time():.6f} {threading.current_thread().name} {message}\n")
 
 
 def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
@@ -85,6 +102,19 @@ def get_torch(request: Any, name: str) -> torch.Tensor | None:
 def torch_output(name: str, value: torch.Tensor) -> Any:
     """A Triton tensor sharing memory with `value` (any dtype, BF16 included; CPU or GPU)."""
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def requested_outputs(request: Any) -> frozenset[str]:
+    """The outputs `request` asked for (Triton names all of them when the client named none)."""
+    return frozenset(request.requested_output_names())
+
+
+def response_of(tensors: list[Any], requested: frozenset[str]) -> Any:
+    """A response with only the requested tensors. Decoupled models must send nothing else: Triton's Python stub
+    (r24.10, still so upstream) drops unrequested tensors inside ResponseSender.send after releasing the GIL, and
+    freeing their numpy arrays there crashes the stub on Python 3.12 (a BLS asking the llm for output_ids alone
+    killed the llm on the GPU host; benchmarks/probe_bls.py reproduces it with a toy model)."""
+    return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if not requested or t.name() in requested])
 
 
 def text_output(name: str, values: list[str] | str) -> Any:

@@ -12,7 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.engine.engine import LLMEngine
-from vlm_triton.engine.types import GenerationRequest, TokenEvent, parse_stop_words_list
+from vlm_triton.engine.outbox import Delivery, Outbox
+from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.triton.common import (
     error_response,
@@ -20,8 +21,12 @@ from vlm_triton.triton.common import (
     get_scalar,
     get_torch,
     load_deployment,
+    log,
     load_family,
+    requested_outputs,
+    response_of,
     torch_device_dtype,
+    trace,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -36,17 +41,18 @@ class _Active:
     streaming: bool
     prefix: list[int]  # prompt ids echoed in non-streaming output unless exclude_input_in_output
     prompt_tokens: int
+    outputs: frozenset[str]  # the outputs the request asked for (response_of)
     tokens: list[int] = field(default_factory=list)
 
-
-def _ids_response(ids: list[int], prompt_tokens: int) -> Any:
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
-            pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-            pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
-        ]
-    )
+    def response(self, ids: list[int]) -> Any:
+        return response_of(
+            [
+                pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
+                pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+                pb_utils.Tensor("num_input_tokens", np.array([[self.prompt_tokens]], dtype=np.int32)),
+            ],
+            self.outputs,
+        )
 
 
 class TritonPythonModel:
@@ -73,15 +79,18 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE,
         )
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
-        self.engine.start(self._on_events)
+        self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc))
+        self.engine.start(self.outbox.put)
 
     def finalize(self) -> None:
         self.engine.shutdown()
+        self.outbox.close()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
             client_id = request.request_id() or ""
+            trace(f"execute {client_id!r}")
             if get_scalar(request, "stop", False):
                 self._cancel_client(client_id)
                 sender.send(flags=FINAL)
@@ -125,7 +134,9 @@ class TritonPythonModel:
         )
         prefix = [] if streaming or exclude else ids.tolist()
         with self._lock:
-            self._active[internal_id] = _Active(request, sender, client_id, streaming, prefix, length)
+            self._active[internal_id] = _Active(
+                request, sender, client_id, streaming, prefix, length, requested_outputs(request)
+            )
             self._by_client.setdefault(client_id, set()).add(internal_id)
             self._active_gauge.set(len(self._active))
         try:
@@ -152,28 +163,33 @@ class TritonPythonModel:
             self._active_gauge.set(len(self._active))
             return active
 
-    def _on_events(self, events: list[TokenEvent]) -> None:
-        """Runs on the engine thread."""
-        for event in events:
-            active = self._active.get(event.request_id)
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        """Runs on the outbox thread: one response per request per round, with every token it has produced since
+        its last one (so a slow send never stalls the engine, and falling behind makes responses longer, not late)."""
+        for delivery in deliveries:
+            active = self._active.get(delivery.request_id)
             if active is None:
                 continue
-            if event.token_id is not None:
-                active.tokens.append(event.token_id)
-            if event.finished:
-                self._forget(event.request_id)
-                self._finish(active, event)
-            elif active.streaming:
-                active.sender.send(_ids_response([event.token_id], active.prompt_tokens))
-                if event.index % CANCEL_CHECK_EVERY == 0 and active.request.is_cancelled():
-                    self.engine.cancel(event.request_id)
+            sent_before = len(active.tokens)
+            active.tokens.extend(delivery.tokens)
+            if delivery.final is not None:
+                self._forget(delivery.request_id)
+                self._finish(active, delivery)
+            elif active.streaming and delivery.tokens:
+                active.sender.send(active.response(delivery.tokens))
+                if sent_before // CANCEL_CHECK_EVERY != len(active.tokens) // CANCEL_CHECK_EVERY or not sent_before:
+                    if active.request.is_cancelled():
+                        self.engine.cancel(delivery.request_id)
 
-    def _finish(self, active: Any, event: TokenEvent) -> None:
+    def _finish(self, active: _Active, delivery: Delivery) -> None:
+        event = delivery.final
+        assert event is not None
+        trace(f"finish {event.request_id} {event.finish_reason}")
         if event.finish_reason == "error":
             active.sender.send(error_response(RuntimeError(event.error or "engine error")), flags=FINAL)
         elif event.finish_reason == "cancelled":
             active.sender.send(flags=FINAL)
         elif active.streaming:
-            active.sender.send(_ids_response([event.token_id], active.prompt_tokens), flags=FINAL)
+            active.sender.send(active.response(delivery.tokens), flags=FINAL)
         else:
-            active.sender.send(_ids_response(active.prefix + active.tokens, active.prompt_tokens), flags=FINAL)
+            active.sender.send(active.response(active.prefix + active.tokens), flags=FINAL)

@@ -1,0 +1,85 @@
+"""Decoupled stages send only the outputs a request asked for. Triton's Python stub (r24.10) drops the others inside
+ResponseSender.send without the GIL, which crashed the llm stub on Python 3.12 when the BLS asked for output_ids
+alone (the GPU-host hang of issue #8; benchmarks/probe_bls.py reproduces it with toy models)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from vlm_triton.pipeline.orchestrator import Chunk
+
+
+class FakeTensor:
+    def __init__(self, name: str, value: Any) -> None:
+        self._name, self.value = name, value
+
+    def name(self) -> str:
+        return self._name
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: Any = None) -> None:
+        self.names = [t.name() for t in output_tensors or []]
+
+
+class FakeRequest:
+    def __init__(self, requested: list[str]) -> None:
+        self._requested = requested
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+
+def fake_pb_utils() -> types.ModuleType:
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.InferenceResponse = FakeTensor, FakeResponse
+    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    m.TritonError = type("TritonError", (), {"INVALID_ARG": 3, "CANCELLED": 1, "INTERNAL": 13})
+    m.MetricFamily = type("MetricFamily", (), {"GAUGE": 1})
+    return m
+
+
+@pytest.fixture
+def adapters(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """The llm and bls adapters imported against the fake pb_utils (and forgotten afterwards)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
+    names = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client", "vlm_triton.triton.bls_model",
+             "vlm_triton.triton.llm_model")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield types.SimpleNamespace(
+        llm=importlib.import_module("vlm_triton.triton.llm_model"),
+        bls=importlib.import_module("vlm_triton.triton.bls_model"),
+        common=importlib.import_module("vlm_triton.triton.common"),
+    )
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def llm_response_names(adapters: types.SimpleNamespace, requested: list[str]) -> list[str]:
+    common, llm = adapters.common, adapters.llm
+    active = llm._Active(None, None, "c", True, [], 5, common.requested_outputs(FakeRequest(requested)))
+    return active.response([1, 2]).names
+
+
+def test_llm_sends_only_requested_outputs(adapters: types.SimpleNamespace) -> None:
+    assert llm_response_names(adapters, ["output_ids"]) == ["output_ids"]  # what the BLS asks for
+    assert llm_response_names(adapters, ["output_ids", "num_input_tokens"]) == ["output_ids", "num_input_tokens"]
+
+
+def test_llm_sends_every_output_when_none_is_named(adapters: types.SimpleNamespace) -> None:
+    assert llm_response_names(adapters, []) == ["output_ids", "sequence_length", "num_input_tokens"]
+
+
+def test_bls_sends_only_requested_outputs(adapters: types.SimpleNamespace) -> None:
+    chunk = Chunk(text="hi", finish_reason=None, prompt_tokens=3, completion_tokens=1)
+    requested = adapters.common.requested_outputs(FakeRequest(["text"]))
+    assert adapters.bls._response(chunk, requested).names == ["text"]
+    everything = adapters.bls._response(chunk, frozenset()).names
+    assert everything == ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
