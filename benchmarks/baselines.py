@@ -169,15 +169,19 @@ def drive_engine(engine: Any, encoder: Any, w: Workload, c: int, n_total: int, t
 
 
 def summarize(sent: dict[str, float], times: dict[str, list[float]], wall: float, c: int,
-              errors: int = 0) -> dict[str, Any]:
+              errors: int = 0, tokens: dict[str, int] | None = None) -> dict[str, Any]:
+    """`times`: arrival of each chunk per request; `tokens`: tokens per request when a chunk may carry several
+    (streamed responses coalesce under load), else one token per chunk. TPOT = (last - first) / (tokens - 1),
+    as vLLM's benchmark_serving computes it; ITL = gaps between chunks."""
     ttft, tpot, itl, ntok = [], [], [], 0
     for rid, t0 in sent.items():
         ts = times.get(rid, [])
-        ntok += len(ts)
+        n = tokens[rid] if tokens is not None and rid in tokens else len(ts)
+        ntok += n
         if ts:
             ttft.append(ts[0] - t0)
-        if len(ts) > 1:
-            tpot.append((ts[-1] - ts[0]) / (len(ts) - 1))
+        if len(ts) > 1 and n > 1:
+            tpot.append((ts[-1] - ts[0]) / (n - 1))
             itl.extend(np.diff(ts).tolist())
     return {"concurrency": c, "requests": len(sent), "errors": errors, "wall_s": wall, "output_tokens": ntok,
             "output_tok_s": ntok / wall if wall else None, "req_s": len(sent) / wall if wall else None,

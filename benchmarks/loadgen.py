@@ -1,7 +1,8 @@
 """OpenAI-level async load generator (httpx): closed loop at a fixed concurrency, streaming or not.
 
 Per request it records the send time, the arrival of every SSE chunk that carries text, and the usage block;
-from those: TTFT (first text chunk), TPOT ((last - first) / (tokens - 1)), ITL (gaps between text chunks),
+from those: TTFT (first text chunk), TPOT ((last - first chunk) / (usage tokens - 1); a chunk may carry several
+tokens when the server coalesces under load), ITL (gaps between text chunks),
 output tok/s and req/s over the run's wall time, with p50/p90/p99. Bounded by a request count and a time cap.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:9997/v1 --model NAME --concurrency 16 --requests 64 \
@@ -88,7 +89,8 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     sent = {str(i): r["sent"] for i, r in enumerate(ok)}
     if stream:
         times = {str(i): r["times"] for i, r in enumerate(ok)}
-        out = summarize(sent, times, wall, concurrency, errors=len(errors))
+        tokens = {str(i): r["completion_tokens"] for i, r in enumerate(ok) if r.get("completion_tokens")}
+        out = summarize(sent, times, wall, concurrency, errors=len(errors), tokens=tokens)
         out["chunks_per_token"] = (sum(len(r["times"]) for r in ok) /
                                    max(1, sum(r.get("completion_tokens", 0) for r in ok)))
     else:

@@ -132,8 +132,20 @@ def run_phase(phase: str, state: Path, timeout_s: float, arg: str = "") -> dict[
 # --- orchestration -------------------------------------------------------------------------------------------------
 def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline: float) -> dict[str, Any]:
     from benchmarks.loadgen import run_load
+    from benchmarks.observe import Snapshot, summary_line
     from benchmarks.stack import SERVED_NAME
     from benchmarks.workloads import chat_body
+
+    server_pid = stack.server._process.pid
+    frontend_pid = stack.frontend.pid if stack.frontend is not None else None
+
+    def observed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        """run_load, plus CPU cores per process and Triton's per-model times over the same interval."""
+        before = Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url)
+        result = asyncio.run(run_load(*args, **kwargs))
+        result["observed"] = before.delta(Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url))
+        log("  " + summary_line(result["observed"]))
+        return result
 
     runs: dict[str, list[dict[str, Any]]] = {}
     non_stream: list[dict[str, Any]] = []
@@ -151,8 +163,8 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
                 log(f"stack {name} c={c}: skipped (deadline)")
                 continue
             n = 2 if meta["smoke"] else requests_for(c, name)
-            r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=True,
-                                     request_timeout_s=90))
+            r = observed(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=True,
+                         request_timeout_s=90)
             runs.setdefault(name, []).append(r)
             log(f"stack {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']}, TPOT p50 "
                 f"{r['tpot_ms']['p50']}, errors {r['errors']} {r['first_errors']}, {r['requests']} req, "
@@ -162,8 +174,8 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
             continue
         n = 2 if meta["smoke"] else requests_for(c, "W2")
         body = chat_body(ws["W2"], SERVED_NAME, False)
-        r = asyncio.run(run_load(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=False,
-                                 request_timeout_s=90))
+        r = observed(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=False,
+                     request_timeout_s=90)
         non_stream.append(r)
         log(f"stack W2 non-streaming c={c}: {r['output_tok_s']:.0f} tok/s, errors {r['errors']}")
     return {"runs": runs, "non_stream_W2": non_stream}
