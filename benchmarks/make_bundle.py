@@ -41,6 +41,10 @@ WHEELS = [
     "uvicorn==0.54.0",
     "prometheus-client==0.26.0",
     "opentelemetry-api==1.45.2",  # fastapi >= 0.16x imports it
+    "pytest==9.2.0",  # the GPU-only tests (tests/unit/test_engine.py -k cuda) run on the GPU host
+    "pluggy==1.7.0",
+    "iniconfig==2.3.1",
+    "pygments==2.21.0",
 ]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64"]

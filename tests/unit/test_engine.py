@@ -54,8 +54,9 @@ def qwen() -> PreTrainedModel:
 
 
 def make_engine(model: PreTrainedModel, max_slots: int = 8, max_seq_len: int = MAX_SEQ) -> LLMEngine:
-    return LLMEngine(
-        model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu", dtype=torch.float32, vocab_size=VOCAB
+    return LLMEngine(  # small KV-length buckets: decode steps cross buckets as requests grow
+        model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu", dtype=torch.float32, vocab_size=VOCAB,
+        min_kv_bucket=16,
     )
 
 
@@ -349,8 +350,11 @@ def test_cuda_graph_decode_matches_generate() -> None:
         dtype=torch.float32,
         vocab_size=VOCAB,
         use_cuda_graphs=True,
+        min_kv_bucket=16,  # several KV-length buckets within MAX_SEQ: steps move between graphs
     )
-    assert engine._graphs is not None and sorted(engine._graphs.graphs) == engine.buckets
+    assert engine.kv_buckets == [16, 32, 64, MAX_SEQ]
+    assert engine._graphs is not None
+    assert sorted(engine._graphs.graphs) == [(b, k) for b in engine.buckets for k in engine.kv_buckets]
     plan = join_plan(90)
     events = run_plan(engine, plan)
     for r in [r for rs in plan.values() for r in rs]:

@@ -45,9 +45,9 @@ EventCallback = Callable[[list[TokenEvent]], None]
 MIN_KV_BUCKET = 256
 
 
-def kv_length_buckets(max_seq_len: int) -> list[int]:
-    """KV lengths a decode step attends over: powers of two from MIN_KV_BUCKET, then max_seq_len."""
-    buckets = [k for k in (MIN_KV_BUCKET << i for i in range(32)) if k < max_seq_len]
+def kv_length_buckets(max_seq_len: int, smallest: int = MIN_KV_BUCKET) -> list[int]:
+    """KV lengths a decode step attends over: powers of two from `smallest`, then max_seq_len."""
+    buckets = [k for k in (smallest << i for i in range(32)) if k < max_seq_len]
     return [*buckets, max_seq_len]
 
 
@@ -64,6 +64,7 @@ class LLMEngine:
         use_cuda_graphs: bool = False,
         backbone: nn.Module | None = None,
         lm_head: nn.Module | None = None,
+        min_kv_bucket: int = MIN_KV_BUCKET,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
@@ -102,10 +103,13 @@ class LLMEngine:
             device=self.device,
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
-        self.kv_buckets = kv_length_buckets(max_seq_len)
+        self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
         self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
         self._kv_range = torch.arange(max_seq_len, device=self.device)
+        cuda = self.device.type == "cuda"
+        self._host_tokens = torch.empty(max_slots, dtype=torch.long, pin_memory=True) if cuda else None
+        self._copy_done = torch.cuda.Event() if cuda else None
         self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
         self._counts: torch.Tensor | None = None  # [max_slots, V] int32
         self._active: list[ActiveRequest] = []  # index == slot
@@ -243,7 +247,7 @@ class LLMEngine:
             seen = self._seen[s : s + 1] if self._seen is not None else None
             counts = self._counts[s : s + 1] if self._counts is not None else None
             token = sample_tokens(logits, [seq.params], [seq.generator], seen, counts)
-            return self._accept([seq], token.tolist())[0]
+            return self._accept([seq], self._to_host(token))[0]
         except Exception as exc:
             logger.exception("prefill of %s failed", seq.request_id)
             self.cache.set_idle()
@@ -286,7 +290,19 @@ class LLMEngine:
             logits[:n], [s.params for s in self._active], [s.generator for s in self._active],
             None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
         )  # fmt: skip
-        return self._accept(list(self._active), tokens.tolist())
+        return self._accept(list(self._active), self._to_host(tokens))
+
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        """Sampled tokens as a list. On CUDA the wait happens in Event.synchronize, which releases the GIL (a
+        blocking .tolist() waits holding it), so the llm stub's other threads (execute, the outbox's sends) run
+        while the GPU works."""
+        if self._host_tokens is None:
+            return [int(t) for t in tokens.tolist()]
+        n = tokens.shape[0]
+        self._host_tokens[:n].copy_(tokens, non_blocking=True)
+        self._copy_done.record()
+        self._copy_done.synchronize()
+        return self._host_tokens[:n].tolist()
 
     # --- bookkeeping --------------------------------------------------------------------------------------------------
     def _init_penalty_state(self, seq: ActiveRequest, vocab: int) -> None:
