@@ -30,6 +30,10 @@ def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return t
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+POOLS = ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")
+
+
 def dump_stubs(out: Path) -> None:
     """SIGUSR1 to every Python-backend stub (each dumps its Python threads to the server log) and a listing of
     their threads' kernel wait states, for a request that hangs."""
@@ -89,14 +93,18 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--timeout", type=float, default=45.0)
     parser.add_argument("--log-verbose", action="store_true", help="tritonserver --log-verbose=1")
+    parser.add_argument("--bls-instances", type=int, default=1)
+    parser.add_argument("--image", action="store_true", help="also BLS requests with an image (GPU prompt tables)")
+    parser.add_argument("--pools", action="store_true", help="the benchmark's CUDA / pinned memory-pool flags")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(f"/tmp/probe-work-{args.device}")
     ckpt = make_tiny_checkpoint("internvl3", work / "ckpt", seed=0)
     cfg = DeploymentConfig.from_dict({
         "model": {"checkpoint": str(ckpt)},
-        "engine": {"device": args.device, "cuda_graphs": not args.no_cuda_graphs, "max_slots": 4, "max_seq_len": 2048},
-        "triton": {"preprocess_instances": 1, "postprocess_instances": 1},
+        "engine": {"device": args.device, "cuda_graphs": not args.no_cuda_graphs, "max_slots": 4, "max_seq_len": 4096},
+        "triton": {"preprocess_instances": 1, "postprocess_instances": 1, "bls_instances": args.bls_instances},
+        "limits": {"allowed_local_media_dirs": [str(EXAMPLES)]},
     })
     repo = render_repository(cfg, work / "repo")
     os.environ.setdefault("VLM_TRITON_DUMP_THREADS", "15")
@@ -104,7 +112,7 @@ def main() -> None:
     os.environ.setdefault("VLM_TRITON_TRACE_DIR", str((args.out / "trace").resolve()))
     server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
                           log_file=args.out / f"tritonserver-{args.device}.log",
-                          extra_args=("--log-verbose=1",) if args.log_verbose else ())
+                          extra_args=(("--log-verbose=1",) if args.log_verbose else ()) + (POOLS if args.pools else ()))
     t0 = time.monotonic()
     with server:
         print(f"ready after {time.monotonic() - t0:.0f} s on device {cfg.device}", flush=True)
@@ -146,6 +154,15 @@ def main() -> None:
         bls_inputs = [tensor("messages", np.array([messages], dtype=object), "BYTES"),
                       tensor("max_tokens", np.array([4], np.int32), "INT32")]
         print("bls:", stream(url, "bls", bls_inputs, args.timeout, lambda: dump_stubs(args.out)), flush=True)
+        if args.image:
+            image = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": (EXAMPLES / "house.png").as_uri()}},
+                {"type": "text", "text": "Describe it."}]}]
+            inputs = [tensor("messages", np.array([json.dumps(image).encode()], dtype=object), "BYTES"),
+                      tensor("max_tokens", np.array([8], np.int32), "INT32")]
+            for i in range(3):
+                print(f"bls with an image #{i}:", stream(url, "bls", inputs, args.timeout, lambda: dump_stubs(args.out)),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class TritonSection:
     vision_max_queue_delay_us: int = 2000
     preprocess_instances: int = 2
     postprocess_instances: int = 2
-    bls_instances: int = 2  # one BLS stub saturates its GIL at about 4 concurrent streams (H100 benchmark)
+    bls_instances: int = 1  # >1 hung on the GPU host (docs/benchmarks.md); one stub saturates near 4 streams
 
 
 @dataclass(frozen=True)
