@@ -134,6 +134,11 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| W2 | {ns['concurrency']} | stack non-streaming | {_f(ns['output_tok_s'], 0)} | "
                      f"{_f(ns['req_s'], 2)} | latency p50 {_f(ns['latency_ms']['p50'])} | | | | | "
                      f"{ns['requests']} ({ns['errors']}) |")
+    perf = (results.get("stack") or {}).get("perf_analyzer_W2") or []
+    if perf:
+        from benchmarks.perf_bls import table as perf_table
+
+        lines += ["", "perf_analyzer, W2 straight into the BLS (gRPC streaming, Triton-level view):", perf_table(perf)]
     lines += ["", "Targets:"] + [f"- {t}" for t in targets(results)]
     return "\n".join(lines)
 

@@ -178,7 +178,29 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
                      request_timeout_s=90)
         non_stream.append(r)
         log(f"stack W2 non-streaming c={c}: {r['output_tok_s']:.0f} tok/s, errors {r['errors']}")
-    return {"runs": runs, "non_stream_W2": non_stream}
+    return {"runs": runs, "non_stream_W2": non_stream, "perf_analyzer_W2": perf_analyzer_view(stack, ws, meta, deadline)}
+
+
+def perf_analyzer_view(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
+    """perf_analyzer straight into the BLS (W2), when the binary is here (the GPU bundle leaves it out: 40 MB)."""
+    from benchmarks import perf_bls
+
+    if perf_bls.find_perf_analyzer() is None:
+        log("perf_analyzer: not installed here, skipped")
+        return []
+    rows = []
+    for c in meta["concurrency"]:
+        if time.time() > deadline - 20:
+            log(f"perf_analyzer c={c}: skipped (deadline)")
+            continue
+        requests = 2 if meta["smoke"] else max(8, c)
+        try:
+            rows += perf_bls.run(stack.server.grpc_url, ws["W2"].messages, ws["W2"].max_tokens, [c], requests,
+                                 timeout_s=max(10.0, deadline - time.time()))
+        except Exception as exc:  # noqa: BLE001 - one view failing must not lose the run
+            rows.append({"concurrency": c, "error": f"{type(exc).__name__}: {exc}"})
+        log(f"perf_analyzer W2 c={c}: {rows[-1]}")
+    return rows
 
 
 def main() -> None:
