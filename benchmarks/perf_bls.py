@@ -1,6 +1,7 @@
 """The Triton-level view: perf_analyzer (tritonclient 2.51) streaming requests straight into the decoupled `bls`
 model over gRPC, at several concurrencies, with one workload's messages as input data. Prints a table (requests/s,
-responses/s, latency percentiles) and returns the rows. Needs the `perf_analyzer` binary (tritonclient[all], on
+responses/s, latency percentiles: perf_analyzer times a decoupled model by its first response, i.e. a Triton-level
+TTFT) and returns the rows. Needs the `perf_analyzer` binary (tritonclient[all], on
 PATH or next to the Python interpreter) and a running stack.
 
     python -m benchmarks.perf_bls --grpc-url 127.0.0.1:8001 --messages '[{"role":"user","content":"Hi"}]' \\
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,24 @@ from typing import Any
 def find_perf_analyzer() -> str | None:
     beside = Path(sys.executable).parent / "perf_analyzer"
     return str(beside) if beside.is_file() else shutil.which("perf_analyzer")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    """perf_analyzer 2.51 links libcudart.so.12 even on CPU hosts: point it at the copy nvidia-pytriton bundles
+    (as a symlink with the plain soname) when the system has none."""
+    env = dict(os.environ)
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return env
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
+    cudart = sorted(libs.glob("libcudart-*.so.12*"))
+    if cudart:
+        link = tmp / "libcudart.so.12"
+        link.symlink_to(cudart[0])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(tmp), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
 
 
 def input_data(messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
@@ -43,15 +63,16 @@ def run(grpc_url: str, messages: list[dict[str, Any]], max_tokens: int, concurre
         raise FileNotFoundError("perf_analyzer not found (pip install tritonclient[all]==2.51.0)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        env = _env(Path(tmp))
         data = Path(tmp) / "input.json"
         data.write_text(json.dumps(input_data(messages, max_tokens)))
         for c in concurrency:
             report = Path(tmp) / f"c{c}.csv"
             cmd = [binary, "-m", "bls", "-i", "grpc", "-u", grpc_url, "--streaming", "--async",
                    "--input-data", str(data), "--concurrency-range", f"{c}:{c}", "--measurement-mode", "count_windows",
-                   "--measurement-request-count", str(max(measurement_requests, c)), "--stability-percentage", "100",
-                   "--max-trials", "1", "-f", str(report), "--percentile", "50"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+                   "--measurement-request-count", str(max(measurement_requests, c)), "--stability-percentage", "999",
+                   "--max-trials", "3", "-f", str(report), "--percentile", "50"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
             if proc.returncode != 0 or not report.is_file():
                 rows.append({"concurrency": c, "error": (proc.stdout + proc.stderr)[-600:]})
                 continue
@@ -65,7 +86,7 @@ def run(grpc_url: str, messages: list[dict[str, Any]], max_tokens: int, concurre
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| c | requests/s | responses/s | latency p50 / p99 ms |", "|---|---|---|---|"]
+    lines = ["| c | requests/s | responses/s | first-response latency p50 / p99 ms |", "|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['concurrency']} | error: {r['error'][-120:]!r} | | |")

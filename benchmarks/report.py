@@ -114,7 +114,7 @@ def table(results: dict[str, Any]) -> str:
                     f"{results['weight_bytes']['llm_step'] / 1e9:.2f} GB, KV "
                     f"{_kv_bytes_per_token(results['shape']) / 1024:.0f} KiB/token")
     vis = results.get("vision")
-    if vis:
+    if vis and vis.get("peak_flops_used"):
         head.append(f"vision encoder (floor = FLOPs / {vis['peak_flops_used'] / 1e12:.0f} TFLOP/s measured matmul"
                     f"; datasheet dense bf16 {(vis.get('peak_flops_datasheet') or 0) / 1e12:.0f}):")
         for r in vis["rows"]:
