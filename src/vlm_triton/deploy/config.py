@@ -69,6 +69,9 @@ class TritonSection:
     preprocess_instances: int = 2
     postprocess_instances: int = 2
     bls_instances: int = 1  # >1 hung on the GPU host (docs/benchmarks.md); one stub saturates near 4 streams
+    # "postprocess": the BLS calls the postprocess model per streamed chunk; "inline": the BLS detokenizes with
+    # the same code in its own process (one IPC round trip less per chunk)
+    bls_detokenize: str = "postprocess"
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ class DeploymentConfig:
             (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
+            (self.triton.bls_detokenize in ("postprocess", "inline"),
+             f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,
              f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]

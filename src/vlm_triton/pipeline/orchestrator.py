@@ -85,6 +85,20 @@ class Detokenized:
     stopped: bool
 
 
+def detokenize_step(
+    tokenizer: Any, window: Sequence[int], prefix_offset: int, read_offset: int, held: str, stop: Sequence[str],
+    final: bool,
+) -> Detokenized:
+    """One incremental detokenization + stop-string step: what the `postprocess` model computes per call, for a
+    caller that holds the tokenizer itself (the BLS with inline detokenization)."""
+    from vlm_triton.postprocess.detokenizer import decode_delta
+    from vlm_triton.postprocess.stop_strings import apply_stop_strings
+
+    delta, prefix, read = decode_delta(tokenizer, list(window), prefix_offset, read_offset, final=final)
+    result = apply_stop_strings(held, delta, stop, final=final)
+    return Detokenized(result.emit, prefix, read, result.held, result.stopped)
+
+
 @dataclass(frozen=True)
 class Chunk:
     text: str

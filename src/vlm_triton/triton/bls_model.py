@@ -13,7 +13,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.errors import InvalidRequest
-from vlm_triton.pipeline.orchestrator import Chunk, Detokenized, Prepared, RequestOptions, StageClient, run_pipeline
+from vlm_triton.pipeline.orchestrator import (
+    Chunk,
+    Detokenized,
+    Prepared,
+    RequestOptions,
+    StageClient,
+    detokenize_step,
+    run_pipeline,
+)
 from vlm_triton.triton.common import (
     TRITON_TO_TORCH,
     check_response,
@@ -22,6 +30,7 @@ from vlm_triton.triton.common import (
     get_text,
     get_texts,
     load_deployment,
+    load_family,
     requested_outputs,
     response_of,
     text_output,
@@ -67,9 +76,10 @@ async def _responses(iterator: Any) -> AsyncIterator[Any]:
 
 
 class TritonStages(StageClient):
-    def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32) -> None:
+    def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32, tokenizer: Any = None) -> None:
         self.embed_dtype = embed_dtype  # the llm's prompt-table dtype (tensorrt_llm: the engine dtype)
         self.vision_chunk = vision_chunk  # most tiles per vision_encoder request (its max batch size)
+        self.tokenizer = tokenizer  # set: detokenize here (inline) instead of a `postprocess` call per chunk
 
     async def preprocess(self, messages_json: str) -> Prepared:
         request = pb_utils.InferenceRequest(
@@ -162,6 +172,8 @@ class TritonStages(StageClient):
     async def detokenize(
         self, window: Sequence[int], prefix_offset: int, read_offset: int, held: str, stop: Sequence[str], final: bool
     ) -> Detokenized:
+        if self.tokenizer is not None:
+            return detokenize_step(self.tokenizer, window, prefix_offset, read_offset, held, stop, final)
         inputs = [
             pb_utils.Tensor("token_ids", np.asarray(window, dtype=np.int32).reshape(1, 1, -1)),
             pb_utils.Tensor("prefix_offset", np.array([prefix_offset], dtype=np.int32)),
@@ -217,8 +229,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.default_max_tokens = cfg.limits.default_max_tokens
+        tokenizer = load_family(cfg).load_tokenizer() if cfg.triton.bls_detokenize == "inline" else None
         self.stages = TritonStages(
-            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk
+            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer
         )
 
     async def execute(self, requests: list[Any]) -> None:

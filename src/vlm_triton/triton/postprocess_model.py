@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_triton.postprocess.detokenizer import decode_delta
-from vlm_triton.postprocess.stop_strings import apply_stop_strings
+from vlm_triton.pipeline.orchestrator import detokenize_step
 from vlm_triton.triton.common import (
     error_response,
     get_array,
@@ -36,17 +35,17 @@ class TritonPythonModel:
             final = bool(get_scalar(request, "final", True))
             prefix = int(get_scalar(request, "prefix_offset", 0))
             read = int(get_scalar(request, "read_offset", 0))
-            delta, prefix, read = decode_delta(self.tokenizer, window, prefix, read, final=final)
-            result = apply_stop_strings(
-                get_text(request, "held_text") or "", delta, get_texts(request, "stop"), final=final
+            out = detokenize_step(
+                self.tokenizer, window, prefix, read, get_text(request, "held_text") or "", get_texts(request, "stop"),
+                final,
             )
             return pb_utils.InferenceResponse(
                 output_tensors=[
-                    text_output("text", result.emit),
-                    pb_utils.Tensor("prefix_offset", np.array([prefix], dtype=np.int32)),
-                    pb_utils.Tensor("read_offset", np.array([read], dtype=np.int32)),
-                    text_output("held_text", result.held),
-                    pb_utils.Tensor("stopped", np.array([result.stopped], dtype=np.bool_)),
+                    text_output("text", out.text),
+                    pb_utils.Tensor("prefix_offset", np.array([out.prefix_offset], dtype=np.int32)),
+                    pb_utils.Tensor("read_offset", np.array([out.read_offset], dtype=np.int32)),
+                    text_output("held_text", out.held),
+                    pb_utils.Tensor("stopped", np.array([out.stopped], dtype=np.bool_)),
                 ]
             )
         except Exception as exc:  # noqa: BLE001
