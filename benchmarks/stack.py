@@ -28,7 +28,7 @@ def deployment(ckpt: Path, media_dir: Path, *, max_slots: int, max_seq_len: int,
         "engine": {"max_slots": max_slots, "max_seq_len": max_seq_len, "device": device, "cuda_graphs": True},
         "limits": {"allowed_local_media_dirs": [str(Path(media_dir).resolve())], "max_images": 4,
                    "default_max_tokens": 256},
-        "triton": {"preprocess_instances": instances, "postprocess_instances": instances, "bls_detokenize": "inline",
+        "triton": {"preprocess_instances": instances, "postprocess_instances": instances,
                    "vision_max_batch_size": 64},
     })
 

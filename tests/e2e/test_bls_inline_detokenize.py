@@ -1,5 +1,5 @@
 """`triton.bls_detokenize = "inline"`: the BLS detokenizes in its own process instead of calling `postprocess` per
-streamed chunk. Its deltas, stop-string cuts, finish reasons and usage equal the default stack's on the same
+streamed chunk. Its streamed text, stop-string cuts, finish reasons and usage equal the default stack's on the same
 requests (the default stack's output is itself checked against transformers in test_triton_pipeline)."""
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def test_inline_detokenization_equals_the_postprocess_model(stack, inline_stack)
     for request in requests(stack.media_dir):
         ref = bls_generate(stack.grpc_url, **request)
         got = bls_generate(inline_stack.grpc_url, **request)
-        assert (got.deltas, got.finish_reason, got.prompt_tokens, got.completion_tokens) == (
-            ref.deltas, ref.finish_reason, ref.prompt_tokens, ref.completion_tokens), request
+        # chunk boundaries depend on timing (the llm coalesces tokens under load), the text must not
+        assert ("".join(got.deltas), got.finish_reason, got.prompt_tokens, got.completion_tokens) == (
+            "".join(ref.deltas), ref.finish_reason, ref.prompt_tokens, ref.completion_tokens), request
     # a stop string cut at the same place
     whole = bls_generate(stack.grpc_url, requests(stack.media_dir)[0]["messages"], max_tokens=24, ignore_eos=True)
     visible = whole.text.strip()
@@ -48,4 +49,5 @@ def test_inline_detokenization_equals_the_postprocess_model(stack, inline_stack)
     kwargs = {"max_tokens": 24, "ignore_eos": True, "stop": [stop], "stream": True}
     ref = bls_generate(stack.grpc_url, requests(stack.media_dir)[0]["messages"], **kwargs)
     got = bls_generate(inline_stack.grpc_url, requests(stack.media_dir)[0]["messages"], **kwargs)
-    assert got.finish_reason == ref.finish_reason == "stop" and got.deltas == ref.deltas
+    assert got.finish_reason == ref.finish_reason == "stop" and "".join(got.deltas) == "".join(ref.deltas)
+    assert "".join(got.deltas) == whole.text[: whole.text.find(stop)]

@@ -68,7 +68,7 @@ class TritonSection:
     vision_max_queue_delay_us: int = 2000
     preprocess_instances: int = 2
     postprocess_instances: int = 2
-    bls_instances: int = 1  # >1 hung on the GPU host (docs/benchmarks.md); one stub saturates near 4 streams
+    bls_instances: int = 1  # one stub saturates near 4 streams; more are untested on a GPU (docs/benchmarks.md)
     # "postprocess": the BLS calls the postprocess model per streamed chunk; "inline": the BLS detokenizes with
     # the same code in its own process (one IPC round trip less per chunk)
     bls_detokenize: str = "postprocess"

@@ -107,9 +107,6 @@ class LLMEngine:
         self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
         self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
         self._kv_range = torch.arange(max_seq_len, device=self.device)
-        cuda = self.device.type == "cuda"
-        self._host_tokens = torch.empty(max_slots, dtype=torch.long, pin_memory=True) if cuda else None
-        self._copy_done = torch.cuda.Event() if cuda else None
         self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
         self._counts: torch.Tensor | None = None  # [max_slots, V] int32
         self._active: list[ActiveRequest] = []  # index == slot
@@ -247,7 +244,7 @@ class LLMEngine:
             seen = self._seen[s : s + 1] if self._seen is not None else None
             counts = self._counts[s : s + 1] if self._counts is not None else None
             token = sample_tokens(logits, [seq.params], [seq.generator], seen, counts)
-            return self._accept([seq], self._to_host(token))[0]
+            return self._accept([seq], token.tolist())[0]
         except Exception as exc:
             logger.exception("prefill of %s failed", seq.request_id)
             self.cache.set_idle()
@@ -290,19 +287,7 @@ class LLMEngine:
             logits[:n], [s.params for s in self._active], [s.generator for s in self._active],
             None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
         )  # fmt: skip
-        return self._accept(list(self._active), self._to_host(tokens))
-
-    def _to_host(self, tokens: torch.Tensor) -> list[int]:
-        """Sampled tokens as a list. On CUDA the wait happens in Event.synchronize, which releases the GIL (a
-        blocking .tolist() waits holding it), so the llm stub's other threads (execute, the outbox's sends) run
-        while the GPU works."""
-        if self._host_tokens is None:
-            return [int(t) for t in tokens.tolist()]
-        n = tokens.shape[0]
-        self._host_tokens[:n].copy_(tokens, non_blocking=True)
-        self._copy_done.record()
-        self._copy_done.synchronize()
-        return self._host_tokens[:n].tolist()
+        return self._accept(list(self._active), tokens.tolist())
 
     # --- bookkeeping --------------------------------------------------------------------------------------------------
     def _init_penalty_state(self, seq: ActiveRequest, vocab: int) -> None:
