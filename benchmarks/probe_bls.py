@@ -74,10 +74,16 @@ class TritonPythonModel:
         params = json.loads(args["model_config"])["parameters"]
         self.target = params["target"]["string_value"]
         self.mode = params["mode"]["string_value"]
+        self.gpu_input = params.get("gpu_input", {}).get("string_value") == "1"
     def _request(self, request):
         n = pb_utils.get_input_tensor_by_name(request, "N").as_numpy()
+        inputs = [pb_utils.Tensor("N", n)]
+        if self.gpu_input:  # like the BLS's prompt table: a CUDA tensor as a BLS input
+            import torch
+            from torch.utils.dlpack import to_dlpack
+            inputs.append(pb_utils.Tensor.from_dlpack("T", to_dlpack(torch.ones(512, 896, device="cuda"))))
         return pb_utils.InferenceRequest(model_name=self.target, requested_output_names=["OUT"],
-                                         inputs=[pb_utils.Tensor("N", n)], request_id="probe-" + str(id(n)))
+                                         inputs=inputs, request_id="probe-" + str(id(n)))
     def _forward(self, sender, responses):
         got = []
         for r in responses:
@@ -119,7 +125,8 @@ def config(name: str, decoupled: bool, params: dict[str, str]) -> str:
         backend: "python"
         max_batch_size: 0
         model_transaction_policy {{ decoupled: {str(decoupled).lower()} }}
-        input [ {{ name: "N" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+        input [ {{ name: "N" data_type: TYPE_INT32 dims: [ 1 ] }},
+                {{ name: "T" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }} ]
         output [ {{ name: "OUT" data_type: TYPE_INT32 dims: [ -1 ] }}{extra} ]
         instance_group [ {{ count: 1 kind: KIND_CPU }} ]
         """) + plist + "\n"
@@ -149,6 +156,10 @@ def build_repo(repo: Path, cuda: bool) -> list[str]:
             name = f"bls_{mode}_{callee}"
             write_model(repo, name, source, True, {"target": callee, "mode": mode})
             names.append(name)
+            if cuda and callee.startswith("gen"):  # the W1 pattern: a CUDA input, then responses back to back
+                name = f"bls_{mode}_gpuin_{callee}"
+                write_model(repo, name, source, True, {"target": callee, "mode": mode, "gpu_input": "1"})
+                names.append(name)
     return list(callees) + names
 
 
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="also callees that initialise CUDA")
     parser.add_argument("--log-verbose", action="store_true")
     parser.add_argument("--timeout", type=float, default=15.0)
+    parser.add_argument("--repeat", type=int, default=10, help="calls per CUDA-input variant")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"python {platform.python_version()} glibc {os.confstr('CS_GNU_LIBC_VERSION')} cpus {os.cpu_count()}",
@@ -195,6 +207,11 @@ def main() -> None:
     with server:
         for model in models:
             print(f"{model}: {call(server.grpc_url, model, 3, args.timeout)}", flush=True)
+        for model in [m for m in models if "_gpuin_" in m]:  # intermittent hangs: repeat, more responses
+            results = [call(server.grpc_url, model, 32, args.timeout) for _ in range(args.repeat)]
+            ok = sum(r.startswith("ok") for r in results)
+            print(f"{model} x{args.repeat} (32 responses): {ok} ok; {[r for r in results if not r.startswith('ok')][:2]}",
+                  flush=True)
 
 
 if __name__ == "__main__":
