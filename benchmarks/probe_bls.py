@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from benchmarks.probe_stack import stream
 from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
 
 GEN = '''
@@ -164,28 +163,9 @@ def build_repo(repo: Path, cuda: bool) -> list[str]:
 
 
 def call(url: str, model: str, n: int, timeout_s: float) -> str:
-    client = grpcclient.InferenceServerClient(url)
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
     inp = grpcclient.InferInput("N", [1], "INT32")
     inp.set_data_from_numpy(np.array([n], dtype=np.int32))
-    t0 = time.monotonic()
-    client.async_stream_infer(model, [inp], enable_empty_final_response=True)
-    got = []
-    try:
-        while True:
-            result, error = answers.get(timeout=timeout_s)
-            if error is not None:
-                return f"error: {error}"
-            response = result.get_response()
-            if response.outputs:
-                got.append(result.as_numpy("OUT").tolist())
-            if response.parameters["triton_final_response"].bool_param:
-                return f"ok {1e3 * (time.monotonic() - t0):.0f} ms: {got}"
-    except queue.Empty:
-        client.stop_stream(cancel_requests=True)
-        return f"TIMEOUT after {timeout_s:.0f} s, got {got}"
-    client.stop_stream()
+    return stream(url, model, [inp], timeout_s)
 
 
 def main() -> None:

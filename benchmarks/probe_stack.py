@@ -64,11 +64,14 @@ def dump_stubs(out: Path) -> None:
 
 
 def stream(url: str, model: str, inputs: list[grpcclient.InferInput], timeout_s: float, on_timeout=None) -> str:
+    """One streaming request; 'ok: ...', 'error ...' or 'TIMEOUT ...' (then `on_timeout()` runs first)."""
     client = grpcclient.InferenceServerClient(url)
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    t0 = time.monotonic()
     client.async_stream_infer(model, inputs, enable_empty_final_response=True)
     got = []
+    timed_out = False
     try:
         while True:
             result, error = answers.get(timeout=timeout_s)
@@ -77,13 +80,14 @@ def stream(url: str, model: str, inputs: list[grpcclient.InferInput], timeout_s:
             response = result.get_response()
             got.append({o.name: result.as_numpy(o.name).tolist() for o in response.outputs})
             if response.parameters["triton_final_response"].bool_param:
-                return f"ok: {len(got)} responses, last {str(got[-1])[:200]}"
+                return f"ok: {len(got)} responses in {1e3 * (time.monotonic() - t0):.0f} ms, last {str(got[-1])[:200]}"
     except queue.Empty:
+        timed_out = True
         if on_timeout is not None:
             on_timeout()
-        client.stop_stream(cancel_requests=True)
         return f"TIMEOUT after {timeout_s:.0f} s with {len(got)} responses"
-    client.stop_stream()
+    finally:
+        client.stop_stream(cancel_requests=timed_out)
 
 
 def main() -> None:

@@ -48,16 +48,11 @@ class Stack:
               log_dir: Path | None = None) -> "Stack":
         """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next.
 
-        Each rendered model.py also registers faulthandler on SIGUSR1 (thread dumps into work/stacks-*.txt),
-        so that a stuck stage can be inspected; the project's model.py files are not touched."""
+        Every stub dumps its threads into work/stacks-<model>-<pid>.txt on SIGUSR1 (VLM_TRITON_DUMP_DIR, read by
+        the stages' common.enable_thread_dumps), so that a stuck stage can be inspected."""
         work.mkdir(parents=True, exist_ok=True)
         repo = render_repository(cfg, work / "model_repository")
-        for model_py in repo.glob("*/1/model.py"):
-            role = model_py.parent.parent.name
-            model_py.write_text(model_py.read_text() + (
-                "\nimport faulthandler as _fh, os as _os, signal as _sig\n"
-                f"_fh.register(_sig.SIGUSR1, all_threads=True, file=open('{work}/stacks-{role}-' + "
-                "str(_os.getpid()) + '.txt', 'w'))\n"))
+        os.environ["VLM_TRITON_DUMP_DIR"] = str(work.resolve())  # inherited by tritonserver and its stubs
         extra: tuple[str, ...] = ()
         if gpu and pools:  # GPU tensors between Python-backend models travel through Triton's CUDA memory pool
             extra = ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")

@@ -4,20 +4,21 @@ alone (the GPU-host hang of issue #8; benchmarks/probe_bls.py reproduces it with
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 
+from tests.unit.fake_triton import adapters_with
 from vlm_triton.pipeline.orchestrator import Chunk
 
 
 class FakeTensor:
+    built: list[str] = []  # names of every tensor constructed
+
     def __init__(self, name: str, value: Any) -> None:
         self._name, self.value = name, value
+        FakeTensor.built.append(name)
 
     def name(self) -> str:
         return self._name
@@ -48,18 +49,9 @@ def fake_pb_utils() -> types.ModuleType:
 @pytest.fixture
 def adapters(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The llm and bls adapters imported against the fake pb_utils (and forgotten afterwards)."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    names = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client", "vlm_triton.triton.bls_model",
-             "vlm_triton.triton.llm_model")
-    for name in names:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield types.SimpleNamespace(
-        llm=importlib.import_module("vlm_triton.triton.llm_model"),
-        bls=importlib.import_module("vlm_triton.triton.bls_model"),
-        common=importlib.import_module("vlm_triton.triton.common"),
-    )
-    for name in names:
-        sys.modules.pop(name, None)
+    modules = ("vlm_triton.triton.llm_model", "vlm_triton.triton.bls_model", "vlm_triton.triton.common")
+    for llm, bls, common in adapters_with(monkeypatch, fake_pb_utils(), *modules):
+        yield types.SimpleNamespace(llm=llm, bls=bls, common=common)
 
 
 def llm_response_names(adapters: types.SimpleNamespace, requested: list[str]) -> list[str]:
@@ -69,7 +61,9 @@ def llm_response_names(adapters: types.SimpleNamespace, requested: list[str]) ->
 
 
 def test_llm_sends_only_requested_outputs(adapters: types.SimpleNamespace) -> None:
+    FakeTensor.built.clear()
     assert llm_response_names(adapters, ["output_ids"]) == ["output_ids"]  # what the BLS asks for
+    assert FakeTensor.built == ["output_ids"]  # the others are not even built (this runs per token)
     assert llm_response_names(adapters, ["output_ids", "num_input_tokens"]) == ["output_ids", "num_input_tokens"]
 
 

@@ -7,7 +7,6 @@ stage's tensor (renamed, retyped, re-ranked) fails here. `vision_table` runs aga
 from __future__ import annotations
 
 import asyncio
-import importlib
 import sys
 import types
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from tests.unit.fake_triton import adapters_with
 from tests.unit.test_trtllm_contract import CFGS, FakeTensor, fake_pb_utils
 from vlm_triton import contracts
 from vlm_triton.deploy.render import render_repository
@@ -92,13 +92,8 @@ def vision_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
     fake.InferenceResponse = FakeInferenceResponse
     fake.get_input_tensor_by_name = lambda request, name: request.get(name)
     fake.TritonError = lambda message, code=None: ("error", message)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    names = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client", "vlm_triton.triton.vision_table_model")
-    for name in names:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield importlib.import_module("vlm_triton.triton.vision_table_model")
-    for name in names:
-        sys.modules.pop(name, None)
+    for (module,) in adapters_with(monkeypatch, fake, "vlm_triton.triton.vision_table_model"):
+        yield module
 
 
 def test_vision_table_chunks_tiles_and_gives_text_only_an_empty_table(vision_table: types.ModuleType,

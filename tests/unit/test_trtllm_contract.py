@@ -9,9 +9,7 @@ the same name, dtype and rank (and fixed dims), for both profiles; a drift on ei
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import sys
 import types
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +20,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from tests.unit.fake_triton import adapters_with
 from vlm_triton import contracts
 from vlm_triton.contracts import NUMPY_DTYPES
 from vlm_triton.deploy.config import DeploymentConfig
@@ -138,13 +137,8 @@ def fake_pb_utils() -> types.ModuleType:
 @pytest.fixture
 def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
     """vlm_triton.triton.bls_model imported against the fake pb_utils (and forgotten afterwards)."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    names = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client", "vlm_triton.triton.bls_model")
-    for name in names:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield importlib.import_module("vlm_triton.triton.bls_model")
-    for name in names:
-        sys.modules.pop(name, None)
+    for (module,) in adapters_with(monkeypatch, fake_pb_utils(), "vlm_triton.triton.bls_model"):
+        yield module
 
 
 def sent_tensors(bls: types.ModuleType, cfg: DeploymentConfig) -> list[FakeRequest]:

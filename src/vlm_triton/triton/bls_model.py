@@ -142,7 +142,6 @@ class TritonStages(StageClient):
         trace(f"llm iterator {request_id}")
         try:
             async for response in _responses(iterator):
-                trace(f"llm response {request_id}")
                 check_response(response, "llm")
                 ids = _out(response, "output_ids")
                 if ids is not None and ids.as_numpy().size:
@@ -214,15 +213,14 @@ def read_options(request: Any, default_max_tokens: int) -> RequestOptions:
 
 
 def _response(chunk: Chunk, requested: frozenset[str]) -> Any:
-    return response_of(
-        [
-            text_output("text", chunk.text),
-            text_output("finish_reason", chunk.finish_reason or ""),
-            pb_utils.Tensor("prompt_tokens", np.array([chunk.prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([chunk.completion_tokens], dtype=np.int32)),
-        ],
-        requested,
-    )
+    return response_of(requested, {
+        "text": lambda: text_output("text", chunk.text),
+        "finish_reason": lambda: text_output("finish_reason", chunk.finish_reason or ""),
+        "prompt_tokens": lambda: pb_utils.Tensor("prompt_tokens", np.array([chunk.prompt_tokens], dtype=np.int32)),
+        "completion_tokens": lambda: pb_utils.Tensor(
+            "completion_tokens", np.array([chunk.completion_tokens], dtype=np.int32)
+        ),
+    })
 
 
 class TritonPythonModel:

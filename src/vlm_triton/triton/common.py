@@ -11,6 +11,7 @@ import threading
 import time
 import logging
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,10 +31,17 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 TRITON_TO_TORCH = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
 
 
-def enable_thread_dumps() -> None:
-    """With VLM_TRITON_DUMP_THREADS=N, dump every Python thread of this stub to the server log every N seconds,
-    on SIGUSR1 and on a fatal signal (diagnosing a stage that hangs: the Triton stub gives no other view of its
-    threads)."""
+_DUMP_FILES: list[Any] = []  # open for the life of the stub: faulthandler writes to them on SIGUSR1
+
+
+def enable_thread_dumps(model_name: str) -> None:
+    """Diagnosing a stage that hangs (the Triton stub gives no other view of its threads):
+    VLM_TRITON_DUMP_DIR=D makes SIGUSR1 dump every Python thread of this stub to D/stacks-<model>-<pid>.txt;
+    VLM_TRITON_DUMP_THREADS=N dumps them to the server log every N seconds, on SIGUSR1 and on a fatal signal."""
+    directory = os.environ.get("VLM_TRITON_DUMP_DIR")
+    if directory:
+        _DUMP_FILES.append(open(os.path.join(directory, f"stacks-{model_name}-{os.getpid()}.txt"), "w"))  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=_DUMP_FILES[-1], all_threads=True)
     period = os.environ.get("VLM_TRITON_DUMP_THREADS")
     if period:
         faulthandler.enable(file=sys.stderr, all_threads=True)
@@ -53,7 +61,7 @@ def trace(message: str) -> None:
 
 
 def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
-    enable_thread_dumps()  # every stage loads its deployment first
+    enable_thread_dumps(args["model_name"])  # every stage loads its deployment first
     model_config = json.loads(args["model_config"])
     return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
 
@@ -109,12 +117,15 @@ def requested_outputs(request: Any) -> frozenset[str]:
     return frozenset(request.requested_output_names())
 
 
-def response_of(tensors: list[Any], requested: frozenset[str]) -> Any:
-    """A response with only the requested tensors. Decoupled models must send nothing else: Triton's Python stub
+def response_of(requested: frozenset[str], builders: dict[str, Callable[[], Any]]) -> Any:
+    """A response with only the requested tensors (each built by its builder, so unrequested ones cost nothing per
+    token; every one when the request named none). Decoupled models must send nothing else: Triton's Python stub
     (r24.10, still so upstream) drops unrequested tensors inside ResponseSender.send after releasing the GIL, and
     freeing their numpy arrays there crashes the stub on Python 3.12 (a BLS asking the llm for output_ids alone
     killed the llm on the GPU host; benchmarks/probe_bls.py reproduces it with a toy model)."""
-    return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if not requested or t.name() in requested])
+    return pb_utils.InferenceResponse(
+        output_tensors=[build() for name, build in builders.items() if not requested or name in requested]
+    )
 
 
 def text_output(name: str, values: list[str] | str) -> Any:

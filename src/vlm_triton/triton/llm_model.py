@@ -45,14 +45,13 @@ class _Active:
     tokens: list[int] = field(default_factory=list)
 
     def response(self, ids: list[int]) -> Any:
-        return response_of(
-            [
-                pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
-                pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-                pb_utils.Tensor("num_input_tokens", np.array([[self.prompt_tokens]], dtype=np.int32)),
-            ],
-            self.outputs,
-        )
+        return response_of(self.outputs, {
+            "output_ids": lambda: pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
+            "sequence_length": lambda: pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+            "num_input_tokens": lambda: pb_utils.Tensor(
+                "num_input_tokens", np.array([[self.prompt_tokens]], dtype=np.int32)
+            ),
+        })
 
 
 class TritonPythonModel:
