@@ -13,6 +13,8 @@ from typing import Any, AsyncIterator, Sequence
 import numpy as np
 
 from vlm_triton.errors import InvalidRequest
+from vlm_triton.postprocess.detokenizer import decode_delta
+from vlm_triton.postprocess.stop_strings import apply_stop_strings
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,6 @@ def detokenize_step(
 ) -> Detokenized:
     """One incremental detokenization + stop-string step: what the `postprocess` model computes per call, for a
     caller that holds the tokenizer itself (the BLS with inline detokenization)."""
-    from vlm_triton.postprocess.detokenizer import decode_delta
-    from vlm_triton.postprocess.stop_strings import apply_stop_strings
-
     delta, prefix, read = decode_delta(tokenizer, list(window), prefix_offset, read_offset, final=final)
     result = apply_stop_strings(held, delta, stop, final=final)
     return Detokenized(result.emit, prefix, read, result.held, result.stopped)
