@@ -2,6 +2,11 @@
 whole `engine.step()` at steady state, and the top kernels of a profiled step. Prints tables.
 
     python -m benchmarks.engine_profile --preset internvl3-1b --out prof-out   # GPU, about a minute
+    python -m benchmarks.engine_profile --variants auto,efficient,math,efficient+pointwise   # decode-step variants
+
+`--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
+pointwise ops compiled, benchmarks/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
+four requests stay equal to the first variant's.
 """
 
 from __future__ import annotations
@@ -51,6 +56,65 @@ def step_ms(engine, steps: int) -> float:
     return (time.perf_counter() - t) * 1000 / steps
 
 
+def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new: int = 32) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[int]] = {}
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, 1000, (n,), dtype=torch.int32, generator=gen).numpy()
+        engine.add_request(GenerationRequest(request_id=f"g{i}", input_ids=ids, max_new_tokens=new, temperature=0.0,
+                                             end_id=-1))
+        out[f"g{i}"] = []
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                out[ev.request_id].append(ev.token_id)
+    return [out[f"g{i}"] for i in range(len(lengths))]
+
+
+def variant_sweep(engine, names: list[str], out: Path) -> None:
+    from benchmarks.pointwise import compile_pointwise
+    from vlm_triton.engine.attention import set_decode_backends
+    from vlm_triton.engine.cuda_graphs import DecodeGraphs
+
+    batches = [b for b in (1, 8, 64) if b in engine.buckets]
+    kvs = [k for k in (256, 1024, 4096) if k in engine.kv_buckets]
+    full = engine.buckets, engine.kv_buckets
+    engine.buckets, engine.kv_buckets = batches, sorted({*kvs, engine.max_seq_len})
+    rows, ref, pointwise = [], None, False
+    print("\n| variant | capture s | " + " | ".join(f"b{b} kv{k}" for b in batches for k in kvs)
+          + " | greedy tokens equal to the first variant |")
+    print("|---|---|" + "---|" * (len(batches) * len(kvs) + 1))
+    for name in names:
+        backend, _, extra = name.partition("+")
+        try:
+            if extra == "pointwise" and not pointwise:
+                t = time.perf_counter()
+                counts = compile_pointwise(engine.backbone)
+                pointwise = True
+                print(f"(pointwise compiled: {counts}, {time.perf_counter() - t:.1f} s)", flush=True)
+            set_decode_backends(backend)
+            engine._graphs = None
+            torch.cuda.empty_cache()
+            t = time.perf_counter()
+            engine._graphs = DecodeGraphs.capture(engine)
+            capture_s = time.perf_counter() - t
+            times = {f"b{b} kv{k}": graph_ms(engine, b, k) for b in batches for k in kvs}
+            tokens = greedy_tokens(engine)
+            ref = ref if ref is not None else tokens
+            same = [sum(x == y for x, y in zip(a, b)) for a, b in zip(tokens, ref)]
+            row = {"variant": name, "capture_s": capture_s, "graph_ms": times, "tokens_equal": same}
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+            row = {"variant": name, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"| {name} | error: {row['error'][:300]} |", flush=True)
+            rows.append(row)
+            continue
+        rows.append(row)
+        print(f"| {name} | {capture_s:.1f} | " + " | ".join(f"{v:.3f}" for v in times.values())
+              + f" | {same} of 32 each |", flush=True)
+    engine.buckets, engine.kv_buckets = full
+    (out / "variants.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="internvl3-1b")
@@ -58,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-slots", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the step timing only (tiny preset)")
+    ap.add_argument("--variants", default="", help="comma list: auto|cudnn|efficient|math[+pointwise]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -68,6 +133,9 @@ def main() -> None:
     _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
+    if args.variants:
+        variant_sweep(engine, args.variants.split(","), args.out)
+        return
     result: dict = {"graph_ms": {}, "step_ms": {}}
     buckets = engine.buckets if cuda else []
     print("\n| batch bucket | " + " | ".join(f"kv {k}" for k in engine.kv_buckets) + " |")

@@ -9,6 +9,9 @@ runs, so that grouped-query attention never materialises repeated K/V:
 - prefill from position 0 (the query covers the whole key range): a plain causal SDPA with `enable_gqa`, which
   needs no mask and so can use the flash kernel.
 Anything else (a prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
+
+`set_decode_backends` restricts the SDPA kernels the decode branch may use (torch's default choice on an H100 is
+cuDNN, whose time grows with the KV bucket at small batches: it does not split the keys across blocks).
 """
 
 from __future__ import annotations
@@ -17,11 +20,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "vlm_slot"
+DECODE_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "math": SDPBackend.MATH}
+_decode_backend: SDPBackend | None = None
+
+
+def set_decode_backends(name: str) -> None:
+    """The SDPA kernel for decode steps: 'auto' (torch's choice), 'cudnn', 'efficient' or 'math'. Applies to
+    steps traced or captured afterwards (CUDA graphs keep the kernel they were captured with)."""
+    global _decode_backend
+    if name not in DECODE_BACKENDS:
+        raise ValueError(f"decode attention backend must be one of {sorted(DECODE_BACKENDS)}, got {name!r}")
+    _decode_backend = DECODE_BACKENDS[name]
 
 
 def slot_attention(
@@ -41,7 +57,11 @@ def slot_attention(
         raise ValueError("vlm_slot attention takes bool masks (True = attend)")
     if q_len == 1 and heads % kv_heads == 0:
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // groups
-        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+        if _decode_backend is None:
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+        else:
+            with sdpa_kernel(_decode_backend):
+                out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
     if q_len == kv_len:
         out = F.scaled_dot_product_attention(
