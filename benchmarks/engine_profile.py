@@ -5,7 +5,7 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
     python -m benchmarks.engine_profile --variants auto,efficient,math,efficient+pointwise   # decode-step variants
 
 `--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
-pointwise ops compiled, benchmarks/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
+pointwise ops compiled, vlm_triton/engine/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
 four requests stay equal to the first variant's.
 """
 
@@ -72,7 +72,7 @@ def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new
 
 
 def variant_sweep(engine, names: list[str], out: Path) -> None:
-    from benchmarks.pointwise import compile_pointwise
+    from vlm_triton.engine.pointwise import compile_pointwise
     from vlm_triton.engine.attention import set_decode_backends
     from vlm_triton.engine.cuda_graphs import DecodeGraphs
 
@@ -89,7 +89,7 @@ def variant_sweep(engine, names: list[str], out: Path) -> None:
         try:
             if extra == "pointwise" and not pointwise:
                 t = time.perf_counter()
-                counts = compile_pointwise(engine.backbone)
+                counts = compile_pointwise(engine.backbone, engine.device)
                 pointwise = True
                 print(f"(pointwise compiled: {counts}, {time.perf_counter() - t:.1f} s)", flush=True)
             set_decode_backends(backend)
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-slots", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the step timing only (tiny preset)")
+    ap.add_argument("--eager-pointwise", action="store_true", help="engine.compile_pointwise off")
     ap.add_argument("--variants", default="", help="comma list: auto|cudnn|efficient|math[+pointwise]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     ckpt = make_model(args.preset, Path("/tmp/prof-work") / args.preset)
     t = time.perf_counter()
-    _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len)
+    _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len,
+                                compile_pointwise=not args.variants and not args.eager_pointwise)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
     if args.variants:

@@ -35,6 +35,7 @@ class EngineSection:
     max_slots: int = 16  # requests decoded together (KV-cache rows)
     max_seq_len: int = 8192  # prompt + output tokens per request
     cuda_graphs: bool = True
+    compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
     # trtllm profile (docs/trtllm.md); max_slots is the engine's max_batch_size there
     engine_dir: str = ""  # the TensorRT-LLM engine folder (trtllm-build --output_dir)
     vision_engine: str = ""  # the TensorRT plan of the vision encoder (linked as vision_encoder/1/model.plan)
@@ -72,6 +73,9 @@ class TritonSection:
     # "postprocess": the BLS calls the postprocess model per streamed chunk; "inline": the BLS detokenizes with
     # the same code in its own process (one IPC round trip less per chunk)
     bls_detokenize: str = "postprocess"
+    # False: the BLS hands the llm its prompt table in host memory. True: as the vision encoder's CUDA tensor (no
+    # copies), which on an H100 host with Triton r24.10's Python backend hung intermittently (docs/benchmarks.md)
+    bls_gpu_prompt_table: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -36,6 +37,7 @@ from vlm_triton.engine.attention import use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.sampling import sample_tokens
+from vlm_triton.engine.timing import StepTiming
 from vlm_triton.engine.types import ActiveRequest, FinishReason, GenerationRequest, TokenEvent, prepare_request
 from vlm_triton.errors import InvalidRequest, SetupError
 
@@ -65,10 +67,12 @@ class LLMEngine:
         backbone: nn.Module | None = None,
         lm_head: nn.Module | None = None,
         min_kv_bucket: int = MIN_KV_BUCKET,
+        compile_pointwise: bool = False,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
-        whose language model sits elsewhere). Ids >= vocab_size are image slots."""
+        whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
+        fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         self.backbone: nn.Module = backbone if backbone is not None else cast(nn.Module, model.model)
@@ -117,6 +121,13 @@ class LLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.slot_moves = 0  # compaction copies so far (observability, tests)
+        self.timing = StepTiming()
+        self.pointwise: dict[str, int] = {}
+        if compile_pointwise and self.device.type == "cuda":
+            from vlm_triton.engine.pointwise import compile_pointwise as fuse
+
+            self.pointwise = fuse(self.backbone, self.device)
+            logger.info("compiled pointwise ops: %s", self.pointwise)
         self._graphs: DecodeGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":
             self._graphs = DecodeGraphs.capture(self)
@@ -174,18 +185,27 @@ class LLMEngine:
     def run_forever(self, callback: EventCallback) -> None:
         """Step while there is work, sleep while there is none, until shutdown(); exceptions of a step fail the
         running requests ('error' events) and the loop goes on. On shutdown, outstanding requests are cancelled."""
+        last = None
         while True:
             with self._cond:
                 while not self._stopping and not (self._waiting or self._active or self._cancels):
                     self._cond.wait()
+                    last = None
                 if self._stopping:
                     break
+            t = time.perf_counter()
+            if last is not None:
+                self.timing.add("between_steps", t - last)
             try:
                 events = self.step()
             except Exception as exc:  # a server fault: fail what was running, keep serving
                 logger.exception("engine step failed")
                 events = self._fail_running(exc)
+            t1 = time.perf_counter()
             self._emit(callback, events)
+            last = time.perf_counter()
+            self.timing.add("step", t1 - t)
+            self.timing.add("emit", last - t1)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         events = [self._finish_event(s, "cancelled") for s in waiting]
@@ -269,6 +289,7 @@ class LLMEngine:
         return logits
 
     def _decode_step(self) -> list[TokenEvent]:
+        t0 = time.perf_counter()
         n = len(self._active)
         bucket = next(b for b in self.buckets if b >= n)
         ids = torch.zeros(bucket, dtype=torch.long)  # free rows [n:bucket]: token 0 at position 0 of a free slot
@@ -278,6 +299,7 @@ class LLMEngine:
         self._dec_ids[:bucket, 0].copy_(ids, non_blocking=True)
         self._dec_pos[:bucket].copy_(pos, non_blocking=True)
         kv_len = next(k for k in self.kv_buckets if k > int(pos[:n].max()))
+        t1 = time.perf_counter()
         if self._graphs is not None:
             logits = self._graphs.replay(bucket, kv_len)
         else:
@@ -287,7 +309,14 @@ class LLMEngine:
             logits[:n], [s.params for s in self._active], [s.generator for s in self._active],
             None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
         )  # fmt: skip
-        return self._accept(list(self._active), tokens.tolist())
+        token_list = tokens.tolist()  # waits for the step on the device
+        t2 = time.perf_counter()
+        events = self._accept(list(self._active), token_list)
+        t3 = time.perf_counter()
+        self.timing.add("decode_prepare", t1 - t0)
+        self.timing.add("decode_run_and_wait", t2 - t1)
+        self.timing.add("decode_accept", t3 - t2)
+        return events
 
     # --- bookkeeping --------------------------------------------------------------------------------------------------
     def _init_penalty_state(self, seq: ActiveRequest, vocab: int) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from vlm_triton.engine.timing import StepTiming
 from vlm_triton.engine.types import TokenEvent
 
 
@@ -51,12 +53,13 @@ class Outbox:
     ) -> None:
         self._deliver = deliver
         self._on_error = on_error
-        self._queue: queue.SimpleQueue[list[TokenEvent] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None] = queue.SimpleQueue()
+        self.timing = StepTiming()  # "wake": from the first put of a round to its start; "deliver": the round
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, events: list[TokenEvent]) -> None:
-        self._queue.put(events)
+        self._queue.put((time.perf_counter(), events))
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Deliver what is queued, then stop the thread."""
@@ -66,10 +69,12 @@ class Outbox:
     def _run(self) -> None:
         while True:
             batch = self._queue.get()
+            woke = time.perf_counter()
             events: list[TokenEvent] = []
             stop = batch is None
             if batch is not None:
-                events.extend(batch)
+                self.timing.add("wake", woke - batch[0])
+                events.extend(batch[1])
             while not stop:  # take everything already queued: one round for all of it
                 try:
                     more = self._queue.get_nowait()
@@ -78,10 +83,11 @@ class Outbox:
                 if more is None:
                     stop = True
                 else:
-                    events.extend(more)
+                    events.extend(more[1])
             if events:
                 try:
                     self._deliver(coalesce(events))
+                    self.timing.add("deliver", time.perf_counter() - woke)
                 except Exception as exc:  # noqa: BLE001 - a failed send must not stop the other requests' tokens
                     if self._on_error is not None:
                         self._on_error(exc)

@@ -76,8 +76,10 @@ async def _responses(iterator: Any) -> AsyncIterator[Any]:
 
 
 class TritonStages(StageClient):
-    def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32, tokenizer: Any = None) -> None:
+    def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32, tokenizer: Any = None,
+                 gpu_prompt_table: bool = False) -> None:
         self.embed_dtype = embed_dtype  # the llm's prompt-table dtype (tensorrt_llm: the engine dtype)
+        self.gpu_prompt_table = gpu_prompt_table  # False: copy the table to host memory before the llm call
         self.vision_chunk = vision_chunk  # most tiles per vision_encoder request (its max batch size)
         self.tokenizer = tokenizer  # set: detokenize here (inline) instead of a `postprocess` call per chunk
 
@@ -103,6 +105,8 @@ class TritonStages(StageClient):
 
     async def encode_images(self, prepared: Prepared) -> Any:
         table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype)
+        if not self.gpu_prompt_table:
+            table = table.cpu()
         return torch_output("prompt_embedding_table", table)
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
@@ -229,7 +233,8 @@ class TritonPythonModel:
         self.default_max_tokens = cfg.limits.default_max_tokens
         tokenizer = load_family(cfg).load_tokenizer() if cfg.triton.bls_detokenize == "inline" else None
         self.stages = TritonStages(
-            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer
+            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer,
+            gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
         )
 
     async def execute(self, requests: list[Any]) -> None:

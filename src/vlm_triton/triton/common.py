@@ -49,6 +49,32 @@ def enable_thread_dumps(model_name: str) -> None:
         faulthandler.dump_traceback_later(float(period), repeat=True, file=sys.stderr)
 
 
+def apply_switch_interval() -> None:
+    """VLM_TRITON_SWITCH_INTERVAL=S sets this stub's `sys.setswitchinterval(S)` (Python's default is 0.005 s: how
+    long a thread waiting for the GIL lets the holder run before asking it to let go)."""
+    value = os.environ.get("VLM_TRITON_SWITCH_INTERVAL")
+    if value:
+        sys.setswitchinterval(float(value))
+
+
+def log_engine_timing(engine: Any, outbox_timing: Any, model_name: str) -> None:
+    """VLM_TRITON_STEP_STATS=N: log where the llm's engine loop and outbox spent their time every N seconds."""
+    period = os.environ.get("VLM_TRITON_STEP_STATS")
+    if not period:
+        return
+
+    def run() -> None:
+        while True:
+            time.sleep(float(period))
+            parts = {**engine.timing.take(), **{f"outbox_{k}": v for k, v in outbox_timing.take().items()}}
+            if parts:
+                summary = ", ".join(f"{k} {v['count']}x {v['mean_ms']:.3f}/{v['max_ms']:.1f} ms"
+                                    for k, v in sorted(parts.items()))
+                print(f"[{model_name} timing] {summary}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=run, name="timing-log", daemon=True).start()
+
+
 _TRACE_DIR = os.environ.get("VLM_TRITON_TRACE_DIR")
 
 
@@ -62,6 +88,7 @@ def trace(message: str) -> None:
 
 def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
     enable_thread_dumps(args["model_name"])  # every stage loads its deployment first
+    apply_switch_interval()
     model_config = json.loads(args["model_config"])
     return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
 

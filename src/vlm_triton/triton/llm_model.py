@@ -23,6 +23,7 @@ from vlm_triton.triton.common import (
     load_deployment,
     log,
     load_family,
+    log_engine_timing,
     requested_outputs,
     response_of,
     torch_device_dtype,
@@ -67,6 +68,7 @@ class TritonPythonModel:
             dtype=dtype,
             vocab_size=family.vocab_size,
             use_cuda_graphs=cfg.engine.cuda_graphs,
+            compile_pointwise=cfg.engine.compile_pointwise,
         )
         self._active: dict[str, _Active] = {}
         self._by_client: dict[str, set[str]] = {}
@@ -80,6 +82,7 @@ class TritonPythonModel:
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc))
         self.engine.start(self.outbox.put)
+        log_engine_timing(self.engine, self.outbox.timing, args["model_name"])
 
     def finalize(self) -> None:
         self.engine.shutdown()

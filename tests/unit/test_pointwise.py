@@ -1,0 +1,57 @@
+"""engine/pointwise.py: the functions it compiles are transformers' own maths (checked eagerly, bit for bit, on
+CPU; the compiled path runs under CUDA graphs in test_engine's CUDA tests)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2Config
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+from vlm_triton.engine.pointwise import _is_rms_norm, _is_silu_mlp, rms_norm, rotary, silu_mul
+from vlm_triton.engine.timing import StepTiming
+
+
+def _config() -> Qwen2Config:
+    return Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=1, vocab_size=50)
+
+
+def test_rms_norm_is_qwen2s() -> None:
+    torch.manual_seed(0)
+    norm = qwen2.Qwen2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 64).to(dtype)
+        n = norm.to(dtype)
+        assert torch.equal(rms_norm(x, n.weight, n.variance_epsilon), n(x))
+    assert _is_rms_norm(norm)
+
+
+def test_rotary_is_apply_rotary_pos_emb() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16)
+    rope = qwen2.Qwen2RotaryEmbedding(_config())
+    cos, sin = rope(q, torch.arange(7).view(1, -1).expand(2, -1))
+    got, want = rotary(q, k, cos, sin), qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_silu_mul_is_the_mlp_activation() -> None:
+    torch.manual_seed(0)
+    mlp = qwen2.Qwen2MLP(_config())
+    x = torch.randn(3, 64)
+    want = mlp(x)
+    got = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+    assert torch.equal(got, want)
+    assert _is_silu_mlp(mlp)
+
+
+def test_step_timing_reports_and_resets() -> None:
+    timing = StepTiming()
+    for seconds in (0.001, 0.003):
+        timing.add("decode", seconds)
+    parts = timing.take()
+    assert parts["decode"]["count"] == 2
+    assert abs(parts["decode"]["mean_ms"] - 2.0) < 1e-9 and abs(parts["decode"]["max_ms"] - 3.0) < 1e-9
+    assert timing.take() == {}
