@@ -24,17 +24,7 @@ from vlm_triton.engine.types import GenerationRequest
 
 
 def graph_ms(engine, bucket: int, kv_len: int, reps: int = 50) -> float:
-    graphs = engine._graphs
-    for _ in range(3):
-        graphs.replay(bucket, kv_len)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graphs.replay(bucket, kv_len)
-    end.record()
-    torch.cuda.synchronize()
-    engine.cache.set_idle()
-    return start.elapsed_time(end) / reps
+    return engine._graphs.time_replay(bucket, kv_len, reps)
 
 
 def fill(engine, n: int, prompt_len: int, max_new: int) -> None:

@@ -398,3 +398,8 @@ def test_step_timing_counts_decode_steps() -> None:
     parts = engine.timing.take()
     assert {"decode_prepare", "decode_run_and_wait", "decode_accept"} <= set(parts)
     assert parts["decode_run_and_wait"]["count"] == 3  # the first token comes from the prefill
+
+
+def test_describe_names_attention_and_kernels() -> None:
+    line = make_engine(_tiny("qwen2")).describe()
+    assert "attention vlm_slot" in line and "pointwise eager" in line

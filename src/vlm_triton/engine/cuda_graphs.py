@@ -66,3 +66,16 @@ class DecodeGraphs:
         graph, logits = self.graphs[(bucket, kv_len)]
         graph.replay()
         return logits
+
+    def time_replay(self, bucket: int, kv_len: int, reps: int = 20) -> float:
+        """Milliseconds per replay of one captured step (CUDA events), for logs and benchmarks."""
+        for _ in range(3):
+            self.replay(bucket, kv_len)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            self.replay(bucket, kv_len)
+        end.record()
+        torch.cuda.synchronize(self.engine.device)
+        self.engine.cache.set_idle()
+        return float(start.elapsed_time(end)) / reps

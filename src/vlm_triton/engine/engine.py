@@ -132,6 +132,19 @@ class LLMEngine:
         if use_cuda_graphs and self.device.type == "cuda":
             self._graphs = DecodeGraphs.capture(self)
 
+    def describe(self) -> str:
+        """One line for the serving log: attention, kernels and, on CUDA, the captured step's time at batch 1."""
+        parts = [f"attention {getattr(self.backbone.config, '_attn_implementation', '?')}",
+                 f"pointwise {self.pointwise or 'eager'}"]
+        if self.device.type == "cuda":
+            parts.append(f"cudnn {torch.backends.cudnn.version()} sdp cudnn/flash/efficient/math "
+                         f"{torch.backends.cuda.cudnn_sdp_enabled()}/{torch.backends.cuda.flash_sdp_enabled()}/"
+                         f"{torch.backends.cuda.mem_efficient_sdp_enabled()}/{torch.backends.cuda.math_sdp_enabled()}")
+            if self._graphs is not None:
+                ms = {k: self._graphs.time_replay(1, k) for k in (self.kv_buckets[0], self.kv_buckets[-1])}
+                parts.append("graph b1 " + ", ".join(f"kv{k} {v:.2f} ms" for k, v in ms.items()))
+        return "; ".join(parts)
+
     # --- public API -------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
         """Validate and queue a request (thread-safe). Raises InvalidRequest."""
