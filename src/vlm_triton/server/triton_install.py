@@ -28,18 +28,37 @@ class TritonInstall:
     source: str  # "env", "system" or "nvidia-pytriton"
     lib_dirs: tuple[Path, ...] = ()  # extra shared-library directories (the wheel's bundled libs)
 
-    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+    def environment(self, base: dict[str, str] | None = None, libpython_dir: Path | None = None) -> dict[str, str]:
         """Environment in which the Python backend stub embeds this interpreter.
 
-        The stub runs `python3` from PATH in isolated mode and needs libpython on LD_LIBRARY_PATH.
+        The stub runs `python3` from PATH in isolated mode and needs libpython on LD_LIBRARY_PATH. Putting the
+        interpreter's whole LIBDIR there (/usr/lib/x86_64-linux-gnu for a distribution Python) would also put that
+        directory's other libraries ahead of the ones torch ships: on a GPU image with a system cuDNN, torch in the
+        stub then ran with the older cuDNN and lost its cuDNN attention kernels (2.7x slower decode at a 4k KV).
+        So pass `libpython_dir` (see `libpython_dir`): a directory holding only a link to libpython.
         """
         env = dict(os.environ if base is None else base)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
-        libdir = sysconfig.get_config_var("LIBDIR") or ""
-        parts = [libdir, *map(str, self.lib_dirs), env.get("LD_LIBRARY_PATH", "")]
+        first = str(libpython_dir) if libpython_dir is not None else sysconfig.get_config_var("LIBDIR") or ""
+        parts = [first, *map(str, self.lib_dirs), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
         return env
+
+
+def libpython_dir(work_dir: Path) -> Path | None:
+    """`work_dir`/libpython with a link to this interpreter's shared libpython (None when it has none in
+    LIBDIR, e.g. a static build: then the caller's LD_LIBRARY_PATH must provide it)."""
+    name = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    source = Path(sysconfig.get_config_var("LIBDIR") or "") / name
+    if not source.is_file():
+        return None
+    directory = Path(work_dir) / "libpython"
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / name
+    if not link.exists():
+        link.symlink_to(source.resolve())
+    return directory
 
 
 def _pytriton_root() -> Path | None:

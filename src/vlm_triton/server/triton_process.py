@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vlm_triton.errors import SetupError
-from vlm_triton.server.triton_install import TritonInstall, find_tritonserver, prepare_backends
+from vlm_triton.server.triton_install import TritonInstall, find_tritonserver, libpython_dir, prepare_backends
 
 _PR_SET_PDEATHSIG = 1
 
@@ -99,7 +99,7 @@ class TritonServer:
             self.command(backends),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=install.environment(),
+            env=install.environment(libpython_dir=libpython_dir(self._work_dir)),
             preexec_fn=_detach_and_die_with_parent,
         )
         log.close()
