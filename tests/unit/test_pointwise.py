@@ -55,3 +55,22 @@ def test_step_timing_reports_and_resets() -> None:
     assert parts["decode"]["count"] == 2
     assert abs(parts["decode"]["mean_ms"] - 2.0) < 1e-9 and abs(parts["decode"]["max_ms"] - 3.0) < 1e-9
     assert timing.take() == {}
+
+
+def test_patched_model_generates_the_same_tokens(monkeypatch) -> None:  # noqa: ANN001
+    """The patching itself (decode-only dispatch, prefill on the eager modules) on CPU, with torch.compile
+    replaced by the identity: `generate` must not change."""
+    import vlm_triton.engine.pointwise as pointwise
+
+    torch.manual_seed(0)
+    model = qwen2.Qwen2ForCausalLM(_config()).eval()
+    ids = torch.randint(0, 50, (1, 7))
+    want = model.generate(ids, do_sample=False, max_new_tokens=6)
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=True: fn)
+    try:
+        counts = pointwise.compile_pointwise(model.model, torch.device("cpu"))
+        got = model.generate(ids, do_sample=False, max_new_tokens=6)
+    finally:
+        pointwise.restore_rotary()
+    assert counts == {"norms": 3, "mlps": 1, "rope_modules": 1}
+    assert torch.equal(got, want)
