@@ -63,7 +63,7 @@ def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new
 
 def variant_sweep(engine, names: list[str], out: Path) -> None:
     from vlm_triton.engine.pointwise import compile_pointwise
-    from vlm_triton.engine.attention import set_decode_backends
+    from vlm_triton.engine.attention import set_decode_backend
     from vlm_triton.engine.cuda_graphs import DecodeGraphs
 
     batches = [b for b in (1, 8, 64) if b in engine.buckets]
@@ -82,7 +82,7 @@ def variant_sweep(engine, names: list[str], out: Path) -> None:
                 counts = compile_pointwise(engine.backbone, engine.device)
                 pointwise = True
                 print(f"(pointwise compiled: {counts}, {time.perf_counter() - t:.1f} s)", flush=True)
-            set_decode_backends(backend)
+            set_decode_backend(backend)
             engine._graphs = None
             torch.cuda.empty_cache()
             t = time.perf_counter()

@@ -22,15 +22,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from benchmarks.models import make_model
+from benchmarks.probe_stack import tensor
 from benchmarks.stack import Stack, deployment
 from benchmarks.workloads import Workload, make_workloads, prepare_workloads
 from vlm_triton.families import open_family
-
-
-def _input(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value)
-    return t
 
 
 def timed_stream(url: str, model: str, inputs: list[grpcclient.InferInput], count_output: str,
@@ -67,16 +62,16 @@ def timed_stream(url: str, model: str, inputs: list[grpcclient.InferInput], coun
 
 def llm_inputs(ids: np.ndarray, out_tokens: int, table: np.ndarray | None, table_dtype: str = "BF16"
                ) -> list[grpcclient.InferInput]:
-    scalar = lambda name, v, dt, npdt: _input(name, np.array([[v]], dtype=npdt), dt)  # noqa: E731
+    scalar = lambda name, v, dt, npdt: tensor(name, np.array([[v]], dtype=npdt), dt)
     inputs = [
-        _input("input_ids", ids.reshape(1, -1).astype(np.int32), "INT32"),
+        tensor("input_ids", ids.reshape(1, -1).astype(np.int32), "INT32"),
         scalar("input_lengths", ids.shape[0], "INT32", np.int32),
         scalar("request_output_len", out_tokens, "INT32", np.int32),
         scalar("end_id", -1, "INT32", np.int32),
         scalar("streaming", True, "BOOL", np.bool_),
     ]
     if table is not None:
-        inputs.append(_input("prompt_embedding_table", table.astype(np.float16 if table_dtype == "FP16" else np.float32),
+        inputs.append(tensor("prompt_embedding_table", table.astype(np.float16 if table_dtype == "FP16" else np.float32),
                              table_dtype))
         inputs.append(scalar("prompt_vocab_size", table.shape[1], "INT32", np.int32))
     return inputs
@@ -84,10 +79,10 @@ def llm_inputs(ids: np.ndarray, out_tokens: int, table: np.ndarray | None, table
 
 def bls_inputs(messages: list[dict[str, Any]], out_tokens: int) -> list[grpcclient.InferInput]:
     return [
-        _input("messages", np.array([json.dumps(messages).encode()], dtype=object), "BYTES"),
-        _input("max_tokens", np.array([out_tokens], np.int32), "INT32"),
-        _input("stream", np.array([True]), "BOOL"),
-        _input("ignore_eos", np.array([True]), "BOOL"),
+        tensor("messages", np.array([json.dumps(messages).encode()], dtype=object), "BYTES"),
+        tensor("max_tokens", np.array([out_tokens], np.int32), "INT32"),
+        tensor("stream", np.array([True]), "BOOL"),
+        tensor("ignore_eos", np.array([True]), "BOOL"),
     ]
 
 
@@ -108,7 +103,7 @@ def main() -> None:
     ws = make_workloads(media)
     prepare_workloads(ckpt, ws, media, w2_prompt_tokens=512)
     ws["T1"] = Workload("T1", "text as long as W1", [{"role": "user", "content": ""}], args.out_tokens)
-    prepare_workloads(ckpt, {"W2": ws["T1"]}, media, w2_prompt_tokens=ws["W1"].prompt_tokens)
+    prepare_workloads(ckpt, {"T1": ws["T1"]}, media, text_tokens={"T1": ws["W1"].prompt_tokens})
     family = open_family(ckpt)
     cfg = deployment(ckpt, media, max_slots=64, max_seq_len=4096, device=args.device, instances=4)
     cfg = cfg.replace(triton={"bls_detokenize": args.bls_detokenize, "bls_instances": args.bls_instances})

@@ -68,10 +68,10 @@ def make_workloads(media_dir: Path, out_tokens: dict[str, int] | None = None) ->
     }
 
 
-def prepare_workloads(ckpt: Path, workloads: dict[str, Workload], media_dir: Path, w2_prompt_tokens: int = 512
-                      ) -> None:
-    """Run the family's preprocess on each workload (the exact ids/tiles the server will see); size W2's text so
-    that its prompt is exactly `w2_prompt_tokens` tokens."""
+def prepare_workloads(ckpt: Path, workloads: dict[str, Workload], media_dir: Path, w2_prompt_tokens: int = 512,
+                      text_tokens: dict[str, int] | None = None) -> None:
+    """Run the family's preprocess on each workload (the exact ids/tiles the server will see); size the text of the
+    workloads in `text_tokens` (default: W2, `w2_prompt_tokens`) so that each prompt is exactly that many tokens."""
     from vlm_triton.families import open_family
     from vlm_triton.families.base import PreprocessLimits
     from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
@@ -84,14 +84,14 @@ def prepare_workloads(ckpt: Path, workloads: dict[str, Workload], media_dir: Pat
     def prep(messages: list[dict[str, Any]]) -> Any:
         return family.prepare(parse_messages(json.dumps(messages)), media, limits)
 
-    w2 = workloads["W2"]
-    words = 0
-    for _ in range(8):
-        w2.messages = [{"role": "user", "content": "Summarize:" + " the" * words}]
-        got = prep(w2.messages).input_ids.shape[0]
-        if got == w2_prompt_tokens:
-            break
-        words = max(0, words + w2_prompt_tokens - got)
+    for name, target in (text_tokens if text_tokens is not None else {"W2": w2_prompt_tokens}).items():
+        w, words = workloads[name], 0
+        for _ in range(8):
+            w.messages = [{"role": "user", "content": "Summarize:" + " the" * words}]
+            got = prep(w.messages).input_ids.shape[0]
+            if got == target:
+                break
+            words = max(0, words + target - got)
     for w in workloads.values():
         p = prep(w.messages)
         w.input_ids = np.asarray(p.input_ids, dtype=np.int64)

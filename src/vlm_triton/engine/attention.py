@@ -10,8 +10,8 @@ runs, so that grouped-query attention never materialises repeated K/V:
   needs no mask and so can use the flash kernel.
 Anything else (a prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
 
-`set_decode_backends` restricts the SDPA kernels the decode branch may use (torch's default choice on an H100 is
-cuDNN, whose time grows with the KV bucket at small batches: it does not split the keys across blocks).
+`set_decode_backend` pins the SDPA kernel of the decode branch (for `benchmarks/engine_profile.py --variants`; on an
+H100 torch's own choice, cuDNN, was the fastest at every batch and KV bucket measured).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DECODE_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient
 _decode_backend: SDPBackend | None = None
 
 
-def set_decode_backends(name: str) -> None:
+def set_decode_backend(name: str) -> None:
     """The SDPA kernel for decode steps: 'auto' (torch's choice), 'cudnn', 'efficient' or 'math'. Applies to
     steps traced or captured afterwards (CUDA graphs keep the kernel they were captured with)."""
     global _decode_backend

@@ -37,7 +37,7 @@ from vlm_triton.engine.attention import use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.sampling import sample_tokens
-from vlm_triton.engine.timing import StepTiming
+from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.types import ActiveRequest, FinishReason, GenerationRequest, TokenEvent, prepare_request
 from vlm_triton.errors import InvalidRequest, SetupError
 
@@ -132,19 +132,6 @@ class LLMEngine:
         if use_cuda_graphs and self.device.type == "cuda":
             self._graphs = DecodeGraphs.capture(self)
 
-    def describe(self) -> str:
-        """One line for the serving log: attention, kernels and, on CUDA, the captured step's time at batch 1."""
-        parts = [f"attention {getattr(self.backbone.config, '_attn_implementation', '?')}",
-                 f"pointwise {self.pointwise or 'eager'}"]
-        if self.device.type == "cuda":
-            parts.append(f"cudnn {torch.backends.cudnn.version()} sdp cudnn/flash/efficient/math "
-                         f"{torch.backends.cuda.cudnn_sdp_enabled()}/{torch.backends.cuda.flash_sdp_enabled()}/"
-                         f"{torch.backends.cuda.mem_efficient_sdp_enabled()}/{torch.backends.cuda.math_sdp_enabled()}")
-            if self._graphs is not None:
-                ms = {k: self._graphs.time_replay(1, k) for k in (self.kv_buckets[0], self.kv_buckets[-1])}
-                parts.append("graph b1 " + ", ".join(f"kv{k} {v:.2f} ms" for k, v in ms.items()))
-        return "; ".join(parts)
-
     # --- public API -------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
         """Validate and queue a request (thread-safe). Raises InvalidRequest."""
@@ -198,27 +185,20 @@ class LLMEngine:
     def run_forever(self, callback: EventCallback) -> None:
         """Step while there is work, sleep while there is none, until shutdown(); exceptions of a step fail the
         running requests ('error' events) and the loop goes on. On shutdown, outstanding requests are cancelled."""
-        last = None
         while True:
             with self._cond:
                 while not self._stopping and not (self._waiting or self._active or self._cancels):
                     self._cond.wait()
-                    last = None
                 if self._stopping:
                     break
             t = time.perf_counter()
-            if last is not None:
-                self.timing.add("between_steps", t - last)
             try:
                 events = self.step()
             except Exception as exc:  # a server fault: fail what was running, keep serving
                 logger.exception("engine step failed")
                 events = self._fail_running(exc)
-            t1 = time.perf_counter()
+            self.timing.add("step", time.perf_counter() - t)
             self._emit(callback, events)
-            last = time.perf_counter()
-            self.timing.add("step", t1 - t)
-            self.timing.add("emit", last - t1)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         events = [self._finish_event(s, "cancelled") for s in waiting]

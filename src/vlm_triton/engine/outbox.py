@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from vlm_triton.engine.timing import StepTiming
+from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.types import TokenEvent
 
 

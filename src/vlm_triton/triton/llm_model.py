@@ -4,7 +4,6 @@ engine. Decoupled: execute() only queues; the engine thread sends each request's
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.engine.engine import LLMEngine
+from vlm_triton.engine.observe import describe
 from vlm_triton.engine.outbox import Delivery, Outbox
 from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
@@ -83,9 +83,7 @@ class TritonPythonModel:
         )
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc))
-        if os.environ.get("VLM_TRITON_STEP_STATS"):
-            print(f"[{args['model_name']}] engine: {self.engine.describe()}; "
-                  f"LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')}", file=sys.stderr, flush=True)
+        print(f"[{args['model_name']}] engine: {describe(self.engine)}", file=sys.stderr, flush=True)
         self.engine.start(self.outbox.put)
         log_engine_timing(self.engine, self.outbox.timing, args["model_name"])
 
