@@ -203,6 +203,22 @@ def perf_analyzer_view(stack: Any, ws: dict[str, Any], meta: dict[str, Any], dea
     return rows
 
 
+def overrides(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """['triton.bls_instances=2', ...] -> {'triton': {'bls_instances': 2}} (values parsed as JSON, else strings)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            raise SystemExit(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sections.setdefault(section, {})[name] = value
+    return sections
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="internvl3-1b")
@@ -215,6 +231,10 @@ def main() -> None:
     ap.add_argument("--max-slots", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--time-cap-s", type=float, default=25.0, help="per sweep point")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override the stack's deployment config (repeatable), e.g. triton.bls_instances=2")
+    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    ap.add_argument("--stack-workloads", default="W2,W1,W3")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--phase-arg", default="", help=argparse.SUPPRESS)
@@ -256,13 +276,13 @@ def main() -> None:
     arrays = {f"{n}_ids": w.input_ids for n, w in ws.items()}
     arrays.update({f"{n}_pix": w.pixel_values for n, w in ws.items() if w.pixel_values is not None})
     np.savez(state / "workloads.npz", **arrays)
-    conc = [1, 2] if args.smoke else CONCURRENCY
+    conc = [1, 2] if args.smoke else [int(c) for c in args.concurrency.split(",")]
     meta = {
         "checkpoint": str(ckpt), "device": args.device, "dtype": "bfloat16" if args.device != "cpu" else "float32",
         "deadline": deadline, "smoke": args.smoke, "concurrency": conc, "max_slots": args.max_slots,
         "max_seq_len": args.max_seq_len, "time_cap_s": args.time_cap_s,
-        "engine_workloads": ["W2", "W1", "W3"], "stack_workloads": ["W2", "W1", "W3"],
-        "non_stream_concurrency": [1, 2] if args.smoke else [16, 64],
+        "engine_workloads": ["W2", "W1", "W3"], "stack_workloads": args.stack_workloads.split(","),
+        "non_stream_concurrency": [1, 2] if args.smoke else [c for c in (16, 64) if c in conc],
         "workloads": {n: {"description": w.description, "messages": w.messages, "max_tokens": w.max_tokens}
                       for n, w in ws.items()},
     }
@@ -281,6 +301,8 @@ def main() -> None:
 
         cfg = deployment(ckpt, media, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                          device=args.device, instances=2 if args.smoke else 4)
+        cfg = cfg.replace(**overrides(args.set))
+        results["stack_overrides"] = args.set
         t_stack = time.perf_counter()
         stack = Stack.start(cfg, work / "stack-a", gpu, pools=True, verbose=True, log_dir=out / "stack-a")
         log("tritonserver starting (loads while the next phases run)")

@@ -53,10 +53,10 @@ def qwen() -> PreTrainedModel:
     return _tiny("qwen2")
 
 
-def make_engine(model: PreTrainedModel, max_slots: int = 8, max_seq_len: int = MAX_SEQ) -> LLMEngine:
+def make_engine(model: PreTrainedModel, max_slots: int = 8, max_seq_len: int = MAX_SEQ, **kw: Any) -> LLMEngine:
     return LLMEngine(  # small KV-length buckets: decode steps cross buckets as requests grow
         model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu", dtype=torch.float32, vocab_size=VOCAB,
-        min_kv_bucket=16,
+        min_kv_bucket=16, **kw,
     )
 
 
@@ -112,18 +112,27 @@ def drain_one(engine: LLMEngine, req: GenerationRequest) -> list[TokenEvent]:
     return drain(engine)[req.request_id]
 
 
-def test_ragged_batch_matches_generate(model: PreTrainedModel) -> None:
-    engine = make_engine(model)
+# prompts of 3, 17, 1, 30 and 8 tokens -> prefill batches by the token budget (count x longest prompt); a prompt
+# longer than the budget goes alone
+@pytest.mark.parametrize("budget,batches", [(8192, [5]), (40, [2, 1, 1, 1]), (20, [1, 1, 1, 1, 1])])
+def test_ragged_batch_matches_generate(model: PreTrainedModel, budget: int, batches: list[int]) -> None:
+    engine = make_engine(model, prefill_tokens=budget)
     reqs = [
         greedy(f"r{i}", prompt(10 + i, n), m) for i, (n, m) in enumerate([(3, 14), (17, 9), (1, 12), (30, 16), (8, 5)])
     ]
     for r in reqs:
         engine.add_request(r)
-    events = drain(engine)
+    admitted: list[int] = []
+
+    def count(step: int) -> None:
+        admitted.append(engine.prefill_requests - sum(admitted))
+
+    events = drain(engine, count)
     for r in reqs:
         check_events(events[r.request_id])
         assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
     assert engine.active_slots() == {}
+    assert [n for n in admitted if n] == batches and engine.prefill_batches == len(batches)
 
 
 # --- (c) requests join mid-flight and leave at different times; slots are compacted ------------------------------------

@@ -45,7 +45,9 @@ class EngineSection:
     pipeline_parallel: int = 1  # LLM layer stages (world size = tensor_parallel * pipeline_parallel)
     weight_only: str = ""  # "" | int8 | int4: weight-only quantization of the LLM (convert_checkpoint.py)
     max_input_len: int = 0  # prompt tokens per request, images included; 0: max_seq_len - 1
-    max_num_tokens: int = 0  # tokens per engine step; 0: max_input_len
+    # tokens per engine step (torch: one prefill batch, count x longest prompt; a longer prompt goes alone);
+    # 0: max_input_len
+    max_num_tokens: int = 0
     batch_scheduler_policy: str = "guaranteed_no_evict"  # | max_utilization
     vision_gpu: int = 0  # the GPU the vision plan runs on
 
@@ -121,6 +123,11 @@ class DeploymentConfig:
         return self.engine.max_input_len or self.engine.max_seq_len - 1
 
     @property
+    def max_step_tokens(self) -> int:
+        """Tokens one engine step may prefill (engine.max_num_tokens, default the prompt limit)."""
+        return self.engine.max_num_tokens or self.max_prompt_tokens
+
+    @property
     def world_size(self) -> int:
         """LLM ranks (GPUs) of the trtllm profile."""
         return self.engine.tensor_parallel * self.engine.pipeline_parallel
@@ -165,6 +172,7 @@ class DeploymentConfig:
             (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
+            (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,

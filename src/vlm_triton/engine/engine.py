@@ -4,8 +4,10 @@ Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot freed);
 2. runs one batched decode step for the running requests, which occupy slots 0..n-1 (compact), padded to a
    batch-size bucket (a power of two, or max_slots) whose extra rows are free slots masked to position 0;
-3. admits waiting requests while slots are free: one prefill per request, written into its slot, which yields
-   its first token.
+3. admits waiting requests in arrival order while slots are free, as one batched prefill of at most
+   `prefill_tokens` tokens (prompts right-padded to the longest; a longer prompt alone), written into their
+   slots, which yields their first tokens. The rest wait for the next step, so decoding goes on between
+   prefill batches.
 Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
 moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
 
@@ -68,11 +70,13 @@ class LLMEngine:
         lm_head: nn.Module | None = None,
         min_kv_bucket: int = MIN_KV_BUCKET,
         compile_pointwise: bool = False,
+        prefill_tokens: int = 8192,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
-        fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py)."""
+        fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py). `prefill_tokens` bounds
+        a prefill batch (batch x longest prompt)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         self.backbone: nn.Module = backbone if backbone is not None else cast(nn.Module, model.model)
@@ -84,6 +88,7 @@ class LLMEngine:
         config: Any = self.backbone.config
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
+        self.prefill_tokens = max(int(prefill_tokens), 1)
         self.embed: nn.Module = cast(Any, self.backbone).get_input_embeddings()
         rows, self.hidden_size = (int(d) for d in cast(torch.Tensor, self.embed.weight).shape)
         if vocab_size > rows:
@@ -121,6 +126,7 @@ class LLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.slot_moves = 0  # compaction copies so far (observability, tests)
+        self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they carried
         self.timing = StepTiming()
         self.pointwise: dict[str, int] = {}
         if compile_pointwise and self.device.type == "cuda":
@@ -174,13 +180,24 @@ class LLMEngine:
             self._release(seq)
         if self._active:
             events += self._decode_step()
-        while len(self._active) < self.max_slots:
-            with self._cond:
-                if not self._waiting:
-                    break
-                seq = self._waiting.popleft()
-            events.append(self._prefill(seq))
+        batch = self._admit()
+        if batch:
+            events += self._prefill(batch)
         return events
+
+    def _admit(self) -> list[ActiveRequest]:
+        """Pop the next prefill batch: waiting requests in arrival order while slots are free and the padded batch
+        (count x longest prompt) stays within prefill_tokens; the first one always goes."""
+        batch: list[ActiveRequest] = []
+        longest = 0
+        with self._cond:
+            while self._waiting and len(self._active) + len(batch) < self.max_slots:
+                n = max(longest, self._waiting[0].prompt_len)
+                if batch and n * (len(batch) + 1) > self.prefill_tokens:
+                    break
+                batch.append(self._waiting.popleft())
+                longest = n
+        return batch
 
     def run_forever(self, callback: EventCallback) -> None:
         """Step while there is work, sleep while there is none, until shutdown(); exceptions of a step fail the
@@ -230,40 +247,57 @@ class LLMEngine:
             ~allowed, torch.finfo(self.dtype).min
         )
 
-    def _prefill(self, seq: ActiveRequest) -> TokenEvent:
-        seq.slot = len(self._active)
-        self._active.append(seq)
+    def _prefill(self, seqs: list[ActiveRequest]) -> list[TokenEvent]:
+        """One forward over the prompts of `seqs` (right-padded), into the next free slots; their first tokens."""
+        t = time.perf_counter()
+        first = len(self._active)
+        for k, seq in enumerate(seqs):
+            seq.slot = first + k
+            self._active.append(seq)
         try:
-            ids = seq.ids.to(self.device)
+            lengths = [seq.prompt_len for seq in seqs]
+            n = max(lengths)
+            ids = torch.zeros(len(seqs), n, dtype=torch.long)
+            for k, seq in enumerate(seqs):
+                ids[k, : seq.prompt_len] = seq.ids
             image = ids >= self.vocab_size
-            embeds = self.embed(ids.masked_fill(image, 0).view(1, -1))
-            if seq.table is not None and bool(image.any()):
-                rows = seq.table.to(self.device, self.dtype)[ids[image] - self.vocab_size]
-                embeds[0, image] = rows
-            n = seq.prompt_len
+            embeds = self.embed(ids.masked_fill(image, 0).to(self.device))
+            for k, seq in enumerate(seqs):
+                if seq.table is not None and bool(image[k].any()):
+                    rows = ids[k, image[k]] - self.vocab_size
+                    embeds[k, image[k].to(self.device)] = seq.table.to(self.device, self.dtype)[rows.to(self.device)]
             causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().view(1, 1, n, n)
-            self.cache.set_prefill(seq.slot)
+            self.cache.set_prefill(first)
             out = self.backbone(
                 inputs_embeds=embeds,
-                position_ids=torch.arange(n, device=self.device).view(1, -1),
+                position_ids=torch.arange(n, device=self.device).expand(len(seqs), n),
                 attention_mask=self._mask(causal),
                 past_key_values=self.cache,
                 use_cache=True,
             )
-            logits = self.lm_head(out.last_hidden_state[:, -1])
+            last = torch.tensor(lengths, device=self.device) - 1
+            logits = self.lm_head(out.last_hidden_state[torch.arange(len(seqs), device=self.device), last])
             self.cache.set_idle()
-            self._init_penalty_state(seq, int(logits.shape[-1]))
-            s = seq.slot
-            seen = self._seen[s : s + 1] if self._seen is not None else None
-            counts = self._counts[s : s + 1] if self._counts is not None else None
-            token = sample_tokens(logits, [seq.params], [seq.generator], seen, counts)
-            return self._accept([seq], token.tolist())[0]
+            for seq in seqs:
+                self._init_penalty_state(seq, int(logits.shape[-1]))
+            rows = slice(first, first + len(seqs))
+            token = sample_tokens(
+                logits, [s.params for s in seqs], [s.generator for s in seqs],
+                None if self._seen is None else self._seen[rows], None if self._counts is None else self._counts[rows],
+            )  # fmt: skip
+            events = self._accept(seqs, token.tolist())
+            self.prefill_batches += 1
+            self.prefill_requests += len(seqs)
+            self.timing.add("prefill", time.perf_counter() - t)
+            return events
         except Exception as exc:
-            logger.exception("prefill of %s failed", seq.request_id)
+            logger.exception("prefill of %s failed", [s.request_id for s in seqs])
             self.cache.set_idle()
-            event = self._finish_event(seq, "error", error=f"{type(exc).__name__}: {exc}")
-            self._release(seq)
-            return event
+            message = f"{type(exc).__name__}: {exc}"
+            events = [self._finish_event(s, "error", error=message) for s in seqs]
+            for seq in sorted(seqs, key=lambda s: -s.slot):
+                self._release(seq)
+            return events
 
     def _decode_forward(self, bucket: int, kv_len: int) -> torch.Tensor:
         """Decode step over static buffers `_dec_ids[:bucket]`, `_dec_pos[:bucket]` -> logits [bucket, V].

@@ -5,8 +5,10 @@ row) from admission to completion. transformers' attention modules call
 `past_key_values.update(key_states, value_states, layer_idx)` and attend over whatever it returns; this cache
 answers according to the mode the engine set before the forward:
 
-- prefill(slot, start): the batch is one request (batch dim 1); its keys are written at positions
-  [start, start + q_len) of the slot, and the slot's [0, start + q_len) prefix is returned.
+- prefill(slot, start): the batch is B requests in the consecutive slots [slot, slot + B), their prompts right-padded
+  to one length q_len; the keys are written at positions [start, start + q_len) of each slot and the slots'
+  [0, start + q_len) prefixes are returned. Positions past a row's own prompt hold padding keys, which the decode
+  masks hide and later tokens overwrite.
 - decode(bucket, positions, kv_len): the batch is slots [0, bucket), one query token each; row b's key goes to
   `positions[b]` (a scatter, no host sync) and K/V[:bucket, :, :kv_len] is returned. The caller supplies a 4D
   attention mask that hides the positions beyond each row's length. `positions` may be a static buffer so that
@@ -62,12 +64,11 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         keys, values, mode = self.keys, self.values, self.mode
         assert keys is not None and values is not None
         if mode.kind == "prefill":
-            if key_states.shape[0] != 1:
-                raise RuntimeError("prefill runs one request at a time")
+            rows = slice(mode.slot, mode.slot + key_states.shape[0])
             end = mode.start + key_states.shape[2]
-            keys[mode.slot, :, mode.start : end] = key_states[0]
-            values[mode.slot, :, mode.start : end] = value_states[0]
-            return keys[mode.slot : mode.slot + 1, :, :end], values[mode.slot : mode.slot + 1, :, :end]
+            keys[rows, :, mode.start : end] = key_states
+            values[rows, :, mode.start : end] = value_states
+            return keys[rows, :, :end], values[rows, :, :end]
         if mode.kind == "decode":
             assert mode.positions is not None
             b = mode.bucket
@@ -126,6 +127,7 @@ class SlotKVCache(Cache):
 
     # --- modes, set by the engine around each forward -------------------------------------------------------------
     def set_prefill(self, slot: int, start: int = 0) -> None:
+        """The next forward prefills slots [slot, slot + batch) from position `start`."""
         self.mode.kind, self.mode.slot, self.mode.start = "prefill", slot, start
 
     def set_decode(self, bucket: int, positions: torch.Tensor, kv_len: int) -> None:

@@ -71,6 +71,7 @@ class TritonPythonModel:
             vocab_size=family.vocab_size,
             use_cuda_graphs=cfg.engine.cuda_graphs,
             compile_pointwise=cfg.engine.compile_pointwise,
+            prefill_tokens=cfg.max_step_tokens,
         )
         self._active: dict[str, _Active] = {}
         self._by_client: dict[str, set[str]] = {}
