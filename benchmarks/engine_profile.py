@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the step timing only (tiny preset)")
     ap.add_argument("--eager-pointwise", action="store_true", help="engine.compile_pointwise off")
-    ap.add_argument("--variants", default="", help="comma list: auto|cudnn|efficient|math[+pointwise]")
+    ap.add_argument("--variants", default="", help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from vlm_triton.engine import attention
 from vlm_triton.engine import GenerationRequest, LLMEngine, TokenEvent, parse_stop_words_list
 from vlm_triton.engine.types import TokenIds
 from vlm_triton.errors import InvalidRequest
@@ -345,3 +347,33 @@ def test_background_loop_blocks_when_idle(qwen: PreTrainedModel) -> None:
     assert tokens(got["x"]) == hf_greedy(qwen, prompt(80, 5), 6)
     assert tokens(got["y"]) == hf_greedy(qwen, prompt(81, 9), 9)
     assert got["z"][-1].finished and got["z"][-1].finish_reason in ("cancelled", "length")
+
+
+# --- (e) the varlen decode path's inputs (cache row view, used lengths, row offsets), checked on the CPU -------------
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_varlen_decode_inputs_match_generate(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the decode attention is FA2's varlen kernel over the cache's rows (engine/attention.py); here a
+    plain per-row SDPA over exactly the rows [cu_k[b], cu_k[b] + lengths[b]) stands in for the kernel, so the
+    engine's row view, lengths and offsets must reproduce `generate` token for token."""
+    model = _tiny(kind)
+    calls: list[int] = []
+
+    def varlen_reference(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                         rows: attention.DecodeRows, kv_len: int, scale: float) -> torch.Tensor:
+        out = []
+        for b in range(query.shape[0]):
+            start, n = int(rows.cu_k[b]), int(rows.lengths[b])
+            assert 1 <= n <= kv_len and int(rows.cu_q[b]) == b
+            k, v = (t[start : start + n].transpose(0, 1)[None] for t in (k_rows, v_rows))
+            o = F.scaled_dot_product_attention(query[b : b + 1], k, v, scale=scale, enable_gqa=True)
+            out.append(o.transpose(1, 2))
+        calls.append(query.shape[0])
+        return torch.cat(out)
+
+    monkeypatch.setattr(attention, "_flash_applies", lambda query: True)
+    monkeypatch.setattr(attention, "flash_decode", varlen_reference)
+    plan = join_plan(70)
+    events = run_plan(make_engine(model, max_slots=4), plan)
+    assert calls  # every decode step went through the varlen path
+    for r in [r for rs in plan.values() for r in rs]:
+        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id

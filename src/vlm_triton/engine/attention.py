@@ -3,19 +3,24 @@
 Same maths as transformers' `sdpa` attention (bool masks, True = attend), arranged for the two shapes the engine
 runs, so that grouped-query attention never materialises repeated K/V:
 
-- decode (one query token per row): the query heads that share a KV head become the query-length dimension,
+- decode (one query token per row), on CUDA in fp16/bf16 when the engine passes `slot_decode` (a `DecodeRows`):
+  FlashAttention-2's varlen kernel (`torch.ops.aten._flash_attention_forward`) over the cache's rows, each row's
+  used length in `seqused_k`, no mask. With one query token and grouped heads FA2 splits the KV length across
+  thread blocks, which the masked SDPA kernels do not: on an H100 at batch 1 and a 4k cache 13 us per layer
+  instead of cuDNN's 68 (benchmarks/attention_micro.py, docs/benchmarks-data/h100-attention-micro.txt).
+- decode elsewhere: the query heads that share a KV head become the query-length dimension,
   [B, H, 1, D] -> [B, KVH, H/KVH, D], so one SDPA call reads each row's K/V once. transformers' sdpa repeats K/V
   per query head whenever a mask is given, which at batch 64 and a 4k cache moved ~20 GB per step.
 - prefill from position 0 (the query covers the whole key range): a plain causal SDPA with `enable_gqa`, which
   needs no mask and so can use the flash kernel.
 Anything else (a prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
 
-`set_decode_backend` pins the SDPA kernel of the decode branch (for `benchmarks/engine_profile.py --variants`; on an
-H100 torch's own choice, cuDNN, was the fastest at every batch and KV bucket measured).
+`set_decode_backend` pins the decode kernel (for `benchmarks/engine_profile.py --variants`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,18 +31,55 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "vlm_slot"
-DECODE_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                   "math": SDPBackend.MATH}
-_decode_backend: SDPBackend | None = None
+DECODE_BACKENDS = {"auto": None, "sdpa": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+_decode_backend = "auto"
 
 
 def set_decode_backend(name: str) -> None:
-    """The SDPA kernel for decode steps: 'auto' (torch's choice), 'cudnn', 'efficient' or 'math'. Applies to
-    steps traced or captured afterwards (CUDA graphs keep the kernel they were captured with)."""
+    """The kernel of decode steps: 'auto' (FA2 varlen where it applies, else torch's SDPA choice), 'sdpa' (torch's
+    SDPA choice), or an SDPA kernel: 'cudnn', 'efficient', 'math'. Applies to steps traced or captured afterwards
+    (CUDA graphs keep the kernel they were captured with)."""
     global _decode_backend
     if name not in DECODE_BACKENDS:
         raise ValueError(f"decode attention backend must be one of {sorted(DECODE_BACKENDS)}, got {name!r}")
-    _decode_backend = DECODE_BACKENDS[name]
+    _decode_backend = name
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """What the varlen decode kernel needs besides q/k/v, built once per decode step by the engine (int32, on the
+    device): each row's used KV length, and the offsets of the rows' slots in the cache's row view."""
+
+    lengths: torch.Tensor  # [B]: position + 1
+    cu_k: torch.Tensor  # [B + 1]: b * max_seq_len
+    cu_q: torch.Tensor  # [B + 1]: b
+
+
+def cache_rows(key: torch.Tensor) -> torch.Tensor | None:
+    """The [B * max_seq_len, KVH, D] row view behind a [B, KVH, L, D] transposed view of a rows-layout cache
+    ([slots, max_seq_len, KVH, D], kv_cache.py); None when `key` is not such a view."""
+    b, kvh, _, d = key.shape
+    row = key.stride(2)
+    if key.stride(3) != 1 or key.stride(1) != d or row != kvh * d or key.stride(0) % row:
+        return None
+    return key.as_strided((b * (key.stride(0) // row), kvh, d), (row, d, 1), key.storage_offset())
+
+
+def flash_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: DecodeRows, kv_len: int,
+                 scale: float) -> torch.Tensor:
+    """query [B, H, 1, D] and the caches' row views -> [B, 1, H, D] (FA2 varlen, split-KV for one query token)."""
+    b, h, _, d = query.shape
+    q = query.transpose(1, 2).reshape(b, h, d)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k_rows, v_rows, rows.cu_q, rows.cu_k, 1, kv_len, 0.0, False, False, scale=scale, seqused_k=rows.lengths
+    )[0]
+    return out.view(b, 1, h, d)
+
+
+def _flash_applies(query: torch.Tensor) -> bool:
+    return (_decode_backend == "auto" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256)
 
 
 def slot_attention(
@@ -55,12 +97,18 @@ def slot_attention(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError("vlm_slot attention takes bool masks (True = attend)")
+    rows = kwargs.get("slot_decode")
+    if q_len == 1 and isinstance(rows, DecodeRows) and _flash_applies(query):
+        k_rows, v_rows = cache_rows(key), cache_rows(value)
+        if k_rows is not None and v_rows is not None:
+            return flash_decode(query, k_rows, v_rows, rows, kv_len, scaling or dim**-0.5), None
     if q_len == 1 and heads % kv_heads == 0:
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // groups
-        if _decode_backend is None:
+        backend = DECODE_BACKENDS[_decode_backend]
+        if backend is None:
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
         else:
-            with sdpa_kernel(_decode_backend):
+            with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
         return out.reshape(batch, 1, heads, dim), None
     if q_len == kv_len:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
-from vlm_triton.engine.attention import use_slot_attention
+from vlm_triton.engine.attention import DecodeRows, use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.sampling import sample_tokens
@@ -116,6 +116,8 @@ class LLMEngine:
         self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
         self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
         self._kv_range = torch.arange(max_seq_len, device=self.device)
+        rows = torch.arange(max_slots + 1, dtype=torch.int32, device=self.device)
+        self._cu_q, self._cu_k = rows, rows * max_seq_len  # the varlen decode kernel's row offsets
         self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
         self._counts: torch.Tensor | None = None  # [max_slots, V] int32
         self._active: list[ActiveRequest] = []  # index == slot
@@ -304,6 +306,7 @@ class LLMEngine:
         Shapes depend only on (bucket, kv_len), so it is CUDA-graph capturable."""
         pos = self._dec_pos[:bucket]
         allowed = self._kv_range[:kv_len].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
+        rows = DecodeRows((pos + 1).to(torch.int32), self._cu_k[: bucket + 1], self._cu_q[: bucket + 1])
         self.cache.set_decode(bucket, self._dec_pos, kv_len)
         out = self.backbone(
             inputs_embeds=self.embed(self._dec_ids[:bucket]),
@@ -311,6 +314,7 @@ class LLMEngine:
             attention_mask=self._mask(allowed),
             past_key_values=self.cache,
             use_cache=True,
+            slot_decode=rows,  # reaches the attention function (engine/attention.py) through transformers' kwargs
         )
         logits: torch.Tensor = self.lm_head(out.last_hidden_state[:, -1])
         return logits

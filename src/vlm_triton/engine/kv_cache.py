@@ -1,18 +1,21 @@
 """Preallocated, slot-indexed KV cache that plugs into transformers' attention layers.
 
-Per layer K and V are [max_slots, kv_heads, max_seq_len, head_dim], allocated once. A request owns one slot (a
-row) from admission to completion. transformers' attention modules call
-`past_key_values.update(key_states, value_states, layer_idx)` and attend over whatever it returns; this cache
-answers according to the mode the engine set before the forward:
+Per layer K and V are [max_slots, max_seq_len, kv_heads, head_dim] ("rows" layout: one row per slot and
+position, so that FlashAttention's varlen decode can read every slot as a run of rows), allocated once. A request
+owns one slot from admission to completion. transformers' attention modules call
+`past_key_values.update(key_states, value_states, layer_idx)` with [B, kv_heads, q_len, head_dim] states and attend
+over whatever it returns, which is in that same [B, kv_heads, length, head_dim] form (a transposed view of the
+rows). This cache answers according to the mode the engine set before the forward:
 
 - prefill(slot, start): the batch is B requests in the consecutive slots [slot, slot + B), their prompts right-padded
   to one length q_len; the keys are written at positions [start, start + q_len) of each slot and the slots'
   [0, start + q_len) prefixes are returned. Positions past a row's own prompt hold padding keys, which the decode
-  masks hide and later tokens overwrite.
+  lengths and masks hide and later tokens overwrite.
 - decode(bucket, positions, kv_len): the batch is slots [0, bucket), one query token each; row b's key goes to
-  `positions[b]` (a scatter, no host sync) and K/V[:bucket, :, :kv_len] is returned. The caller supplies a 4D
-  attention mask that hides the positions beyond each row's length. `positions` may be a static buffer so that
-  the decode step can be captured in a CUDA graph.
+  `positions[b]` (an indexed write, no host sync) and K/V[:bucket, :kv_len] is returned. The caller supplies a
+  4D attention mask that hides the positions beyond each row's length (and, for the flash path of
+  engine/attention.py, the lengths themselves). `positions` may be a static buffer so that the decode step can be
+  captured in a CUDA graph.
 
 The engine passes an explicit 4D mask, which `masking_utils.create_causal_mask` returns as-is (its early exit for
 4D masks), so transformers' own mask sizing (`get_mask_sizes`/`get_seq_length`) is not relied on; those methods
@@ -38,6 +41,7 @@ class _Mode:
     bucket: int = 0
     kv_len: int = 0
     positions: torch.Tensor | None = None
+    batch_index: torch.Tensor | None = None  # arange(max_slots) on the device, for the decode writes
 
 
 class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
@@ -52,7 +56,7 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         self.values = values
         self.mode = mode
         self.dtype, self.device = keys.dtype, keys.device
-        self.max_cache_len = keys.shape[2]
+        self.max_cache_len = keys.shape[1]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,18 +70,20 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         if mode.kind == "prefill":
             rows = slice(mode.slot, mode.slot + key_states.shape[0])
             end = mode.start + key_states.shape[2]
-            keys[rows, :, mode.start : end] = key_states
-            values[rows, :, mode.start : end] = value_states
-            return keys[rows, :, :end], values[rows, :, :end]
+            keys[rows, mode.start : end] = key_states.transpose(1, 2)
+            values[rows, mode.start : end] = value_states.transpose(1, 2)
+            if mode.start == 0:  # the prefix is exactly these states (contiguous, as the attention kernels like)
+                return key_states, value_states
+            return keys[rows, :end].transpose(1, 2), values[rows, :end].transpose(1, 2)
         if mode.kind == "decode":
-            assert mode.positions is not None
+            assert mode.positions is not None and mode.batch_index is not None
             b = mode.bucket
             if key_states.shape[0] != b or key_states.shape[2] != 1:
                 raise RuntimeError(f"decode expects [{b}, heads, 1, dim] states, got {list(key_states.shape)}")
-            pos = mode.positions[:b].view(b, 1, 1, 1)
-            keys[:b].scatter_(2, pos.expand_as(key_states), key_states)
-            values[:b].scatter_(2, pos.expand_as(value_states), value_states)
-            return keys[:b, :, : mode.kv_len], values[:b, :, : mode.kv_len]
+            index = (mode.batch_index[:b], mode.positions[:b])
+            keys.index_put_(index, key_states[:, :, 0])
+            values.index_put_(index, value_states[:, :, 0])
+            return keys[:b, : mode.kv_len].transpose(1, 2), values[:b, : mode.kv_len].transpose(1, 2)
         raise RuntimeError("SlotKVCache used outside an engine forward (mode not set)")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -111,8 +117,8 @@ class SlotKVCache(Cache):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.mode = _Mode()
-        shape = (max_slots, kv_heads, max_seq_len, head_dim)
+        self.mode = _Mode(batch_index=torch.arange(max_slots, device=device))
+        shape = (max_slots, max_seq_len, kv_heads, head_dim)
         self.slot_layers = [
             SlotLayer(
                 torch.zeros(shape, dtype=dtype, device=device),
@@ -143,14 +149,14 @@ class SlotKVCache(Cache):
             return
         for layer in self.slot_layers:
             assert layer.keys is not None and layer.values is not None
-            layer.keys[dst, :, :length] = layer.keys[src, :, :length]
-            layer.values[dst, :, :length] = layer.values[src, :, :length]
+            layer.keys[dst, :length] = layer.keys[src, :length]
+            layer.values[dst, :length] = layer.values[src, :length]
 
     def slot_keys(self, layer_idx: int, slot: int, length: int) -> torch.Tensor:
         """Keys of one slot, [kv_heads, length, head_dim] (for tests and debugging)."""
         keys = self.slot_layers[layer_idx].keys
         assert keys is not None
-        return keys[slot, :, :length]
+        return keys[slot, :length].transpose(0, 1)
 
     def nbytes(self) -> int:
         return sum(
