@@ -95,7 +95,7 @@ def prepare_workloads(ckpt: Path, workloads: dict[str, Workload], media_dir: Pat
     for w in workloads.values():
         p = prep(w.messages)
         w.input_ids = np.asarray(p.input_ids, dtype=np.int64)
-        w.pixel_values = np.asarray(p.pixel_values, dtype=np.float32) if p.pixel_values.shape[0] else None
+        w.pixel_values = family.float_pixels(p) if p.pixel_values.shape[0] else None  # normalised float32
 
 
 def chat_body(w: Workload, model: str, stream: bool) -> dict[str, Any]:

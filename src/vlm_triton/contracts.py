@@ -6,8 +6,8 @@ subset of tensorrtllm_backend's `tensorrt_llm` contract that the BLS uses (same 
 real TensorRT-LLM model drops in for the torch one.
 
 `dims` exclude the batch dimension for models with max_batch_size > 0 (Triton's convention). `EMBED` stands for
-the deployment's embedding dtype (FP32 on CPU, FP16/BF16 on GPU) and `PIXEL` for its pixel dtype; both are resolved
-when a config is rendered.
+the deployment's embedding dtype (FP32 on CPU, FP16/BF16 on GPU) and `PIXEL` for its pixel dtype (UINT8 raw bytes for
+torch, FP16 normalised for trtllm); both are resolved when a config is rendered.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 EMBED = "EMBED"  # placeholder dtype: the deployment's embedding dtype (image embeddings, prompt table)
-PIXEL = "PIXEL"  # placeholder dtype: the deployment's pixel dtype (FP32 for torch, FP16 for TensorRT plans)
+# placeholder dtype: the deployment's pixel dtype. torch: UINT8, the raw RGB bytes in the family's layout, which the
+# vision_encoder normalises on its device (ModelFamily.normalize_pixels); trtllm: FP16 normalised pixels (TensorRT)
+PIXEL = "PIXEL"
 PLACEHOLDERS = (EMBED, PIXEL)
 
 # Triton dtype name -> numpy dtype (BF16 travels as a uint16 view, as Triton itself does).

@@ -40,7 +40,7 @@ def reference_generate(
     model = reference_model(str(hf_dir))
     kwargs: dict[str, Any] = {}
     if prepared.pixel_values.shape[0]:
-        kwargs["pixel_values"] = torch.from_numpy(prepared.pixel_values)
+        kwargs["pixel_values"] = torch.from_numpy(family.float_pixels(prepared))
     input_ids = torch.from_numpy(ids)[None]
     with torch.inference_mode():
         out = model.generate(

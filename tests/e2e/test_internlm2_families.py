@@ -84,7 +84,7 @@ def _embeds_reference(checkpoint: Path, media_dir: Path, messages: list[dict[str
     with torch.inference_mode():
         embeds = lm.get_input_embeddings()(torch.where(slots, 0, ids)).clone()
         if prepared.num_image_tokens:
-            rows = vision(torch.from_numpy(prepared.pixel_values))
+            rows = vision(torch.from_numpy(family.float_pixels(prepared)))
             embeds[slots] = rows.reshape(-1, rows.shape[-1]).to(embeds.dtype)
         out = lm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, ids.shape[0], dtype=torch.long),
                           max_new_tokens=MAX_NEW, do_sample=False,

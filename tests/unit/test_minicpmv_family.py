@@ -186,7 +186,7 @@ def _our_tokens(family: MiniCPMVFamily, media_dir: Path, messages: list[dict[str
     table = None
     if prepared.num_image_tokens:
         with torch.inference_mode():
-            table = encoder(torch.from_numpy(prepared.pixel_values), torch.from_numpy(prepared.tgt_sizes))
+            table = encoder(torch.from_numpy(family.float_pixels(prepared)), torch.from_numpy(prepared.tgt_sizes))
         table = table.reshape(-1, table.shape[-1])
     stops = family.stop_token_ids(family.tokenizer)
     engine.add_request(GenerationRequest(rid, prepared.input_ids, MAX_NEW, prompt_embedding_table=table,

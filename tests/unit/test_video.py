@@ -18,7 +18,7 @@ from vlm_triton.families import open_family
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.models.hico import hico_merge, is_hico_config, merge_schedule
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
-from vlm_triton.multimodal.tiling import video_frame_indices
+from vlm_triton.multimodal.tiling import preprocess_image, video_frame_indices
 from vlm_triton.multimodal.video import VideoPolicy, frame_count, num_frames_by_duration, sample_video
 from vlm_triton.prompt.messages import parse_messages
 
@@ -193,12 +193,24 @@ def test_internvideo_prepares_16_tokens_per_frame(tmp_path: Path, video_dir: Pat
     assert prepared.pixel_values.shape == (8, 3, 448, 448) and prepared.num_image_tokens == 8 * 16
     encoder = fam.build_vision_encoder(torch.float32, torch.device("cpu"))
     with torch.no_grad():
-        assert encoder(torch.from_numpy(prepared.pixel_values)).shape == (8, 16, 64)
+        assert encoder(torch.from_numpy(fam.float_pixels(prepared))).shape == (8, 16, 64)
         with pytest.raises(ValueError, match="groups of 4"):
             encoder(torch.zeros(6, 3, 448, 448))
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///x.png"}}]}]
     with pytest.raises(InvalidRequest, match="video_url parts, not image_url"):
         fam.prepare(parse_messages(image), media, PreprocessLimits())
+
+
+def test_internvideo_frame_bytes_normalise_to_the_reference_floats(tmp_path: Path, video_dir: Path) -> None:
+    fam = open_family(make_tiny_checkpoint("internvideo2_5", tmp_path / "iv"))
+    media = MediaFetcher(MediaPolicy(allowed_local_dirs=(video_dir,)))
+    prepared = fam.prepare(parse_messages(_video_message(f"file://{video_dir}/clip.mp4")), media, PreprocessLimits())
+    policy = fam.video_policy_for(PreprocessLimits())
+    assert policy is not None
+    frames = sample_video((video_dir / "clip.mp4").read_bytes(), policy).frames
+    reference = np.concatenate([preprocess_image(f, max_num=1, use_thumbnail=False) for f in frames])
+    assert prepared.pixel_values.dtype == np.uint8 and prepared.pixel_values.shape == reference.shape
+    assert np.array_equal(fam.float_pixels(prepared), reference)
 
 
 def test_internvl_takes_video_as_256_token_frames(tmp_path: Path, video_dir: Path) -> None:

@@ -112,10 +112,12 @@ class DeploymentConfig:
     def tensor_dtypes(self) -> dict[str, str]:
         """Triton dtypes of the placeholder tensors (see contracts.EMBED / contracts.PIXEL).
 
-        trtllm: the prompt table must be in the engine dtype; pixels travel as FP16 (numpy has no bfloat16).
+        torch: pixels travel as the raw RGB bytes (UINT8), normalised by the vision_encoder on its device. trtllm: the
+        prompt table must be in the engine dtype; the TensorRT vision plan takes normalised FP16 pixels (numpy has no
+        bfloat16).
         """
         embed = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}[self.torch_dtype_name]
-        return {"EMBED": embed, "PIXEL": "FP16" if self.model.profile == "trtllm" else "FP32"}
+        return {"EMBED": embed, "PIXEL": "FP16" if self.model.profile == "trtllm" else "UINT8"}
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.errors import SetupError
 from vlm_triton.multimodal.media import MediaFetcher
+from vlm_triton.multimodal.pixels import normalize_on_device
 from vlm_triton.prompt.messages import Message
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class PreparedPrompt:
     """What the preprocess stage hands on: prompt ids with image slots as fake ids >= vocab_size, and tiles."""
 
     input_ids: np.ndarray  # int32 [L]; image token k of the request has id vocab_size + k
-    pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only prompts
+    pixel_values: np.ndarray  # uint8 [N, 3, ...] raw RGB in the family's layout; N == 0 for text-only prompts
     num_image_tokens: int  # rows of the prompt embedding table this prompt needs
     prompt_text: str  # the rendered prompt before image expansion (for logs and golden tests)
     tgt_sizes: np.ndarray | None = None  # int32 [N, 2] patch grid per tile, for variable-size-tile encoders
@@ -103,10 +104,29 @@ class ModelFamily(ABC):
     def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
         """Render the chat template, fetch and tile media, tokenize; raise InvalidRequest on bad input."""
 
+    # --- pixels: `prepare` gives raw bytes; their consumer normalises them (multimodal.pixels) --------------------
+    @abstractmethod
+    def pixel_lut(self) -> np.ndarray:
+        """float32 [3, 256]: entry [c, v] is byte v of channel c as the reference preprocessing normalises it."""
+
+    def normalize_pixels(
+        self, pixels: torch.Tensor, lut: torch.Tensor, tgt_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 `pixel_values` (and `tgt_sizes`) -> the reference's normalised pixels in lut.dtype, on the pixels'
+        device; `lut` is `pixel_lut()` as a tensor (cast to the encoder dtype, or float32 for the exact floats)."""
+        return normalize_on_device(pixels, lut)
+
+    def float_pixels(self, prepared: PreparedPrompt, dtype: type = np.float32) -> np.ndarray:
+        """`prepared.pixel_values` normalised on the host: float32 bit-identical to the reference preprocessing, or
+        those floats cast to `dtype` (the table is cast, once per entry, instead of every pixel)."""
+        tgt_sizes = None if prepared.tgt_sizes is None else torch.from_numpy(prepared.tgt_sizes)
+        lut = torch.from_numpy(self.pixel_lut().astype(dtype))
+        return self.normalize_pixels(torch.from_numpy(prepared.pixel_values), lut, tgt_sizes).numpy()
+
     # --- vision_encoder stage ------------------------------------------------------------------------------------
     @abstractmethod
     def build_vision_encoder(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        """A module mapping pixel tiles [N, 3, S, S] to image embeddings [N, tokens_per_tile, hidden]."""
+        """A module mapping normalised pixel tiles [N, 3, S, S] to image embeddings [N, tokens_per_tile, hidden]."""
 
     def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
         """The largest visual input `prepare` accepts under `limits` (units, tokens per unit, unit shape)."""

@@ -24,7 +24,7 @@ from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
-from vlm_triton.multimodal.tiling import preprocess_image
+from vlm_triton.multimodal.tiling import image_tiles, imagenet_lut
 from vlm_triton.multimodal.video import VideoPolicy, sample_video
 from vlm_triton.prompt.internvl_template import (
     IMG_CONTEXT,
@@ -113,7 +113,7 @@ class InternVLFamily(ModelFamily):
         url = part.url.strip()
         source = "video in data: URL" if url[:5].lower() == "data:" else f"video {url[:80]!r}"
         video = sample_video(media.fetch_bytes(url), policy, source=source)
-        return [preprocess_image(frame, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False)
+        return [image_tiles(frame, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False)
                 for frame in video.frames]
 
     def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
@@ -128,7 +128,7 @@ class InternVLFamily(ModelFamily):
                 frames.append(len(video))
                 tiles.extend(video)
                 continue
-            tiles.append(preprocess_image(
+            tiles.append(image_tiles(
                 media.load_image(part.url),
                 min_num=int(self.config.get("min_dynamic_patch", 1)),
                 max_num=max_tiles,
@@ -150,9 +150,12 @@ class InternVLFamily(ModelFamily):
         num_image_tokens = int(slots.sum())
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)  # unique fake id per image token
         pixel_values = (
-            np.concatenate(tiles) if tiles else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
+            np.concatenate(tiles) if tiles else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
         )
         return PreparedPrompt(ids.astype(np.int32), pixel_values, num_image_tokens, prompt)
+
+    def pixel_lut(self) -> np.ndarray:
+        return imagenet_lut()
 
     def max_tiles_per_image(self, limits: PreprocessLimits) -> int:
         """Tiles one image can become: max_num tiles, plus the thumbnail when there is more than one."""

@@ -4,9 +4,10 @@ Preprocess: OpenAI messages -> the reference `chat()` messages -> the tokenizer'
 `(<image>./</image>)` replaced by its placeholder (source image + slice rows) -> ids, whose `<unk>` slots become
 fake ids `vocab_size + k`. Every item (source image or slice) yields 64 prompt-table rows, in processor order.
 
-Vision-encoder transport (the stage contract): every item is laid out by patch ([3, 14, n*14]) and zero-padded
-to a fixed `max_patches_per_item` patches, so items of all requests have one shape and Triton's dynamic batcher
-can merge them; `tgt_sizes` [N, 2] int32 (patch rows, cols) travels with them. The torch encoder trims the
+Vision-encoder transport (the stage contract): every item's RGB bytes are laid out by patch ([3, 14, n*14]) and
+zero-padded to a fixed `max_patches_per_item` patches, so items of all requests have one shape and Triton's dynamic
+batcher can merge them; `tgt_sizes` [N, 2] int32 (patch rows, cols) travels with them. `normalize_pixels` turns the
+bytes into the reference's (x/255 - 0.5)/0.5 floats and gives the padding back its zeros. The torch encoder trims the
 padding to the batch's longest item. An image whose source or slices need more patches than the layout holds (an
 aspect ratio beyond about 100:1) is refused.
 """
@@ -31,11 +32,13 @@ from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.minicpmv_slicing import (
     PlaceholderTokens,
     image_placeholder,
+    minicpmv_lut,
     pad_items,
+    patch_layout_bytes,
     slice_image,
     sliced_grid,
-    to_patch_layout,
 )
+from vlm_triton.multimodal.pixels import clear_padding, normalize_on_device
 from vlm_triton.prompt.messages import ImagePart, Message, VideoPart
 from vlm_triton.prompt.minicpmv_template import (
     SlicingOptions,
@@ -159,7 +162,7 @@ class MiniCPMVFamily(ModelFamily):
         for index, picture in enumerate(pictures):
             for item in slice_image(picture, max_slice_nums=options.max_slice_nums,
                                     scale_resolution=self.scale_resolution, patch_size=self.patch_size):
-                patches, grid = to_patch_layout(item, patch_size=self.patch_size)
+                patches, grid = patch_layout_bytes(item, patch_size=self.patch_size)
                 if grid[0] * grid[1] > MAX_PATCHES_PER_ITEM:
                     raise InvalidRequest(
                         f"image {index + 1} ({picture.width}x{picture.height}) has too extreme an aspect ratio: one "
@@ -180,9 +183,20 @@ class MiniCPMVFamily(ModelFamily):
         if num_image_tokens != self.query_num * len(items):
             raise RuntimeError(f"{num_image_tokens} image slots for {len(items)} items of {self.query_num} tokens")
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)
-        pixel_values = pad_items(items, max_patches=MAX_PATCHES_PER_ITEM, patch_size=self.patch_size)
+        pixel_values = pad_items(items, max_patches=MAX_PATCHES_PER_ITEM, patch_size=self.patch_size, dtype=np.uint8)
         return PreparedPrompt(ids.astype(np.int32), pixel_values, num_image_tokens, prompt,
                               tgt_sizes=np.asarray(tgt_sizes, dtype=np.int32).reshape(-1, 2))
+
+    def pixel_lut(self) -> np.ndarray:
+        return minicpmv_lut()
+
+    def normalize_pixels(
+        self, pixels: torch.Tensor, lut: torch.Tensor, tgt_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if tgt_sizes is None:
+            raise ValueError("MiniCPM-V pixels need their tgt_sizes (patch rows, cols per item)")
+        widths = tgt_sizes.reshape(-1, 2).prod(dim=-1) * self.patch_size  # columns of each item before the padding
+        return clear_padding(normalize_on_device(pixels, lut), widths)
 
     def visual_budget(self, limits: PreprocessLimits) -> VisualBudget:
         return VisualBudget(

@@ -10,7 +10,8 @@ The reference is the remote-code `MiniCPMVImageProcessor` (slice_mode on):
    With a grid: the source item is the image downscaled (never upscaled) to `find_best_resize`, then the image is
    resized to the refine size and cut row-major into cols x rows cells. Items: [source, cell(0,0), cell(0,1), ...].
 3. Each item becomes float32 (x/255 - 0.5)/0.5 and is laid out by patch: [3, h, w] -> [3, P, (h/P)*(w/P)*P], patch k
-   (row-major over the patch grid) in columns [kP, kP+P). Its `tgt_size` is (h/P, w/P).
+   (row-major over the patch grid) in columns [kP, kP+P). Its `tgt_size` is (h/P, w/P). The serving path lays out
+   the uint8 bytes (`patch_layout_bytes`) and normalises them later with `minicpmv_lut` (`multimodal.pixels`).
 4. Placeholder per image: optional `<image_id>i</image_id>`, then `<image>` + `<unk>`*64 + `</image>`, then (with a
    grid) `rows` lines joined by "\\n", each line `cols` x (`<slice>` + `<unk>`*64 + `</slice>`).
 
@@ -25,10 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from vlm_triton.multimodal.pixels import normalize_lut, rgb_bytes
+
 DEFAULT_SCALE_RESOLUTION = 448
 DEFAULT_PATCH_SIZE = 14
 DEFAULT_MAX_SLICE_NUMS = 9
 DEFAULT_QUERY_NUM = 64
+NORM_MEAN = NORM_STD = (0.5, 0.5, 0.5)
 
 Size = tuple[int, int]  # (width, height), PIL order
 
@@ -155,15 +159,29 @@ def slice_image(
     return items
 
 
+def patch_layout_bytes(img: Image.Image, *, patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """One item -> (uint8 [3, P, n*P] laid out by patch, (rows, cols) of patches): what `to_patch_layout` normalises."""
+    return _patch_layout(rgb_bytes(img), patch_size)
+
+
 def to_patch_layout(img: Image.Image, *, patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
     """One item -> (float32 [3, P, n*P] normalised with mean = std = 0.5, (rows, cols) of patches)."""
-    w, h = img.size
-    if w % patch_size or h % patch_size:
-        raise ValueError(f"item size {w}x{h} is not a multiple of the patch size {patch_size}")
     x = np.asarray(img.convert("RGB"), dtype=np.uint8).astype(np.float32)  # [h, w, 3]
     x /= np.float32(255.0)
     x -= np.float32(0.5)
     x /= np.float32(0.5)
+    return _patch_layout(x, patch_size)
+
+
+def minicpmv_lut() -> np.ndarray:
+    """float32 [3, 256]: `to_patch_layout`'s arithmetic for every byte value (the serving path's lookup table)."""
+    return normalize_lut(NORM_MEAN, NORM_STD)
+
+
+def _patch_layout(x: np.ndarray, patch_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    h, w = x.shape[:2]
+    if w % patch_size or h % patch_size:
+        raise ValueError(f"item size {w}x{h} is not a multiple of the patch size {patch_size}")
     nh, nw = h // patch_size, w // patch_size
     # [nh, P, nw, P, 3] -> [3, P(row in patch), nh, nw, P(col in patch)] -> [3, P, nh*nw*P]
     patches = x.reshape(nh, patch_size, nw, patch_size, 3).transpose(4, 1, 0, 2, 3)
@@ -171,10 +189,11 @@ def to_patch_layout(img: Image.Image, *, patch_size: int = DEFAULT_PATCH_SIZE) -
 
 
 def pad_items(
-    items: list[np.ndarray], *, max_patches: int, patch_size: int = DEFAULT_PATCH_SIZE
+    items: list[np.ndarray], *, max_patches: int, patch_size: int = DEFAULT_PATCH_SIZE, dtype: type = np.float32
 ) -> np.ndarray:
-    """Stack [3, P, n_i*P] items into float32 [N, 3, P, max_patches*P], zero-padded on the right (as the reference)."""
-    out = np.zeros((len(items), 3, patch_size, max_patches * patch_size), dtype=np.float32)
+    """Stack [3, P, n_i*P] items into [N, 3, P, max_patches*P] of `dtype`, zero-padded on the right (as the
+    reference; the serving path stacks uint8 bytes and `clear_padding` restores the zeros after normalising)."""
+    out = np.zeros((len(items), 3, patch_size, max_patches * patch_size), dtype=dtype)
     for k, item in enumerate(items):
         width = item.shape[-1]
         if width > max_patches * patch_size:

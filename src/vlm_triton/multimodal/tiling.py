@@ -10,7 +10,8 @@ This reproduces the reference PIL path of InternVL (`dynamic_preprocess` + `buil
 3. The image is resized to (S*cols, S*rows) with PIL BICUBIC and cut into row-major S x S tiles; when there is
    more than one tile (and `use_thumbnail`), the whole image resized to S x S is appended last.
 4. Each tile becomes float32 CHW: x/255 (torchvision ToTensor), then (x - mean) / std with the ImageNet
-   constants, all in float32 as torchvision computes it.
+   constants, all in float32 as torchvision computes it. The serving path (`image_tiles`) stops at the uint8 CHW
+   bytes; the consumer applies `imagenet_lut` (`multimodal.pixels`), with results bit-identical to step 4.
 
 Small images are upscaled (a 300x200 image becomes 3x2 tiles + thumbnail). EXIF orientation is not applied
 (the reference does not either). No torchvision dependency.
@@ -24,13 +25,12 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from vlm_triton.multimodal.pixels import normalize_lut, stack_tiles
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 448
 DEFAULT_MAX_TILES = 12
-
-_MEAN32 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
-_STD32 = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 def _check_tile_range(min_num: int, max_num: int) -> None:
@@ -145,13 +145,13 @@ def normalize_tiles(tiles: Sequence[Image.Image], *, image_size: int = DEFAULT_I
 
 @lru_cache(maxsize=1)
 def _normalize_lut() -> np.ndarray:
+    return imagenet_lut()
+
+
+def imagenet_lut() -> np.ndarray:
     """[3, 256] float32: every byte value through torchvision's arithmetic (a float32 x / 255, - mean, / std), so
     a lookup gives bit-identical results at a fraction of the cost."""
-    x = np.broadcast_to(np.arange(256, dtype=np.float32), (3, 256)).copy()
-    x /= np.float32(255.0)
-    x -= _MEAN32.reshape(3, 1)
-    x /= _STD32.reshape(3, 1)
-    return x
+    return normalize_lut(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def preprocess_image(
@@ -165,6 +165,19 @@ def preprocess_image(
     """`tile_image` then `normalize_tiles`: the reference `pixel_values` [n_tiles, 3, S, S] of one image."""
     tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
     return normalize_tiles(tiles, image_size=image_size)
+
+
+def image_tiles(
+    img: Image.Image,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> np.ndarray:
+    """`tile_image` as uint8 [n_tiles, 3, S, S]: the bytes that `imagenet_lut` turns into `preprocess_image`."""
+    tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
+    return stack_tiles(tiles, image_size=image_size)
 
 
 def video_frame_indices(

@@ -54,7 +54,7 @@ class Prepared:
     """The preprocess stage's outputs, as plain arrays."""
 
     input_ids: np.ndarray  # int32 [L]
-    pixel_values: Any  # [N, 3, S, S] in the stage's tensor form; N == 0 for text-only prompts
+    pixel_values: Any  # [N, 3, ...] raw uint8 (torch) or FP16 normalised (trtllm); N == 0 for text-only prompts
     num_tiles: int
     end_id: int
     pad_id: int

@@ -61,9 +61,11 @@ class TritonPythonModel:
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_id if pad is None else int(pad)
         self.stop_words = stop_words_list([[i] for i in stop_ids[1:]])
-        self.pixel_dtype = NUMPY_DTYPES[cfg.tensor_dtypes["PIXEL"]]  # FP32 or FP16: numpy carries both
-        # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 float32 tiles costs
-        # ~60 ms per request, so without reuse every row is 0 (what the llm sees when no ids are given)
+        # UINT8 (torch): the raw bytes, which the vision_encoder normalises on its device; FP16 (trtllm): the TensorRT
+        # plan takes normalised pixels, made here
+        self.pixel_dtype = NUMPY_DTYPES[cfg.tensor_dtypes["PIXEL"]]
+        # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 tiles costs ~15 ms per
+        # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -76,9 +78,13 @@ class TritonPythonModel:
                 raise InvalidRequest("the 'messages' input is required")
             prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
             ids = prepared.input_ids.astype(np.int32)
-            pixels = np.ascontiguousarray(prepared.pixel_values, dtype=self.pixel_dtype)
-            if self.content_ids:
-                extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=pixels)
+            raw = np.ascontiguousarray(prepared.pixel_values)
+            if self.pixel_dtype == np.uint8:
+                pixels = raw
+            else:
+                pixels = self.family.float_pixels(prepared, dtype=self.pixel_dtype)
+            if self.content_ids:  # the bytes identify the content as well as the floats, at a quarter of the size
+                extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=raw)
             else:
                 extra_ids = np.zeros(ids.shape[0], dtype=np.uint64)
             return pb_utils.InferenceResponse(

@@ -1,0 +1,71 @@
+"""Pixels in transit: preprocess sends raw RGB bytes; whoever consumes them normalises them on its own device.
+
+Every family's normalisation maps one byte of one channel to one float, so a float32 [3, 256] lookup table built
+with the reference's own float32 arithmetic (x / 255, then - mean, then / std, each rounded to float32, as
+torchvision and the MiniCPM-V processor compute it) gives bit-identical pixels with one gather. The bytes are a
+quarter of the float32 tensor, and the arithmetic leaves the preprocess CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CHANNELS = 3
+LEVELS = 256  # byte values
+
+
+def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 [3, 256]: entry [c, v] is byte v of channel c as float32 (v / 255 - mean[c]) / std[c]."""
+    x = np.broadcast_to(np.arange(LEVELS, dtype=np.float32), (CHANNELS, LEVELS)).copy()
+    x /= np.float32(255.0)
+    x -= np.asarray(mean, dtype=np.float32).reshape(CHANNELS, 1)
+    x /= np.asarray(std, dtype=np.float32).reshape(CHANNELS, 1)
+    return x
+
+
+def rgb_bytes(img: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of an image (converted to RGB when it is not)."""
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+
+
+def stack_tiles(tiles: Sequence[Image.Image], *, image_size: int) -> np.ndarray:
+    """Square tiles -> uint8 [N, 3, S, S] (CHW), each tile resized to S x S (BICUBIC) when it is not."""
+    out = np.empty((len(tiles), CHANNELS, image_size, image_size), dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        if tile.size != (image_size, image_size):
+            tile = tile.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        out[k] = rgb_bytes(tile).transpose(2, 0, 1)
+    return out
+
+
+def normalize_on_device(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, ...] -> lut.dtype [N, 3, ...] on the pixels' device: out[n, c, ...] = lut[c, pixels[n, c, ...]].
+
+    A table in another dtype than float32 (the encoder's) gives what casting the float32 result would: each entry
+    is cast once. On the CPU numpy's take is about twice as fast as torch's gather."""
+    if pixels.dtype != torch.uint8 or pixels.dim() < 2 or pixels.shape[1] != CHANNELS:
+        raise ValueError(f"expected uint8 [N, 3, ...] pixels, got {pixels.dtype} {tuple(pixels.shape)}")
+    if tuple(lut.shape) != (CHANNELS, LEVELS):
+        raise ValueError(f"expected a [3, 256] lookup table, got {tuple(lut.shape)}")
+    lut = lut.to(pixels.device)
+    if pixels.device.type == "cpu" and lut.dtype != torch.bfloat16:
+        table, raw = lut.numpy(), pixels.numpy()
+        out = np.empty(raw.shape, dtype=table.dtype)
+        for c in range(CHANNELS):
+            np.take(table[c], raw[:, c], out=out[:, c])
+        return torch.from_numpy(out)
+    offsets = torch.arange(0, CHANNELS * LEVELS, LEVELS, device=pixels.device)
+    index = pixels.long() + offsets.view(1, CHANNELS, *([1] * (pixels.dim() - 2)))
+    return lut.reshape(-1)[index]
+
+
+def clear_padding(pixels: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Zero every column (last axis) of item k at or beyond widths[k]: the zero padding of a variable-width layout,
+    which normalising the padding bytes would otherwise turn into lut[c, 0]."""
+    columns = torch.arange(pixels.shape[-1], device=pixels.device)
+    keep = columns < widths.to(pixels.device).reshape(-1, *([1] * (pixels.dim() - 1)))
+    return torch.where(keep, pixels, torch.zeros((), dtype=pixels.dtype, device=pixels.device))
