@@ -8,7 +8,9 @@ Each `step()`:
    `prefill_tokens` tokens (prompts right-padded to the longest; a longer prompt alone), written into their
    slots, which yields their first tokens. The rest wait for the next step, so decoding goes on between
    prefill batches.
-Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
+Between two decode steps with the same requests in the same slots, the inputs advance on the device (the sampled
+tokens, positions + 1), so a steady decode step copies nothing from the host. Every request gets exactly one event
+per step. A request that finishes frees its slot; the last running request
 moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
 
 Math comes from the model's own modules: `backbone(inputs_embeds=..., position_ids=..., attention_mask=<4D>,
@@ -115,6 +117,12 @@ class LLMEngine:
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
         self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        # the decode inputs are rebuilt from the host only when the running set changed since the last decode step;
+        # otherwise the sampled tokens (still on the device) and positions + 1 are written there, with no host copy
+        self._layout_changed = True
+        self._last_tokens: torch.Tensor | None = None
+        pin = self.device.type == "cuda"
+        self._host_inputs = torch.zeros(2, max_slots, dtype=torch.long, pin_memory=pin)  # ids, positions
         self._kv_range = torch.arange(max_seq_len, device=self.device)
         rows = torch.arange(max_slots + 1, dtype=torch.int32, device=self.device)
         self._cu_q, self._cu_k = rows, rows * max_seq_len  # the varlen decode kernel's row offsets
@@ -253,6 +261,7 @@ class LLMEngine:
         """One forward over the prompts of `seqs` (right-padded), into the next free slots; their first tokens."""
         t = time.perf_counter()
         first = len(self._active)
+        self._layout_changed = True
         for k, seq in enumerate(seqs):
             seq.slot = first + k
             self._active.append(seq)
@@ -323,13 +332,19 @@ class LLMEngine:
         t0 = time.perf_counter()
         n = len(self._active)
         bucket = next(b for b in self.buckets if b >= n)
-        ids = torch.zeros(bucket, dtype=torch.long)  # free rows [n:bucket]: token 0 at position 0 of a free slot
-        pos = torch.zeros(bucket, dtype=torch.long)
-        ids[:n] = torch.tensor([s.generated[-1] for s in self._active])
-        pos[:n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in self._active])
-        self._dec_ids[:bucket, 0].copy_(ids, non_blocking=True)
-        self._dec_pos[:bucket].copy_(pos, non_blocking=True)
-        kv_len = next(k for k in self.kv_buckets if k > int(pos[:n].max()))
+        last = max(s.prompt_len + len(s.generated) - 1 for s in self._active)
+        if self._layout_changed or self._last_tokens is None:
+            host = self._host_inputs[:, :bucket]
+            host.zero_()  # free rows [n:bucket]: token 0 at position 0 of a free slot
+            host[0, :n] = torch.tensor([s.generated[-1] for s in self._active])
+            host[1, :n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in self._active])
+            self._dec_ids[:bucket, 0].copy_(host[0], non_blocking=True)
+            self._dec_pos[:bucket].copy_(host[1], non_blocking=True)
+            self._layout_changed = False
+        else:  # the same requests in the same slots as the last step: advance them on the device
+            self._dec_ids[:n, 0].copy_(self._last_tokens)
+            self._dec_pos[:n].add_(1)
+        kv_len = next(k for k in self.kv_buckets if k > last)
         t1 = time.perf_counter()
         if self._graphs is not None:
             logits = self._graphs.replay(bucket, kv_len)
@@ -341,6 +356,7 @@ class LLMEngine:
             None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
         )  # fmt: skip
         token_list = tokens.tolist()  # waits for the step on the device
+        self._last_tokens = tokens
         t2 = time.perf_counter()
         events = self._accept(list(self._active), token_list)
         t3 = time.perf_counter()
@@ -394,6 +410,7 @@ class LLMEngine:
 
     def _release(self, seq: ActiveRequest) -> None:
         """Free seq's slot; the last running request moves into the hole to keep slots compact."""
+        self._layout_changed = True
         slot = seq.slot
         last = self._active.pop()
         if last is not seq:
