@@ -71,7 +71,8 @@ class TritonSection:
     vision_max_queue_delay_us: int = 2000
     preprocess_instances: int = 2
     postprocess_instances: int = 2
-    bls_instances: int = 1  # one stub saturates near 4 streams; more are untested on a GPU (docs/benchmarks.md)
+    # BLS processes; one saturated near 4 streams. 2 on an H100 (W2): c=16 3,344 -> 4,805 tok/s, c=64 9,322 -> 12,172
+    bls_instances: int = 2
     # "postprocess": the BLS calls the postprocess model per streamed chunk; "inline": the BLS detokenizes with
     # the same code in its own process (one IPC round trip less per chunk)
     bls_detokenize: str = "postprocess"
