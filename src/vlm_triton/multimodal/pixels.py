@@ -42,6 +42,14 @@ def stack_tiles(tiles: Sequence[Image.Image], *, image_size: int) -> np.ndarray:
     return out
 
 
+def normalize_bytes(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Host version of `normalize_on_device`: uint8 [N, 3, ...] -> lut.dtype [N, 3, ...] by numpy's take."""
+    out = np.empty(raw.shape, dtype=lut.dtype)
+    for c in range(CHANNELS):
+        np.take(lut[c], raw[:, c], out=out[:, c])
+    return out
+
+
 def normalize_on_device(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, ...] -> lut.dtype [N, 3, ...] on the pixels' device: out[n, c, ...] = lut[c, pixels[n, c, ...]].
 
@@ -53,11 +61,7 @@ def normalize_on_device(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor
         raise ValueError(f"expected a [3, 256] lookup table, got {tuple(lut.shape)}")
     lut = lut.to(pixels.device)
     if pixels.device.type == "cpu" and lut.dtype != torch.bfloat16:
-        table, raw = lut.numpy(), pixels.numpy()
-        out = np.empty(raw.shape, dtype=table.dtype)
-        for c in range(CHANNELS):
-            np.take(table[c], raw[:, c], out=out[:, c])
-        return torch.from_numpy(out)
+        return torch.from_numpy(normalize_bytes(pixels.numpy(), lut.numpy()))
     offsets = torch.arange(0, CHANNELS * LEVELS, LEVELS, device=pixels.device)
     index = pixels.long() + offsets.view(1, CHANNELS, *([1] * (pixels.dim() - 2)))
     return lut.reshape(-1)[index]

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from vlm_triton.multimodal.pixels import normalize_lut, stack_tiles
+from vlm_triton.multimodal.pixels import normalize_bytes, normalize_lut, stack_tiles
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -128,19 +129,10 @@ def normalize_tiles(tiles: Sequence[Image.Image], *, image_size: int = DEFAULT_I
     """Tiles -> float32 [N, 3, S, S]: RGB, resize to S x S (BICUBIC, a no-op for S x S tiles), /255, ImageNet norm.
 
     The arithmetic is torchvision's (ToTensor divides a float32 copy by 255, Normalize subtracts and divides by
-    float32 mean/std), so the result is bit-identical to `build_transform` on the same PIL tiles.
+    float32 mean/std), done once per byte value in `imagenet_lut`, so the result is bit-identical to
+    `build_transform` on the same PIL tiles.
     """
-    out = np.empty((len(tiles), 3, image_size, image_size), dtype=np.float32)
-    lut = _normalize_lut()
-    for k, tile in enumerate(tiles):
-        if tile.mode != "RGB":
-            tile = tile.convert("RGB")
-        if tile.size != (image_size, image_size):
-            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        hwc = np.asarray(tile, dtype=np.uint8)
-        for c in range(3):
-            np.take(lut[c], hwc[:, :, c], out=out[k, c])
-    return out
+    return normalize_bytes(stack_tiles(tiles, image_size=image_size), _normalize_lut())
 
 
 @lru_cache(maxsize=1)
@@ -154,19 +146,6 @@ def imagenet_lut() -> np.ndarray:
     return normalize_lut(IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess_image(
-    img: Image.Image,
-    *,
-    min_num: int = 1,
-    max_num: int = DEFAULT_MAX_TILES,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    use_thumbnail: bool = True,
-) -> np.ndarray:
-    """`tile_image` then `normalize_tiles`: the reference `pixel_values` [n_tiles, 3, S, S] of one image."""
-    tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
-    return normalize_tiles(tiles, image_size=image_size)
-
-
 def image_tiles(
     img: Image.Image,
     *,
@@ -175,9 +154,15 @@ def image_tiles(
     image_size: int = DEFAULT_IMAGE_SIZE,
     use_thumbnail: bool = True,
 ) -> np.ndarray:
-    """`tile_image` as uint8 [n_tiles, 3, S, S]: the bytes that `imagenet_lut` turns into `preprocess_image`."""
+    """`tile_image` as uint8 [n_tiles, 3, S, S] (CHW): what the serving path sends; `imagenet_lut` normalises it."""
     tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
     return stack_tiles(tiles, image_size=image_size)
+
+
+def preprocess_image(img: Image.Image, **tiling: Any) -> np.ndarray:
+    """The reference `pixel_values` [n_tiles, 3, S, S] float32 of one image: `image_tiles` (same keywords)
+    normalised on the host."""
+    return normalize_bytes(image_tiles(img, **tiling), _normalize_lut())
 
 
 def video_frame_indices(
