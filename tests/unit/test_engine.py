@@ -173,8 +173,8 @@ def run_plan(engine: LLMEngine, plan: dict[int, list[GenerationRequest]]) -> dic
 def test_join_mid_flight_with_compaction(model: PreTrainedModel, full_kv: bool) -> None:
     engine = make_engine(model, max_slots=4)
     if full_kv:  # the CUDA-graph shape: attend over the whole cache length, masked per row
-        eager = engine._decode_forward
-        engine._decode_forward = lambda bucket, kv_len: eager(bucket, engine.max_seq_len)  # type: ignore[method-assign]
+        eager = engine.decode.forward
+        engine.decode.forward = lambda bucket, kv_len: eager(bucket, engine.max_seq_len)  # type: ignore[method-assign]
     plan = join_plan(20)
     events = run_plan(engine, plan)
     for r in [r for rs in plan.values() for r in rs]:

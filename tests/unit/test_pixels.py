@@ -37,7 +37,13 @@ from vlm_triton.multimodal.minicpmv_slicing import (
     to_patch_layout,
 )
 from vlm_triton.multimodal.pixels import clear_padding, normalize_on_device, stack_tiles
-from vlm_triton.multimodal.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, imagenet_lut, preprocess_image
+from vlm_triton.multimodal.tiling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_tiles,
+    imagenet_lut,
+    preprocess_image,
+)
 from vlm_triton.prompt.messages import parse_messages
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

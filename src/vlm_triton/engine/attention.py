@@ -123,6 +123,14 @@ AttentionInterface.register(NAME, slot_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def model_mask(allowed: torch.Tensor, bool_mask: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The engine's bool mask (True = attend) as the model's attention takes it: as is for sdpa / vlm_slot, an
+    additive float mask for eager attention."""
+    if bool_mask:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def use_slot_attention(config: Any) -> bool:
     """Switch a model whose attention is `sdpa` to `vlm_slot` (same masks); False when it uses something else."""
     if getattr(config, "_attn_implementation", None) != "sdpa":

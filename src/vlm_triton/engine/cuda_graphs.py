@@ -17,7 +17,7 @@ Key = tuple[int, int]  # (batch bucket, kv-length bucket)
 
 
 class DecodeGraphs:
-    """CUDA-graph capture and replay of `LLMEngine._decode_forward`, one graph per batch bucket and KV-length
+    """CUDA-graph capture and replay of `DecodeStep.forward` (engine/decode.py), one graph per batch bucket and KV-length
     bucket (`engine.kv_buckets`: a step attends over the smallest bucket that covers its longest row, so short
     requests do not pay for the whole cache).
 
@@ -35,21 +35,21 @@ class DecodeGraphs:
         keys = [(b, kv) for b in engine.buckets for kv in engine.kv_buckets]
         try:
             with torch.no_grad():
-                engine._dec_ids.zero_()
-                engine._dec_pos.zero_()
+                engine.decode.ids.zero_()
+                engine.decode.pos.zero_()
                 side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(engine.device))
                 with torch.cuda.stream(side):
                     for bucket, kv_len in keys:
                         for _ in range(warmup):
-                            engine._decode_forward(bucket, kv_len)
+                            engine.decode.forward(bucket, kv_len)
                 torch.cuda.current_stream(engine.device).wait_stream(side)
                 pool = torch.cuda.graph_pool_handle()
                 graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
                 for bucket, kv_len in reversed(keys):  # largest first: smaller graphs reuse its pool memory
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        logits = engine._decode_forward(bucket, kv_len)
+                        logits = engine.decode.forward(bucket, kv_len)
                     graphs[(bucket, kv_len)] = (graph, logits)
                 torch.cuda.synchronize(engine.device)
         except Exception:  # e.g. a rope variant that syncs with the host: serve eagerly instead
@@ -62,7 +62,7 @@ class DecodeGraphs:
     def replay(self, bucket: int, kv_len: int) -> torch.Tensor:
         """Run the captured step for (`bucket`, `kv_len`), both buckets; the returned logits buffer is overwritten
         by the next replay."""
-        self.engine.cache.set_decode(bucket, self.engine._dec_pos, kv_len)
+        self.engine.cache.set_decode(bucket, self.engine.decode.pos, kv_len)
         graph, logits = self.graphs[(bucket, kv_len)]
         graph.replay()
         return logits

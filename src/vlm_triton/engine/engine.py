@@ -8,16 +8,14 @@ Each `step()`:
    `prefill_tokens` tokens (prompts right-padded to the longest; a longer prompt alone), written into their
    slots, which yields their first tokens. The rest wait for the next step, so decoding goes on between
    prefill batches.
-Between two decode steps with the same requests in the same slots, the inputs advance on the device (the sampled
-tokens, positions + 1), so a steady decode step copies nothing from the host. Every request gets exactly one event
-per step. A request that finishes frees its slot; the last running request
+Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
 moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
 
 Math comes from the model's own modules: `backbone(inputs_embeds=..., position_ids=..., attention_mask=<4D>,
 past_key_values=SlotKVCache, use_cache=True)` then `lm_head` on the last position only. On CUDA with
-`use_cuda_graphs=True` the decode step (embedding -> logits) of every bucket is captured once at construction
-over static input buffers and the full cache length, and replayed; elsewhere it runs eagerly over the
-current longest length.
+`use_cuda_graphs=True` the decode step (engine/decode.py: embedding -> logits over static input buffers, which
+advance on the device while the running set is unchanged) of every batch and KV bucket is captured once at
+construction and replayed; elsewhere it runs eagerly.
 
 Threading: `add_request` and `cancel` may be called from any thread. `step()` must be driven by one thread only,
 either the caller's or the background loop of `start()`/`run_forever()`, which sleeps on a condition variable
@@ -37,25 +35,24 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
-from vlm_triton.engine.attention import DecodeRows, use_slot_attention
+from vlm_triton.engine.attention import model_mask, use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
+from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
 from vlm_triton.engine.kv_cache import SlotKVCache
-from vlm_triton.engine.sampling import sample_tokens
 from vlm_triton.engine.observe import StepTiming
-from vlm_triton.engine.types import ActiveRequest, FinishReason, GenerationRequest, TokenEvent, prepare_request
+from vlm_triton.engine.penalties import SlotPenalties
+from vlm_triton.engine.types import (
+    ActiveRequest,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    prepare_request,
+)
 from vlm_triton.errors import InvalidRequest, SetupError
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[TokenEvent]], None]
-MIN_KV_BUCKET = 256
-
-
-def kv_length_buckets(max_seq_len: int, smallest: int = MIN_KV_BUCKET) -> list[int]:
-    """KV lengths a decode step attends over: powers of two from `smallest`, then max_seq_len."""
-    buckets = [k for k in (smallest << i for i in range(32)) if k < max_seq_len]
-    return [*buckets, max_seq_len]
-
 
 class LLMEngine:
     def __init__(
@@ -115,19 +112,8 @@ class LLMEngine:
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
-        self._dec_ids = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)
-        self._dec_pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
-        # the decode inputs are rebuilt from the host only when the running set changed since the last decode step;
-        # otherwise the sampled tokens (still on the device) and positions + 1 are written there, with no host copy
-        self._layout_changed = True
-        self._last_tokens: torch.Tensor | None = None
-        pin = self.device.type == "cuda"
-        self._host_inputs = torch.zeros(2, max_slots, dtype=torch.long, pin_memory=pin)  # ids, positions
-        self._kv_range = torch.arange(max_seq_len, device=self.device)
-        rows = torch.arange(max_slots + 1, dtype=torch.int32, device=self.device)
-        self._cu_q, self._cu_k = rows, rows * max_seq_len  # the varlen decode kernel's row offsets
-        self._seen: torch.Tensor | None = None  # [max_slots, V] bool, allocated on first use
-        self._counts: torch.Tensor | None = None  # [max_slots, V] int32
+        self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=self._bool_mask, dtype=dtype)
+        self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
         self._waiting: deque[ActiveRequest] = deque()
         self._cancels: set[str] = set()
@@ -250,18 +236,11 @@ class LLMEngine:
             self._thread = None
 
     # --- forward passes ---------------------------------------------------------------------------------------------
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        if self._bool_mask:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min
-        )
-
     def _prefill(self, seqs: list[ActiveRequest]) -> list[TokenEvent]:
         """One forward over the prompts of `seqs` (right-padded), into the next free slots; their first tokens."""
         t = time.perf_counter()
         first = len(self._active)
-        self._layout_changed = True
+        self.decode.changed = True
         for k, seq in enumerate(seqs):
             seq.slot = first + k
             self._active.append(seq)
@@ -282,7 +261,7 @@ class LLMEngine:
             out = self.backbone(
                 inputs_embeds=embeds,
                 position_ids=torch.arange(n, device=self.device).expand(len(seqs), n),
-                attention_mask=self._mask(causal),
+                attention_mask=model_mask(causal, self._bool_mask, self.dtype),
                 past_key_values=self.cache,
                 use_cache=True,
             )
@@ -290,12 +269,8 @@ class LLMEngine:
             logits = self.lm_head(out.last_hidden_state[torch.arange(len(seqs), device=self.device), last])
             self.cache.set_idle()
             for seq in seqs:
-                self._init_penalty_state(seq, int(logits.shape[-1]))
-            rows = slice(first, first + len(seqs))
-            token = sample_tokens(
-                logits, [s.params for s in seqs], [s.generator for s in seqs],
-                None if self._seen is None else self._seen[rows], None if self._counts is None else self._counts[rows],
-            )  # fmt: skip
+                self.penalties.admit(seq, int(logits.shape[-1]))
+            token = self.penalties.sample(logits, seqs, first)
             events = self._accept(seqs, token.tolist())
             self.prefill_batches += 1
             self.prefill_requests += len(seqs)
@@ -310,53 +285,22 @@ class LLMEngine:
                 self._release(seq)
             return events
 
-    def _decode_forward(self, bucket: int, kv_len: int) -> torch.Tensor:
-        """Decode step over static buffers `_dec_ids[:bucket]`, `_dec_pos[:bucket]` -> logits [bucket, V].
-        Shapes depend only on (bucket, kv_len), so it is CUDA-graph capturable."""
-        pos = self._dec_pos[:bucket]
-        allowed = self._kv_range[:kv_len].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
-        rows = DecodeRows((pos + 1).to(torch.int32), self._cu_k[: bucket + 1], self._cu_q[: bucket + 1])
-        self.cache.set_decode(bucket, self._dec_pos, kv_len)
-        out = self.backbone(
-            inputs_embeds=self.embed(self._dec_ids[:bucket]),
-            position_ids=pos.view(-1, 1),
-            attention_mask=self._mask(allowed),
-            past_key_values=self.cache,
-            use_cache=True,
-            slot_decode=rows,  # reaches the attention function (engine/attention.py) through transformers' kwargs
-        )
-        logits: torch.Tensor = self.lm_head(out.last_hidden_state[:, -1])
-        return logits
-
     def _decode_step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
         n = len(self._active)
         bucket = next(b for b in self.buckets if b >= n)
+        self.decode.load(self._active, bucket)
         last = max(s.prompt_len + len(s.generated) - 1 for s in self._active)
-        if self._layout_changed or self._last_tokens is None:
-            host = self._host_inputs[:, :bucket]
-            host.zero_()  # free rows [n:bucket]: token 0 at position 0 of a free slot
-            host[0, :n] = torch.tensor([s.generated[-1] for s in self._active])
-            host[1, :n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in self._active])
-            self._dec_ids[:bucket, 0].copy_(host[0], non_blocking=True)
-            self._dec_pos[:bucket].copy_(host[1], non_blocking=True)
-            self._layout_changed = False
-        else:  # the same requests in the same slots as the last step: advance them on the device
-            self._dec_ids[:n, 0].copy_(self._last_tokens)
-            self._dec_pos[:n].add_(1)
         kv_len = next(k for k in self.kv_buckets if k > last)
         t1 = time.perf_counter()
         if self._graphs is not None:
             logits = self._graphs.replay(bucket, kv_len)
         else:
-            logits = self._decode_forward(bucket, kv_len)
+            logits = self.decode.forward(bucket, kv_len)
         self.cache.set_idle()
-        tokens = sample_tokens(
-            logits[:n], [s.params for s in self._active], [s.generator for s in self._active],
-            None if self._seen is None else self._seen[:n], None if self._counts is None else self._counts[:n],
-        )  # fmt: skip
+        tokens = self.penalties.sample(logits[:n], self._active, 0)
         token_list = tokens.tolist()  # waits for the step on the device
-        self._last_tokens = tokens
+        self.decode.last_tokens = tokens
         t2 = time.perf_counter()
         events = self._accept(list(self._active), token_list)
         t3 = time.perf_counter()
@@ -366,29 +310,9 @@ class LLMEngine:
         return events
 
     # --- bookkeeping --------------------------------------------------------------------------------------------------
-    def _init_penalty_state(self, seq: ActiveRequest, vocab: int) -> None:
-        s = seq.slot
-        if seq.params.uses_seen:
-            if self._seen is None:
-                self._seen = torch.zeros(self.max_slots, vocab, dtype=torch.bool, device=self.device)
-            self._seen[s].zero_()
-            ids = seq.ids[seq.ids < min(vocab, self.vocab_size)].to(self.device)
-            self._seen[s, ids] = True  # image slot ids are never "seen"
-        if seq.params.uses_counts:
-            if self._counts is None:
-                self._counts = torch.zeros(self.max_slots, vocab, dtype=torch.int32, device=self.device)
-            self._counts[s].zero_()
-
     def _accept(self, seqs: list[ActiveRequest], tokens: list[int]) -> list[TokenEvent]:
         """Record one new token per sequence, update penalty state, emit events, free finished slots."""
-        seen_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_seen]
-        count_rows = [(s.slot, t) for s, t in zip(seqs, tokens) if s.params.uses_counts]
-        if seen_rows and self._seen is not None:
-            slots, toks = torch.tensor(seen_rows, device=self.device).T
-            self._seen[slots, toks] = True
-        if count_rows and self._counts is not None:
-            slots, toks = torch.tensor(count_rows, device=self.device).T
-            self._counts.index_put_((slots, toks), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
+        self.penalties.record(seqs, tokens)
         events: list[TokenEvent] = []
         done: list[ActiveRequest] = []
         for seq, token in zip(seqs, tokens):
@@ -410,14 +334,12 @@ class LLMEngine:
 
     def _release(self, seq: ActiveRequest) -> None:
         """Free seq's slot; the last running request moves into the hole to keep slots compact."""
-        self._layout_changed = True
+        self.decode.changed = True
         slot = seq.slot
         last = self._active.pop()
         if last is not seq:
             self.cache.move_slot(last.slot, slot, min(last.prompt_len + len(last.generated), self.max_seq_len))
-            for state in (self._seen, self._counts):
-                if state is not None:
-                    state[slot] = state[last.slot]
+            self.penalties.move(last.slot, slot)
             self._active[slot] = last
             last.slot = slot
             self.slot_moves += 1

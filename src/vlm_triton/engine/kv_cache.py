@@ -130,6 +130,7 @@ class SlotKVCache(Cache):
         super().__init__(layers=list(self.slot_layers))
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
+        self.device = device
 
     # --- modes, set by the engine around each forward -------------------------------------------------------------
     def set_prefill(self, slot: int, start: int = 0) -> None:
