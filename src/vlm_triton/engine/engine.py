@@ -4,10 +4,13 @@ Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot freed);
 2. runs one batched decode step for the running requests, which occupy slots 0..n-1 (compact), padded to a
    batch-size bucket (a power of two, or max_slots) whose extra rows are free slots masked to position 0;
-3. admits waiting requests in arrival order while slots are free, as one batched prefill of at most
-   `prefill_tokens` tokens (prompts right-padded to the longest; a longer prompt alone), written into their
-   slots, which yields their first tokens. The rest wait for the next step, so decoding goes on between
-   prefill batches.
+3. runs one prefill forward of at most `prefill_tokens` tokens: either waiting requests admitted in arrival order
+   while slots are free, as one batch (prompts right-padded to the longest) written into their slots, which yields
+   their first tokens; or the next chunk of a prompt longer than `prefill_tokens` (chunked prefill), whose chunks
+   go into a spare slot past the running ones (decode's padding rows never touch it) over successive steps, each
+   attending to the chunks before it; after the last chunk the request moves into the next running slot and gets
+   its first token. The rest wait for the next step, so decoding goes on between prefill forwards and one step
+   never carries more than one prefill of bounded size.
 Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
 moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
 
@@ -103,7 +106,7 @@ class LLMEngine:
         heads = int(config.num_attention_heads)
         self.cache = SlotKVCache(
             num_layers=int(config.num_hidden_layers),
-            max_slots=max_slots,
+            max_slots=max_slots + 1,  # slot max_slots: the prompt being prefilled in chunks
             kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
             max_seq_len=max_seq_len,
             head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
@@ -116,13 +119,16 @@ class LLMEngine:
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
         self._waiting: deque[ActiveRequest] = deque()
+        self._chunking: ActiveRequest | None = None  # a prompt longer than prefill_tokens, part-way prefilled
+        self._chunk_done = 0  # its prompt tokens already in the spare slot
         self._cancels: set[str] = set()
         self._inflight: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.slot_moves = 0  # compaction copies so far (observability, tests)
-        self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they carried
+        self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
+        self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
         self.pointwise: dict[str, int] = {}
         if compile_pointwise and self.device.type == "cuda":
@@ -157,7 +163,10 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         with self._cond:
-            return bool(self._waiting or self._active or self._cancels)
+            return self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._active or self._cancels or self._chunking is not None)
 
     def active_slots(self) -> dict[str, int]:
         """request_id -> slot of the running requests."""
@@ -174,22 +183,32 @@ class LLMEngine:
         for seq in sorted((s for s in self._active if s.request_id in cancels), key=lambda s: -s.slot):
             events.append(self._finish_event(seq, "cancelled"))
             self._release(seq)
+        if self._chunking is not None and self._chunking.request_id in cancels:
+            events.append(self._finish_event(self._chunking, "cancelled"))
+            self._chunking = None
         if self._active:
             events += self._decode_step()
-        batch = self._admit()
-        if batch:
-            events += self._prefill(batch)
+        if self._chunking is None:
+            batch = self._admit()
+            if batch:
+                events += self._prefill(batch)
+        if self._chunking is not None:
+            events += self._prefill_chunk()
         return events
 
     def _admit(self) -> list[ActiveRequest]:
         """Pop the next prefill batch: waiting requests in arrival order while slots are free and the padded batch
-        (count x longest prompt) stays within prefill_tokens; the first one always goes."""
+        (count x longest prompt) stays within prefill_tokens. A first prompt longer than prefill_tokens becomes the
+        chunked prefill instead (no batch this step)."""
         batch: list[ActiveRequest] = []
         longest = 0
         with self._cond:
             while self._waiting and len(self._active) + len(batch) < self.max_slots:
                 n = max(longest, self._waiting[0].prompt_len)
-                if batch and n * (len(batch) + 1) > self.prefill_tokens:
+                if not batch and n > self.prefill_tokens:
+                    self._chunking, self._chunk_done = self._waiting.popleft(), 0
+                    break
+                if n * (len(batch) + 1) > self.prefill_tokens:
                     break
                 batch.append(self._waiting.popleft())
                 longest = n
@@ -200,7 +219,7 @@ class LLMEngine:
         running requests ('error' events) and the loop goes on. On shutdown, outstanding requests are cancelled."""
         while True:
             with self._cond:
-                while not self._stopping and not (self._waiting or self._active or self._cancels):
+                while not self._stopping and not self._busy():
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -214,6 +233,9 @@ class LLMEngine:
             self._emit(callback, events)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+        if self._chunking is not None:
+            waiting.insert(0, self._chunking)
+            self._chunking = None
         events = [self._finish_event(s, "cancelled") for s in waiting]
         for seq in sorted(self._active, key=lambda s: -s.slot):
             events.append(self._finish_event(seq, "cancelled"))
@@ -250,12 +272,7 @@ class LLMEngine:
             ids = torch.zeros(len(seqs), n, dtype=torch.long)
             for k, seq in enumerate(seqs):
                 ids[k, : seq.prompt_len] = seq.ids
-            image = ids >= self.vocab_size
-            embeds = self.embed(ids.masked_fill(image, 0).to(self.device))
-            for k, seq in enumerate(seqs):
-                if seq.table is not None and bool(image[k].any()):
-                    rows = ids[k, image[k]] - self.vocab_size
-                    embeds[k, image[k].to(self.device)] = seq.table.to(self.device, self.dtype)[rows.to(self.device)]
+            embeds = self._embed(ids, seqs)
             causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().view(1, 1, n, n)
             self.cache.set_prefill(first)
             out = self.backbone(
@@ -284,6 +301,65 @@ class LLMEngine:
             for seq in sorted(seqs, key=lambda s: -s.slot):
                 self._release(seq)
             return events
+
+    def _embed(self, ids: torch.Tensor, seqs: list[ActiveRequest]) -> torch.Tensor:
+        """Input embeddings of host ids [B, n] (row k from seqs[k]); image slot ids take rows of that request's
+        table (id - vocab_size indexes the table, so any slice of a prompt embeds the same as the whole)."""
+        image = ids >= self.vocab_size
+        embeds = self.embed(ids.masked_fill(image, 0).to(self.device))
+        for k, seq in enumerate(seqs):
+            if seq.table is not None and bool(image[k].any()):
+                rows = ids[k, image[k]] - self.vocab_size
+                embeds[k, image[k].to(self.device)] = seq.table.to(self.device, self.dtype)[rows.to(self.device)]
+        return embeds
+
+    def _prefill_chunk(self) -> list[TokenEvent]:
+        """The next chunk (<= prefill_tokens) of the chunked prompt, into the spare slot; after the last chunk the
+        request moves into the next running slot and its first token is sampled."""
+        seq = self._chunking
+        assert seq is not None
+        t = time.perf_counter()
+        start, end = self._chunk_done, min(seq.prompt_len, self._chunk_done + self.prefill_tokens)
+        spare = self.max_slots
+        try:
+            n = end - start
+            embeds = self._embed(seq.ids[start:end].view(1, n), [seq])
+            # query i (position start + i) sees positions 0 .. start + i
+            causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start).view(1, 1, n, end)
+            self.cache.set_prefill(spare, start)
+            out = self.backbone(
+                inputs_embeds=embeds,
+                position_ids=torch.arange(start, end, device=self.device).view(1, n),
+                attention_mask=model_mask(causal, self._bool_mask, self.dtype),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            self.cache.set_idle()
+            self._chunk_done = end
+            self.prefill_batches += 1
+            self.prefill_chunks += 1
+            if end < seq.prompt_len:
+                self.timing.add("prefill", time.perf_counter() - t)
+                return []
+            self._chunking = None
+            seq.slot = len(self._active)
+            self._active.append(seq)
+            self.decode.changed = True
+            self.cache.move_slot(spare, seq.slot, seq.prompt_len)
+            logits = self.lm_head(out.last_hidden_state[:, -1])
+            self.penalties.admit(seq, int(logits.shape[-1]))
+            events = self._accept([seq], self.penalties.sample(logits, [seq], seq.slot).tolist())
+            self.prefill_requests += 1
+            self.timing.add("prefill", time.perf_counter() - t)
+            return events
+        except Exception as exc:
+            logger.exception("chunked prefill of %s failed", seq.request_id)
+            self.cache.set_idle()
+            self._chunking = None
+            event = self._finish_event(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            if seq.slot >= 0 and seq.slot < len(self._active) and self._active[seq.slot] is seq:
+                self._release(seq)
+            return [event]
 
     def _decode_step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
