@@ -12,6 +12,15 @@ SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$BUNDLE"/wheels/*.whl
 tar -xJf "$BUNDLE/triton.tar.xz" -C "$SITE"
 printf '%s\n%s\n' "$PWD/src" "$PWD" > "$SITE/vlm_triton_checkout.pth"
+# perf_analyzer (benchmarks/perf_bls.py looks beside the interpreter) with libb64 in its own folder; a wrapper adds
+# that folder to the library path (perf_bls adds libcudart from nvidia_pytriton.libs itself).
+if [ -f "$BUNDLE/perf.tar.xz" ]; then
+  PERF=/opt/vlm_perf_analyzer
+  mkdir -p "$PERF" && tar -xJf "$BUNDLE/perf.tar.xz" -C "$PERF"
+  BIN=$("$PY" -c "import sys, os; print(os.path.dirname(sys.executable))")
+  printf '#!/bin/sh\nexport LD_LIBRARY_PATH=%s/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\nexec %s/bin/perf_analyzer "$@"\n' \
+    "$PERF" "$PERF" > "$BIN/perf_analyzer" && chmod +x "$BIN/perf_analyzer"
+fi
 LIBDIR=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
 VER=$("$PY" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 if [ ! -e "$LIBDIR/libpython$VER.so.1.0" ]; then

@@ -1,0 +1,83 @@
+"""Vision encoder variants on one device: eager vs torch.compile, per tile count, against the matmul floor.
+
+    python -m benchmarks.vision_micro --preset internvl3-1b --tiles 1,4,13,52 [--modes eager,compile]
+
+Builds the preset's checkpoint with random weights (benchmarks/models.py), runs the family's vision encoder (the
+module the `vision_encoder` stage serves) on random tiles, and prints a table: median ms, TFLOP/s, fraction of the
+measured bf16 matmul floor, and each variant's largest difference from eager on the same input. For a variant
+to be worth serving it must be faster at the tile counts W1/W3 send (13 / 4) and agree with eager within bf16
+rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import baselines, models
+
+
+def _time(fn, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn(x)
+    baselines.sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn(x)
+        baselines.sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="internvl3-1b", choices=sorted(models.PRESETS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-work"))
+    ap.add_argument("--tiles", default="1,4,13,52")
+    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ckpt = models.make_model(args.preset, args.work / f"ckpt-{args.preset}")
+    from vlm_triton.families import open_family
+    from vlm_triton.models.vision_compile import compile_vision_encoder
+
+    family = open_family(ckpt)
+    cfg = family.config
+    eager = family.build_vision_encoder(dtype, device).eval()
+    peak = baselines.device_ceilings(device).get("matmul_flops") if device.type == "cuda" else None
+    tiles = [int(t) for t in args.tiles.split(",")]
+    modes = args.modes.split(",")
+    runners = {}
+    for mode in modes:
+        t = time.perf_counter()
+        runners[mode] = eager if mode == "eager" else compile_vision_encoder(eager, warm_tiles=tiles, device=device,
+                                                                             size=family.image_size)
+        print(f"{mode}: ready in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"\n{args.preset} vision encoder, {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
+          f", {dtype}, matmul peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    print("| tiles | mode | ms | TFLOP/s | floor | max |diff| vs eager |")
+    print("|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in tiles:
+        x = torch.randn(n, 3, family.image_size, family.image_size, generator=gen).to(device, dtype)
+        flops = baselines.vit_flops(cfg["vision_config"], int(cfg["llm_config"]["hidden_size"]), n,
+                                    float(cfg.get("downsample_ratio", 0.5)))
+        ref = None
+        for mode in modes:
+            with torch.inference_mode():
+                sec, out = _time(runners[mode], x, device, args.repeats)
+            ref = out.float() if ref is None else ref
+            diff = float((out.float() - ref).abs().max())
+            floor = f"{flops / peak / sec:.0%}" if peak else "-"
+            print(f"| {n} | {mode} | {sec * 1e3:.2f} | {flops / sec / 1e12:.0f} | {floor} | {diff:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
