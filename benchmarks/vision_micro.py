@@ -6,7 +6,8 @@ Builds the preset's checkpoint with random weights (benchmarks/models.py), runs 
 module the `vision_encoder` stage serves) on random tiles, and prints a table: median ms, TFLOP/s, fraction of the
 measured bf16 matmul floor, and each variant's largest difference from eager on the same input. For a variant
 to be worth serving it must be faster at the tile counts W1/W3 send (13 / 4) and agree with eager within bf16
-rounding.
+rounding. Measured on an H100 (docs/benchmarks.md): compile saves 8% at 13 tiles and costs a minute of start-up, so
+serving stays eager; this script keeps the comparison reproducible.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ import numpy as np
 import torch
 
 from benchmarks import baselines, models
+
+
+def compile_vision_encoder(encoder: torch.nn.Module, *, warm_tiles: list[int], device: torch.device, size: int):
+    """torch.compile of the encoder, the tile count dynamic (a batch of one tile compiles once more), warmed up."""
+    compiled = torch.compile(encoder, dynamic=False)
+    dtype = next(encoder.parameters()).dtype
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] > 1:
+            torch._dynamo.mark_dynamic(pixels, 0)
+        return compiled(pixels)
+
+    with torch.inference_mode():
+        for n in sorted(set(warm_tiles), reverse=True):  # a batch > 1 first: the dynamic graph
+            run(torch.zeros(n, 3, size, size, device=device, dtype=dtype))
+    return run
 
 
 def _time(fn, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
@@ -46,7 +63,6 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ckpt = models.make_model(args.preset, args.work / f"ckpt-{args.preset}")
     from vlm_triton.families import open_family
-    from vlm_triton.models.vision_compile import compile_vision_encoder
 
     family = open_family(ckpt)
     cfg = family.config
