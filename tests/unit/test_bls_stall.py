@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import types
 from typing import Any, AsyncIterator, Iterator
@@ -203,8 +204,8 @@ def test_a_stall_reaches_the_client_as_an_error_and_the_log_gets_the_threads(
     bls: types.ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    common = __import__("vlm_triton.triton.common", fromlist=["report_stall"])
-    monkeypatch.setattr(common, "_last_stall_dump", -1e9)
+    common = sys.modules["vlm_triton.triton.common"]  # as imported by the fixture
+    monkeypatch.setattr(common, "_last_stall_dump", None)
     with caplog.at_level(logging.ERROR, logger="vlm_triton"):
         sent = serve_a_stalling_request(bls, monkeypatch).sent
     (chunk, flags), (error, final) = sent

@@ -50,7 +50,7 @@ def enable_thread_dumps(model_name: str) -> None:
 
 
 STALL_DUMP_EVERY_S = 60.0  # one stalled llm stalls every request on it: one thread dump per minute is enough
-_last_stall_dump = -STALL_DUMP_EVERY_S
+_last_stall_dump: float | None = None  # time.monotonic() of this stub's last dump
 
 
 def report_stall(request_id: str, exc: StageStalled) -> None:
@@ -59,8 +59,9 @@ def report_stall(request_id: str, exc: StageStalled) -> None:
     may be what hangs."""
     global _last_stall_dump
     now = time.monotonic()
-    dump = now - _last_stall_dump >= STALL_DUMP_EVERY_S
-    log.error("request %r failed: %s%s", request_id, exc, "; threads of this stub follow" if dump else "")
+    dump = _last_stall_dump is None or now - _last_stall_dump >= STALL_DUMP_EVERY_S
+    shown = repr(request_id) if request_id else "(no id)"
+    log.error("request %s failed: %s%s", shown, exc, "; threads of this stub follow" if dump else "")
     if dump:
         _last_stall_dump = now
         stream = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
