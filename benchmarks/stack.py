@@ -28,8 +28,9 @@ def deployment(ckpt: Path, media_dir: Path, *, max_slots: int, max_seq_len: int,
         "engine": {"max_slots": max_slots, "max_seq_len": max_seq_len, "device": device, "cuda_graphs": True},
         "limits": {"allowed_local_media_dirs": [str(Path(media_dir).resolve())], "max_images": 4,
                    "default_max_tokens": 256},
+        # a stalled stage fails its request (and dumps the bls stub's threads) before the load generator's 90 s
         "triton": {"preprocess_instances": instances, "postprocess_instances": instances,
-                   "vision_max_batch_size": 64},
+                   "vision_max_batch_size": 64, "bls_stall_timeout_s": 60},
     })
 
 

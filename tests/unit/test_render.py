@@ -26,7 +26,8 @@ def _parse(path: Path) -> pb.ModelConfig:
 
 @pytest.mark.parametrize("dtype, embed", [("float32", "TYPE_FP32"), ("bfloat16", "TYPE_BF16")])
 def test_rendered_configs_match_the_contracts(tmp_path: Path, dtype: str, embed: str) -> None:
-    cfg = _cfg(engine={"dtype": dtype, "device": "cpu", "max_slots": 6}, triton={"vision_max_batch_size": 26})
+    cfg = _cfg(engine={"dtype": dtype, "device": "cpu", "max_slots": 6},
+               triton={"vision_max_batch_size": 26, "bls_stall_timeout_s": 42.5})
     repo = render_repository(cfg, tmp_path / "repo")
     for role in PYTHON_ROLES:
         config = _parse(repo / role / "config.pbtxt")
@@ -50,6 +51,7 @@ def test_rendered_configs_match_the_contracts(tmp_path: Path, dtype: str, embed:
     assert vision.max_batch_size == 26 and vision.HasField("dynamic_batching")
     assert _parse(repo / "bls" / "config.pbtxt").model_transaction_policy.decoupled
     assert DeploymentConfig.load(repo / "deployment.json") == cfg
+    assert DeploymentConfig.load(repo / "deployment.json").triton.bls_stall_timeout_s == 42.5  # what the bls reads
 
 
 def test_llm_contract_is_the_tensorrt_llm_subset() -> None:
@@ -74,6 +76,9 @@ def test_llm_contract_is_the_tensorrt_llm_subset() -> None:
 def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SetupError, match=r"unknown keys in \[engine\]: \['max_slot'\]"):
         DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "engine": {"max_slot": 3}})
+    with pytest.raises(SetupError, match=r"triton.bls_stall_timeout_s must be >= 0 \(0: no deadline\)"):
+        DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "triton": {"bls_stall_timeout_s": -1}})
+    assert _cfg().triton.bls_stall_timeout_s == 180.0  # the default: far above any healthy wait
     with pytest.raises(SetupError, match="needs model.checkpoint"):
         DeploymentConfig.from_dict({"engine": {}})
     toml = tmp_path / "d.toml"

@@ -79,6 +79,10 @@ class TritonSection:
     # False: the BLS hands the llm its prompt table in host memory. True: as the vision encoder's CUDA tensor (no
     # copies), which on an H100 host with Triton r24.10's Python backend hung intermittently (docs/benchmarks.md)
     bls_gpu_prompt_table: bool = False
+    # Longest the BLS waits on a stage without progress before it fails the request (error naming the stage, thread
+    # dump in the log, llm request cancelled): a whole preprocess / vision_encoder / postprocess call, or the gap
+    # between llm responses, the first included (queueing under load delays it). 0: wait forever
+    bls_stall_timeout_s: float = 180.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class DeploymentConfig:
             (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
+            (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,
              f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]

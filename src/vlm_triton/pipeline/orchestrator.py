@@ -1,7 +1,8 @@
 """The BLS logic, free of Triton: preprocess -> vision_encoder -> llm (streaming) -> postprocess per response.
 
 `StageClient` is the four stage calls; `triton.bls_model` implements it with async BLS requests, tests with fakes.
-`run_pipeline` turns one chat request into text deltas with a correct finish_reason and exact token counts.
+`run_pipeline` turns one chat request into text deltas with a correct finish_reason and exact token counts, and
+turns a stage that stops answering into `StageStalled` (`stall_timeout_s`, see `pipeline.deadline`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, AsyncIterator, Sequence
 import numpy as np
 
 from vlm_triton.errors import InvalidRequest
+from vlm_triton.pipeline.deadline import within
 from vlm_triton.postprocess.detokenizer import decode_delta
 from vlm_triton.postprocess.stop_strings import apply_stop_strings
 
@@ -116,7 +118,8 @@ class StageClient(ABC):
 
     @abstractmethod
     def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
-        """New token ids per llm response; closing the iterator early cancels the llm request."""
+        """New token ids per llm response. Closing the iterator early, or cancelling a wait for its next item (a
+        stall), cancels the llm request; that cleanup must not wait for the llm (it may be the stalled stage)."""
 
     @abstractmethod
     async def detokenize(
@@ -130,24 +133,37 @@ def ended_by_stop_token(tail: Sequence[int], end_id: int, stop_sequences: Sequen
     return any(seq and list(tail[-len(seq):]) == list(seq) for seq in stop_sequences)
 
 
-async def run_pipeline(stages: StageClient, messages_json: str, options: RequestOptions) -> AsyncIterator[Chunk]:
-    prepared = await stages.preprocess(messages_json)
-    table = await stages.encode_images(prepared) if prepared.num_tiles else None
+async def run_pipeline(
+    stages: StageClient, messages_json: str, options: RequestOptions, *, stall_timeout_s: float = 0.0
+) -> AsyncIterator[Chunk]:
+    """The request's chunks. A stage that gives no response for `stall_timeout_s` (a whole preprocess,
+    vision_encoder or postprocess call; for the llm, the wait for each next response, the first included) raises
+    StageStalled after its call is cancelled; 0 waits forever."""
+    timeout = stall_timeout_s
+    prepared = await within(stages.preprocess(messages_json), "preprocess", timeout)
+    table = await within(stages.encode_images(prepared), "vision_encoder", timeout) if prepared.num_tiles else None
     stop_sequences = prepared.stop_sequences()
     keep_tail = max([1, *(len(s) for s in stop_sequences)])
     window: list[int] = []
     prefix = read = 0
     held, pending = "", []
     tail: list[int] = []
-    completion = 0
+    completion = responses = 0
     stopped = False
     generation = stages.generate(prepared, table, options)
     try:
-        async for new_ids in generation:
+        while True:
+            try:
+                waited = f" after {responses} response{'s' * (responses != 1)}"
+                new_ids = await within(anext(generation), "llm", timeout, waited)
+            except StopAsyncIteration:
+                break
+            responses += 1
             completion += len(new_ids)
             tail = (tail + list(new_ids))[-keep_tail:]
             window.extend(new_ids)
-            out = await stages.detokenize(window, prefix, read, held, options.stop, False)
+            step = stages.detokenize(window, prefix, read, held, options.stop, False)
+            out = await within(step, "postprocess", timeout)
             del window[: out.prefix_offset]
             prefix, read, held = 0, out.read_offset - out.prefix_offset, out.held
             if out.stopped:
@@ -160,9 +176,11 @@ async def run_pipeline(stages: StageClient, messages_json: str, options: Request
                 else:
                     pending.append(out.text)
     finally:
-        await generation.aclose()  # cancels the llm request when we stop early
+        # cancels the llm request when we stop early; a no-op after a stall (the cancelled wait closed it)
+        await within(generation.aclose(), "llm", timeout, " while being cancelled")
     if not stopped:
-        out = await stages.detokenize(window, prefix, read, held, options.stop, True)
+        step = stages.detokenize(window, prefix, read, held, options.stop, True)
+        out = await within(step, "postprocess", timeout)
         pending.append(out.text)
         stopped = out.stopped
     if stopped or ended_by_stop_token(tail, -1 if options.ignore_eos else prepared.end_id, stop_sequences):

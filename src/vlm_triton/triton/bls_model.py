@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from vlm_triton.errors import InvalidRequest
+from vlm_triton.errors import InvalidRequest, StageStalled
 from vlm_triton.pipeline.orchestrator import (
     Chunk,
     Detokenized,
@@ -31,6 +31,8 @@ from vlm_triton.triton.common import (
     get_texts,
     load_deployment,
     load_family,
+    log,
+    report_stall,
     requested_outputs,
     response_of,
     text_output,
@@ -64,6 +66,9 @@ def _int(response: Any, name: str) -> int:
 # Pulling it on worker threads keeps the event loop free, so concurrent streams interleave instead of queueing.
 _RESPONSE_PULLERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bls-responses")
 _DONE = object()
+
+
+_CANCELS: set[asyncio.Task[None]] = set()  # llm cancellations under way (the loop keeps only weak references)
 
 
 async def _responses(iterator: Any) -> AsyncIterator[Any]:
@@ -141,10 +146,10 @@ class TritonStages(StageClient):
             model_name="llm", requested_output_names=["output_ids"], inputs=inputs, request_id=request_id
         )
         finished = False
-        trace(f"llm exec {request_id}")
-        iterator = await request.async_exec(decoupled=True)
-        trace(f"llm iterator {request_id}")
         try:
+            trace(f"llm exec {request_id}")
+            iterator = await request.async_exec(decoupled=True)  # returns with the llm's first response
+            trace(f"llm iterator {request_id}")
             async for response in _responses(iterator):
                 check_response(response, "llm")
                 ids = _out(response, "output_ids")
@@ -152,8 +157,10 @@ class TritonStages(StageClient):
                     yield ids.as_numpy().reshape(-1).tolist()
             finished = True
         finally:
-            if not finished:
-                await self._cancel(request_id)
+            if not finished:  # closed early or its wait cancelled (a stall): the llm may be what hangs, so no waiting
+                task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+                _CANCELS.add(task)
+                task.add_done_callback(_cancel_done)
 
     async def _cancel(self, request_id: str) -> None:
         """tensorrt_llm-style cancellation: a request with the same id and stop=True."""
@@ -199,6 +206,12 @@ class TritonStages(StageClient):
         )
 
 
+def _cancel_done(task: asyncio.Task[None]) -> None:
+    _CANCELS.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cancelling an llm request failed: %r", task.exception())
+
+
 def read_options(request: Any, default_max_tokens: int) -> RequestOptions:
     seed = get_scalar(request, "seed", None)
     return RequestOptions(
@@ -231,6 +244,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.default_max_tokens = cfg.limits.default_max_tokens
+        self.stall_timeout_s = cfg.triton.bls_stall_timeout_s
         tokenizer = load_family(cfg).load_tokenizer() if cfg.triton.bls_detokenize == "inline" else None
         self.stages = TritonStages(
             embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer,
@@ -248,7 +262,7 @@ class TritonPythonModel:
                 raise InvalidRequest("the 'messages' input is required")
             options = read_options(request, self.default_max_tokens)
             requested = requested_outputs(request)
-            chunks = run_pipeline(self.stages, messages, options)
+            chunks = run_pipeline(self.stages, messages, options, stall_timeout_s=self.stall_timeout_s)
             try:
                 async for chunk in chunks:
                     if request.is_cancelled():  # the client went away: closing `chunks` cancels the llm request
@@ -259,4 +273,6 @@ class TritonPythonModel:
             finally:
                 await chunks.aclose()
         except Exception as exc:  # noqa: BLE001 - the error goes to this request's client
+            if isinstance(exc, StageStalled):
+                report_stall(request.request_id(), exc)
             sender.send(error_response(exc), flags=FINAL)

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from vlm_triton.deploy.config import DeploymentConfig
-from vlm_triton.errors import InvalidRequest
+from vlm_triton.errors import InvalidRequest, StageStalled
 
 if TYPE_CHECKING:
     from vlm_triton.families import ModelFamily
@@ -47,6 +47,34 @@ def enable_thread_dumps(model_name: str) -> None:
         faulthandler.enable(file=sys.stderr, all_threads=True)
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         faulthandler.dump_traceback_later(float(period), repeat=True, file=sys.stderr)
+
+
+STALL_DUMP_EVERY_S = 60.0  # one stalled llm stalls every request on it: one thread dump per minute is enough
+_last_stall_dump: float | None = None  # time.monotonic() of this stub's last dump
+
+
+def report_stall(request_id: str, exc: StageStalled) -> None:
+    """Log a stalled request at ERROR with every Python thread of this stub (faulthandler, at most once per
+    STALL_DUMP_EVERY_S). Written straight to stderr, which the server log keeps: Triton's log API is IPC, and IPC
+    may be what hangs."""
+    global _last_stall_dump
+    now = time.monotonic()
+    dump = _last_stall_dump is None or now - _last_stall_dump >= STALL_DUMP_EVERY_S
+    shown = repr(request_id) if request_id else "(no id)"
+    log.error("request %s failed: %s%s", shown, exc, "; threads of this stub follow" if dump else "")
+    if dump:
+        _last_stall_dump = now
+        stream = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
+        stream.flush()
+        faulthandler.dump_traceback(file=stream, all_threads=True)
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. a test's captured stderr
+        return False
+    return True
 
 
 def apply_switch_interval() -> None:
@@ -166,7 +194,10 @@ INVALID_PREFIX = "invalid request: "
 
 
 def triton_error(exc: BaseException) -> Any:
-    """InvalidRequest -> INVALID_ARGUMENT with its message; anything else -> INTERNAL (and logged)."""
+    """InvalidRequest -> INVALID_ARGUMENT with its message; a StageStalled -> INTERNAL with its message (reported
+    by the caller: report_stall); anything else -> INTERNAL (and logged)."""
+    if isinstance(exc, StageStalled):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INTERNAL)
     if isinstance(exc, InvalidRequest):
         message = str(exc)
         return pb_utils.TritonError(

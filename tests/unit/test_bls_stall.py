@@ -1,0 +1,224 @@
+"""The bls adapter under a stalled llm: the request is cancelled whether the stall is before the first response
+(`async_exec` itself waits for it) or between responses, the cancellation never waits on the llm, and the client
+gets an error naming the stage while the stub's threads go to the log. Runs on a small fake of
+`triton_python_backend_utils`; the deadline logic itself is tested in test_orchestrator.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import types
+from typing import Any, AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+
+from tests.unit.fake_triton import adapters_with
+from vlm_triton.errors import StageStalled
+from vlm_triton.pipeline.deadline import within
+from vlm_triton.pipeline.orchestrator import Chunk, Prepared, RequestOptions
+
+FINAL = 1
+FOREVER = 3600.0
+
+
+class FakeTensor:
+    def __init__(self, name: str, value: Any) -> None:
+        self._name, self.value = name, np.asarray(value)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self.value
+
+
+class FakeError:
+    INVALID_ARG, INTERNAL, CANCELLED = 3, 13, 1
+
+    def __init__(self, message: str, code: int = 13) -> None:
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: FakeError | None = None) -> None:
+        self.outputs = {t.name(): t for t in output_tensors or []}
+        self._error = error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> FakeError | None:
+        return self._error
+
+
+class FakeLLM:
+    """Answers `first` responses, then hangs until a cancellation (stop=True, same id) arrives, like a wedged llm
+    that still takes requests. `first=0`: even `async_exec` never returns (it waits for the first response).
+    `cancel_hangs`: the cancellation request gets no answer either."""
+
+    def __init__(self, first: int, cancel_hangs: bool = False) -> None:
+        self.first, self.cancel_hangs = first, cancel_hangs
+        self.requests: list[FakeRequest] = []
+        self.cancelled = threading.Event()
+
+    async def exec(self, request: "FakeRequest") -> Any:
+        self.requests.append(request)
+        if "stop" in request.inputs:
+            if self.cancel_hangs:
+                await asyncio.sleep(FOREVER)
+            self.cancelled.set()
+            return iter([])
+        if self.first == 0:
+            await asyncio.sleep(FOREVER)
+        return self.responses()
+
+    def responses(self) -> Iterator[FakeResponse]:  # pulled with next() on a worker thread, as the real iterator
+        for token in range(self.first):
+            yield FakeResponse([FakeTensor("output_ids", [[[100 + token]]])])
+        self.cancelled.wait(10)  # the real llm ends the stream with an empty final response once cancelled
+
+
+class FakeRequest:
+    llm: FakeLLM
+
+    def __init__(self, model_name: str, requested_output_names: list[str], inputs: list[FakeTensor],
+                 request_id: str = "") -> None:
+        self.model_name, self.request_id = model_name, request_id
+        self.inputs = {t.name(): t for t in inputs}
+
+    async def async_exec(self, decoupled: bool = False) -> Any:
+        assert self.model_name == "llm" and decoupled
+        return await self.llm.exec(self)
+
+
+def fake_pb_utils() -> types.ModuleType:
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.InferenceRequest, m.InferenceResponse, m.TritonError = FakeTensor, FakeRequest, FakeResponse, FakeError
+    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    m.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
+    m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    return m
+
+
+@pytest.fixture
+def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    for (module,) in adapters_with(monkeypatch, fake_pb_utils(), "vlm_triton.triton.bls_model"):
+        yield module
+
+
+PREPARED = Prepared(
+    input_ids=np.arange(5, dtype=np.int32), pixel_values=None, num_tiles=0, end_id=2, pad_id=0,
+    stop_words_list=np.array([[9], [1]], dtype=np.int32), prompt_vocab_size=0,
+)
+
+
+def llm_requests_after_a_stall(bls: types.ModuleType, llm: FakeLLM, responses_before: int) -> list[FakeRequest]:
+    FakeRequest.llm = llm
+
+    async def drive() -> None:
+        generation = bls.TritonStages().generate(PREPARED, None, RequestOptions(max_tokens=8))
+        for token in range(responses_before):
+            assert await within(anext(generation), "llm", 5.0) == [100 + token]
+        with pytest.raises(StageStalled, match="llm produced no response for 0.05 s"):
+            await within(anext(generation), "llm", 0.05)
+        await asyncio.wait_for(asyncio.gather(*bls._CANCELS), 5)
+
+    asyncio.run(drive())
+    return llm.requests
+
+
+@pytest.mark.parametrize("responses_before", [0, 2])
+def test_a_stalled_llm_request_is_cancelled(bls: types.ModuleType, responses_before: int) -> None:
+    """0: the stall of item 1 in docs/benchmarks.md (async_exec never returned); 2: item 7's (no next response)."""
+    generate, cancel = llm_requests_after_a_stall(bls, FakeLLM(first=responses_before), responses_before)
+    assert "stop" not in generate.inputs and bool(cancel.inputs["stop"].as_numpy().reshape(-1)[0])
+    assert cancel.request_id == generate.request_id != ""
+
+
+def test_closing_early_does_not_wait_for_the_cancellation(bls: types.ModuleType) -> None:
+    """A stop string closes the stream; the llm's answer to the cancellation is not awaited (it may never come)."""
+    FakeRequest.llm = llm = FakeLLM(first=3, cancel_hangs=True)
+
+    async def drive() -> None:
+        generation = bls.TritonStages().generate(PREPARED, None, RequestOptions(max_tokens=8))
+        assert await anext(generation) == [100]
+        await asyncio.wait_for(generation.aclose(), 1.0)
+        await asyncio.sleep(0.01)
+        assert [("stop" in r.inputs) for r in llm.requests] == [False, True]  # sent, still unanswered
+        llm.cancelled.set()  # lets the worker thread blocked in the stream go
+
+    asyncio.run(drive())
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[FakeResponse, int]] = []
+
+    def send(self, response: FakeResponse, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+
+class FakeBlsRequest:
+    def __init__(self) -> None:
+        self.sender = FakeSender()
+        self.inputs = {"messages": FakeTensor("messages", np.array([b"[]"], dtype=np.object_))}
+
+    def get_response_sender(self) -> FakeSender:
+        return self.sender
+
+    def request_id(self) -> str:
+        return "req-7"
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def requested_output_names(self) -> list[str]:
+        return ["text"]
+
+
+def serve_a_stalling_request(bls: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> FakeSender:
+    async def stalls_after_one_chunk(stages: Any, messages: str, options: RequestOptions, *,
+                                     stall_timeout_s: float) -> AsyncIterator[Chunk]:
+        assert stall_timeout_s == 0.05  # the deployment's value reaches the orchestrator
+        yield Chunk("he", None, 5, 1)
+        raise StageStalled("llm", stall_timeout_s, " after 1 response")
+
+    monkeypatch.setattr(bls, "run_pipeline", stalls_after_one_chunk)
+    model = bls.TritonPythonModel()
+    model.stages, model.default_max_tokens, model.stall_timeout_s = None, 8, 0.05
+    request = FakeBlsRequest()
+    asyncio.run(model.execute([request]))
+    return request.sender
+
+
+def test_a_stall_reaches_the_client_as_an_error_and_the_log_gets_the_threads(
+    bls: types.ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    common = sys.modules["vlm_triton.triton.common"]  # as imported by the fixture
+    monkeypatch.setattr(common, "_last_stall_dump", None)
+    with caplog.at_level(logging.ERROR, logger="vlm_triton"):
+        sent = serve_a_stalling_request(bls, monkeypatch).sent
+    (chunk, flags), (error, final) = sent
+    assert chunk.outputs["text"].as_numpy()[0] == b"he" and flags == 0
+    assert final == FINAL and error.has_error()
+    assert error.error().message() == "llm produced no response for 0.05 s after 1 response"
+    assert error.error().code() == FakeError.INTERNAL
+    assert "request 'req-7' failed: llm produced no response for 0.05 s" in caplog.text
+    assert "threads of this stub follow" in caplog.text
+    assert "most recent call first" in capfd.readouterr().err  # faulthandler's dump of every thread
+
+    caplog.clear()  # a second stall within the minute: logged, but no second dump
+    with caplog.at_level(logging.ERROR, logger="vlm_triton"):
+        serve_a_stalling_request(bls, monkeypatch)
+    assert "request 'req-7' failed" in caplog.text and "threads" not in caplog.text
+    assert "most recent call first" not in capfd.readouterr().err
