@@ -41,7 +41,8 @@ def fake_pb_utils() -> types.ModuleType:
     m = types.ModuleType("triton_python_backend_utils")
     m.Tensor, m.InferenceResponse = FakeTensor, FakeResponse
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    m.TritonError = type("TritonError", (), {"INVALID_ARG": 3, "CANCELLED": 1, "INTERNAL": 13})
+    m.TritonError = type("TritonError", (), {"INVALID_ARG": 3, "CANCELLED": 1, "INTERNAL": 13,
+                                             "__init__": lambda self, message, code=13: None})
     m.MetricFamily = type("MetricFamily", (), {"GAUGE": 1})
     return m
 
@@ -77,3 +78,38 @@ def test_bls_sends_only_requested_outputs(adapters: types.SimpleNamespace) -> No
     assert adapters.bls._response(chunk, requested).names == ["text"]
     everything = adapters.bls._response(chunk, frozenset()).names
     assert everything == ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
+
+
+class FakeSender:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.sent = fail, []
+
+    def send(self, response: Any = None, flags: int = 0) -> None:
+        if self.fail and not flags:
+            raise RuntimeError("stub IPC broke")
+        self.sent.append((response, flags))
+
+
+def test_a_failed_send_ends_only_that_request(adapters: types.SimpleNamespace) -> None:
+    """One request's send raising (a broken response channel) must not lose the other requests' tokens in the same
+    outbox round: the failing request is cancelled in the engine and ends with an error, the others go on."""
+    import threading
+
+    from vlm_triton.engine.outbox import Delivery
+
+    llm, common = adapters.llm, adapters.common
+    model = object.__new__(llm.TritonPythonModel)
+    cancelled: list[str] = []
+    model.engine = types.SimpleNamespace(cancel=cancelled.append)
+    model._lock, model._by_client = threading.Lock(), {"c": {"bad", "good"}}
+    model._active_gauge = types.SimpleNamespace(set=lambda n: None)
+    outputs = common.requested_outputs(FakeRequest(["output_ids"]))
+    bad, good = FakeSender(fail=True), FakeSender()
+    model._active = {
+        "bad": llm._Active(None, bad, "c", True, [], 5, outputs),
+        "good": llm._Active(types.SimpleNamespace(is_cancelled=lambda: False), good, "c", True, [], 5, outputs),
+    }
+    model._deliver([Delivery("bad", [1, 2]), Delivery("good", [3])])
+    assert cancelled == ["bad"] and "bad" not in model._active and "good" in model._active
+    assert [flags for _, flags in bad.sent] == [1]  # the final error response
+    assert [r.names for r, _ in good.sent] == [["output_ids"]] and model._active["good"].tokens == [3]

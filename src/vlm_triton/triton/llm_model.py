@@ -173,9 +173,25 @@ class TritonPythonModel:
         """Runs on the outbox thread: one response per request per round, with every token it has produced since
         its last one (so a slow send never stalls the engine, and falling behind makes responses longer, not late)."""
         for delivery in deliveries:
-            active = self._active.get(delivery.request_id)
-            if active is None:
-                continue
+            try:
+                self._deliver_one(delivery)
+            except Exception as exc:  # noqa: BLE001 - one request's failed send must not lose the others' tokens
+                self._abandon(delivery.request_id, exc)
+
+    def _abandon(self, request_id: str, exc: BaseException) -> None:
+        """A send to this request failed: stop its generation and end it with an error (best effort)."""
+        log.error("llm delivery to %s failed: %r", request_id, exc)
+        self.engine.cancel(request_id)
+        active = self._forget(request_id)
+        if active is not None:
+            try:
+                active.sender.send(error_response(RuntimeError(f"llm response delivery failed: {exc}")), flags=FINAL)
+            except Exception:  # noqa: BLE001 - the sender itself is broken: nothing more to tell this client
+                pass
+
+    def _deliver_one(self, delivery: Delivery) -> None:
+        active = self._active.get(delivery.request_id)
+        if active is not None:
             sent_before = len(active.tokens)
             active.tokens.extend(delivery.tokens)
             if delivery.final is not None:
