@@ -120,14 +120,15 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
-                 cuda_graphs: bool = True, compile_pointwise: bool = True) -> tuple[Any, Any, Any]:
+                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_tokens: int = 8192
+                 ) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
 
     family = open_family(ckpt)
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
-                       compile_pointwise=compile_pointwise)
+                       compile_pointwise=compile_pointwise, prefill_tokens=prefill_tokens)
     encoder = family.build_vision_encoder(dtype, device)
     return family, engine, encoder
 
@@ -191,11 +192,12 @@ def summarize(sent: dict[str, float], times: dict[str, list[float]], wall: float
 
 def engine_bench(ckpt: Path, workloads: dict[str, Workload], plan: dict[str, list[tuple[int, int]]],
                  device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int, time_cap_s: float,
-                 deadline: float, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 deadline: float, log: Callable[[str], None] = print, prefill_tokens: int = 8192) -> dict[str, Any]:
     t = time.perf_counter()
-    _, engine, encoder = build_engine(ckpt, device, dtype, max_slots, max_seq_len)
+    _, engine, encoder = build_engine(ckpt, device, dtype, max_slots, max_seq_len, prefill_tokens=prefill_tokens)
     out: dict[str, Any] = {"build_s": time.perf_counter() - t, "cuda_graphs": engine._graphs is not None,
-                           "max_slots": max_slots, "max_seq_len": max_seq_len, "runs": {}}
+                           "max_slots": max_slots, "max_seq_len": max_seq_len, "prefill_tokens": prefill_tokens,
+                           "runs": {}}
     for name, points in plan.items():
         w = workloads[name]
         drive_engine(engine, encoder, w, 1, 1, time_cap_s, device, dtype)  # warm-up

@@ -85,7 +85,7 @@ def phase_main(phase: str, state: Path, arg: str) -> None:
         plan = {name: [(c, 2 if smoke else requests_for(c, name)) for c in meta["concurrency"]]
                 for name in meta["engine_workloads"]}
         res = baselines.engine_bench(ckpt, ws, plan, device, dtype, meta["max_slots"], meta["max_seq_len"],
-                                     meta["time_cap_s"], deadline, log)
+                                     meta["time_cap_s"], deadline, log, prefill_tokens=meta["prefill_tokens"])
         save({"engine": res})
     elif phase == "hf":
         rows: list[dict[str, Any]] = []
@@ -201,6 +201,15 @@ def perf_analyzer_view(stack: Any, ws: dict[str, Any], meta: dict[str, Any], dea
     return rows
 
 
+def deployment_of(args: argparse.Namespace, ckpt: Path, media: Path) -> Any:
+    """The stack's deployment config (with --set), also the source of the bare engine's settings."""
+    from benchmarks.stack import deployment
+
+    cfg = deployment(ckpt, media, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                     device=args.device, instances=2 if args.smoke else 4)
+    return cfg.replace(**overrides(args.set))
+
+
 def overrides(assignments: list[str]) -> dict[str, dict[str, Any]]:
     """['triton.bls_instances=2', ...] -> {'triton': {'bls_instances': 2}} (values parsed as JSON, else strings)."""
     sections: dict[str, dict[str, Any]] = {}
@@ -279,6 +288,7 @@ def main() -> None:
         "checkpoint": str(ckpt), "device": args.device, "dtype": "bfloat16" if args.device != "cpu" else "float32",
         "deadline": deadline, "smoke": args.smoke, "concurrency": conc, "max_slots": args.max_slots,
         "max_seq_len": args.max_seq_len, "time_cap_s": args.time_cap_s,
+        "prefill_tokens": deployment_of(args, ckpt, media).max_step_tokens,  # the bare engine's = the stack's
         "engine_workloads": ["W2", "W1", "W3"], "stack_workloads": args.stack_workloads.split(","),
         "non_stream_concurrency": [1, 2] if args.smoke else [c for c in (16, 64) if c in conc],
         "workloads": {n: {"description": w.description, "messages": w.messages, "max_tokens": w.max_tokens}
@@ -295,11 +305,9 @@ def main() -> None:
     stack = None
     gpu = args.device.startswith("cuda")
     if "stack" in phases:
-        from benchmarks.stack import Stack, deployment
+        from benchmarks.stack import Stack
 
-        cfg = deployment(ckpt, media, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
-                         device=args.device, instances=2 if args.smoke else 4)
-        cfg = cfg.replace(**overrides(args.set))
+        cfg = deployment_of(args, ckpt, media)
         results["stack_overrides"] = args.set
         t_stack = time.perf_counter()
         stack = Stack.start(cfg, work / "stack-a", gpu, pools=True, verbose=True, log_dir=out / "stack-a")

@@ -11,7 +11,8 @@ from vlm_triton.engine import LLMEngine
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_matches_generate() -> None:
+@pytest.mark.parametrize("prefill_tokens", [8192, 5])  # 5: most prompts are prefilled in chunks between the graphs
+def test_cuda_graph_decode_matches_generate(prefill_tokens: int) -> None:
     model = _tiny("qwen2").to("cuda")
     engine = LLMEngine(
         model,
@@ -22,6 +23,7 @@ def test_cuda_graph_decode_matches_generate() -> None:
         vocab_size=VOCAB,
         use_cuda_graphs=True,
         min_kv_bucket=16,  # several KV-length buckets within MAX_SEQ: steps move between graphs
+        prefill_tokens=prefill_tokens,
     )
     assert engine.kv_buckets == [16, 32, 64, MAX_SEQ]
     assert engine._graphs is not None
@@ -30,8 +32,10 @@ def test_cuda_graph_decode_matches_generate() -> None:
     events = run_plan(engine, plan)
     for r in [r for rs in plan.values() for r in rs]:
         ids = list(r.input_ids)
-        ref = model.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=r.max_new_tokens)
+        ref = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
+                             do_sample=False, max_new_tokens=r.max_new_tokens)
         assert tokens(events[r.request_id]) == ref[0, len(ids) :].tolist(), r.request_id
+    assert (engine.prefill_chunks > 0) == (prefill_tokens < max(len(r.input_ids) for rs in plan.values() for r in rs))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -47,7 +51,8 @@ def test_compiled_pointwise_decode_matches_generate(kind: str) -> None:
     refs = {}
     for r in requests:
         ids = list(r.input_ids)
-        out = model.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=r.max_new_tokens)
+        out = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
+                             do_sample=False, max_new_tokens=r.max_new_tokens)
         refs[r.request_id] = out[0, len(ids) :].tolist()
     try:
         engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
