@@ -242,6 +242,8 @@ def main() -> None:
                     help="override the stack's deployment config (repeatable), e.g. triton.bls_instances=2")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     ap.add_argument("--stack-workloads", default="W2,W1,W3")
+    ap.add_argument("--no-pools", action="store_true", help="stack without the CUDA / pinned memory-pool flags")
+    ap.add_argument("--no-fallback", action="store_true", help="no second stack (graphs and pools off) on a failure")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--phase-arg", default="", help=argparse.SUPPRESS)
@@ -310,7 +312,8 @@ def main() -> None:
         cfg = deployment_of(args, ckpt, media)
         results["stack_overrides"] = args.set
         t_stack = time.perf_counter()
-        stack = Stack.start(cfg, work / "stack-a", gpu, pools=True, verbose=True, log_dir=out / "stack-a")
+        stack = Stack.start(cfg, work / "stack-a", gpu, pools=not args.no_pools, verbose=True,
+                            log_dir=out / "stack-a")
         log("tritonserver starting (loads while the next phases run)")
     try:
         if "ceilings" in phases:
@@ -326,7 +329,7 @@ def main() -> None:
             results["stack_attempts"] = []
             for attempt in ("a", "b"):
                 if attempt == "b":
-                    if remaining() < 120:
+                    if remaining() < 120 or args.no_fallback:
                         break
                     log("stack attempt b: CUDA graphs off, no CUDA/pinned memory pool flags")
                     cfg = cfg.replace(engine={"cuda_graphs": False})
