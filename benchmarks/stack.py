@@ -54,9 +54,9 @@ class Stack:
         work.mkdir(parents=True, exist_ok=True)
         repo = render_repository(cfg, work / "model_repository")
         os.environ["VLM_TRITON_DUMP_DIR"] = str(work.resolve())  # inherited by tritonserver and its stubs
-        extra: tuple[str, ...] = cfg.server_args()
+        extra: tuple[str, ...] = ()
         if gpu and pools:  # GPU tensors between Python-backend models travel through Triton's CUDA memory pool
-            extra += ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")
+            extra = ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")
         if verbose:
             extra += ("--log-verbose=1",)
         log_dir = log_dir or work

@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = _deployment(args, work_dir)
     repo = render_repository(cfg, work_dir / "model_repository")
     ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
-    server = TritonServer(repo, ports=ports, log_file=work_dir / "tritonserver.log", extra_args=cfg.server_args())
+    server = TritonServer(repo, ports=ports, log_file=work_dir / "tritonserver.log")
     print(f"starting tritonserver (HTTP {ports.http}, gRPC {ports.grpc}, metrics {ports.metrics}); log: {server.log_file}")
     frontend: subprocess.Popen[bytes] | None = None
     try:
@@ -101,9 +101,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     else:
         raise SetupError("pass --deployment FILE or --checkpoint DIR")
     check_checkpoint(cfg)
-    repo = render_repository(cfg, args.out)
-    print(repo)
-    print(f"serve it with: tritonserver --model-repository {repo} {' '.join(cfg.server_args())}", file=sys.stderr)
+    print(render_repository(cfg, args.out))
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:

@@ -84,13 +84,3 @@ def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
     toml = tmp_path / "d.toml"
     toml.write_text('[model]\ncheckpoint = "/m"\n[limits]\nallowed_local_media_dirs = ["/a"]\n')
     assert DeploymentConfig.load(toml).limits.allowed_local_media_dirs == ("/a",)
-
-
-def test_server_args_size_python_shared_memory(tmp_path: Path) -> None:
-    """Python-backend regions start at triton.python_shm_mib (never grown mid-traffic; docs/benchmarks.md item 7)."""
-    cfg = DeploymentConfig.from_dict({"model": {"checkpoint": str(tmp_path)}, "triton": {"python_shm_mib": 32}})
-    assert cfg.server_args() == ("--backend-config=python,shm-default-byte-size=33554432",
-                                 "--backend-config=python,shm-growth-byte-size=33554432")
-    assert DeploymentConfig.from_dict({"model": {"checkpoint": str(tmp_path)}}).triton.python_shm_mib == 64
-    with pytest.raises(SetupError, match="python_shm_mib"):
-        DeploymentConfig.from_dict({"model": {"checkpoint": str(tmp_path)}, "triton": {"python_shm_mib": 0}})

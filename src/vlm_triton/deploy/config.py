@@ -83,12 +83,6 @@ class TritonSection:
     # dump in the log, llm request cancelled): a whole preprocess / vision_encoder / postprocess call, or the gap
     # between llm responses, the first included (queueing under load delays it). 0: wait forever
     bls_stall_timeout_s: float = 180.0
-    # Each Python-backend process's shared-memory region (tritonserver --backend-config=python,shm-*-byte-size;
-    # `server_args` below). Large enough from the start that an image request never grows it mid-traffic: the
-    # BLS -> decoupled llm hangs on the GPU host (docs/benchmarks.md item 7) all came on the first image request,
-    # when the 1 MiB default regions grew. 64 MiB was the Python backend's own default before r23.09. Sparse pages
-    # of /dev/shm: memory is used only as tensors fill it.
-    python_shm_mib: int = 64
 
 
 @dataclass(frozen=True)
@@ -97,12 +91,6 @@ class DeploymentConfig:
     engine: EngineSection = field(default_factory=EngineSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     triton: TritonSection = field(default_factory=TritonSection)
-
-    def server_args(self) -> tuple[str, ...]:
-        """tritonserver arguments this deployment needs besides --model-repository (printed by `vlm-triton render`)."""
-        shm = self.triton.python_shm_mib * 1024 * 1024
-        return (f"--backend-config=python,shm-default-byte-size={shm}",
-                f"--backend-config=python,shm-growth-byte-size={shm}")
 
     @property
     def served_name(self) -> str:
@@ -195,7 +183,6 @@ class DeploymentConfig:
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
-            (self.triton.python_shm_mib >= 1, "triton.python_shm_mib must be >= 1"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,
              f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]
