@@ -331,10 +331,11 @@ def main() -> None:
                 if attempt == "b":
                     if remaining() < 120 or args.no_fallback:
                         break
-                    log("stack attempt b: CUDA graphs off, no CUDA/pinned memory pool flags")
-                    cfg = cfg.replace(engine={"cuda_graphs": False})
+                    # a fresh stack, same settings: the item 7 stall is intermittent and came with and without
+                    # CUDA graphs and the memory pools (docs/benchmarks-data/h100-item7-2b-stalls.txt)
+                    log("stack attempt b: a fresh stack with the same settings")
                     t_stack = time.perf_counter()
-                    stack = Stack.start(cfg, work / "stack-b", gpu, pools=False, verbose=True,
+                    stack = Stack.start(cfg, work / "stack-b", gpu, pools=not args.no_pools, verbose=True,
                                         log_dir=out / "stack-b")
                 info: dict[str, Any] = {"attempt": attempt, "cuda_graphs": cfg.engine.cuda_graphs}
                 results["stack_attempts"].append(info)
