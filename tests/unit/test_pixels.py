@@ -25,6 +25,7 @@ from tests.unit.fake_triton import adapters_with
 from tests.unit.test_ensemble import FakeInferenceResponse
 from tests.unit.test_trtllm_contract import FakeTensor, fake_pb_utils
 from vlm_triton.checkpoints.tiny import make_tiny_checkpoint
+from vlm_triton.errors import InvalidRequest
 from vlm_triton.families import ModelFamily, open_family
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.families.minicpmv import MAX_PATCHES_PER_ITEM
@@ -192,6 +193,10 @@ def test_family_prepare_is_the_same_with_image_threads(family_name: str, media_d
         assert np.array_equal(got.pixel_values, reference.pixel_values)
         assert (got.tgt_sizes is None) == (reference.tgt_sizes is None)
         assert got.tgt_sizes is None or np.array_equal(got.tgt_sizes, reference.tgt_sizes)
+    media = MediaFetcher(MediaPolicy(allowed_local_dirs=(media_dir,)))
+    messages = parse_messages(json.dumps(_message(media_dir, *names)))
+    with pytest.raises(InvalidRequest, match="tokens"):  # while the tiles may still be in the making
+        family.prepare(messages, media, PreprocessLimits(max_prompt_tokens=100, image_threads=4))
 
 
 # --- the Triton adapters ---------------------------------------------------------------------------------------------

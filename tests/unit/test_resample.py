@@ -21,7 +21,7 @@ from vlm_triton.multimodal.resample import (
     resize_images,
     split_resize,
 )
-from vlm_triton.multimodal.tiling import choose_grid, image_tiles, images_tiles
+from vlm_triton.multimodal.tiling import choose_grid, image_tiles, images_tiles, start_images_tiles
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -209,3 +209,13 @@ def test_a_tile_written_one_row_off_is_caught(monkeypatch: pytest.MonkeyPatch) -
                         lambda self, x0, y0, strip: call(self, x0, y0 + 1 if y0 > 0 else y0, strip.crop(
                             (0, 0, strip.width, strip.height - (y0 > 0)))))
     assert not _same(image_tiles(img, threads=4), reference)
+
+
+def test_pending_tiles_raise_a_task_error_on_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, x0: int, y0: int, strip: Image.Image) -> None:
+        raise MemoryError("no room for the tile")
+
+    monkeypatch.setattr(pixels.TileWriter, "__call__", broken)
+    pending = start_images_tiles([_noise(1200, 900), _noise(448, 448)], threads=4)
+    with pytest.raises(MemoryError, match="no room"):
+        pending.result()

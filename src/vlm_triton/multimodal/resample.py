@@ -34,7 +34,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -67,13 +67,12 @@ _pool_threads = 0
 
 
 def image_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's shared pool for image work, with at least `threads` workers (replaced by a larger one when a
-    caller asks for more; the old one finishes what it runs)."""
+    """The process's shared pool for image work, with at least `threads` workers. A caller asking for more than the
+    pool has gets a new, larger pool; the old one is not shut down (batches in flight still submit to it) and its
+    idle threads stay (a server asks for one thread count only)."""
     global _pool, _pool_threads
     with _pool_lock:
         if _pool is None or _pool_threads < threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlm-image")
             _pool_threads = threads
         return _pool
@@ -208,76 +207,109 @@ def _strip(run: _Run, kind: str, lo: int, hi: int, last: bool) -> Piece | None:
     return x0, y0, img
 
 
-def _start_pass(run: _Run, pool: Any, pending: dict[Future, _Run]) -> None:
-    run.kind = run.passes.pop(0) if run.passes else "copy"
-    run.last = not run.passes
-    run.done = []
-    extent = run.size[0] if run.kind == "v" else run.size[1]
-    for lo, hi in _bounds(extent, run.parts):
-        pending[pool.submit(_strip, run, run.kind, lo, hi, run.last)] = run
-        run.left += 1
+class ResizeBatch:
+    """Jobs running on a pool: `start` submits them and returns at once; `wait` blocks until every job has
+    delivered (and raises the first task error). Each pass's strips are submitted when the previous pass of the job
+    is complete, by the task that completes it (no thread of the caller drives the work)."""
 
-
-def _next_pass(run: _Run, pool: Any, pending: dict[Future, _Run]) -> None:
-    """The current pass is complete: its strips are the next pass's input."""
-    (w, h), (ow, oh) = run.size, run.job.size
-    run.size = (ow, h) if run.kind == "h" else (w, oh)
-    run.pieces = run.done
-    _start_pass(run, pool, pending)
-
-
-def _run_jobs(jobs: Sequence[ResizeJob], pool: Any, parts: Callable[[ResizeJob], int],
-              horizontal_first: Callable[[Size, Size], bool] | None) -> None:
-    pending: dict[Future, _Run] = {}
-    for job in jobs:
-        n = parts(job)
-        run = _Run(job, [], [(0, 0, job.image)], job.image.size, n)
-        if horizontal_first is None or job.image.mode not in SPLIT_MODES or n < 2:
-            pending[pool.submit(_whole, job)] = run
-            run.left = 1
-            continue
-        run.passes = _passes(job.image.size, job.size, horizontal_first)
-        if job.sink is None:
-            if not run.passes:  # the same size: a copy, as Pillow's resize returns
-                job.result = job.image.copy()
-                continue
-            job.result = Image.new(job.image.mode, job.size, None)
-        _start_pass(run, pool, pending)
-    error: BaseException | None = None
-    while pending:
-        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-        for future in finished:
-            run = pending.pop(future)
-            run.left -= 1
-            error = error or future.exception()
-            if error is not None:
-                continue
-            piece = future.result()
-            if piece is not None:
-                run.done.append(piece)
-            if run.left == 0 and not run.last:
-                _next_pass(run, pool, pending)
-    if error is not None:
-        raise error
-
-
-def resize_all(jobs: Sequence[ResizeJob], *, threads: int) -> None:
-    """Run the jobs on `threads` threads of the shared pool (the caller waits); each job delivers exactly the bytes
-    of `job.image.resize(job.size, BICUBIC)`. A job large enough for a share of the threads is split into strips
-    (module docstring); the others run as one `resize` call each, concurrently. threads <= 1: one call after the
-    other in the calling thread."""
-    if threads <= 1 or not jobs:
+    def __init__(self, jobs: Sequence[ResizeJob], pool: Any, parts: Callable[[ResizeJob], int],
+                 horizontal_first: Callable[[Size, Size], bool] | None) -> None:
+        self._pool, self._lock, self._finished = pool, threading.Lock(), threading.Event()
+        self._error: BaseException | None = None
+        self._runs: list[_Run] = []
+        self._whole: list[ResizeJob] = []
         for job in jobs:
-            _whole(job)
-        return
+            run = _Run(job, [], [(0, 0, job.image)], job.image.size, parts(job))
+            if horizontal_first is None or job.image.mode not in SPLIT_MODES or run.parts < 2:
+                self._whole.append(job)
+                continue
+            run.passes = _passes(job.image.size, job.size, horizontal_first)
+            if job.sink is None:
+                if not run.passes:  # the same size: a copy, as Pillow's resize returns
+                    job.result = job.image.copy()
+                    continue
+                job.result = Image.new(job.image.mode, job.size, None)
+            self._runs.append(run)
+        self._jobs_left = len(self._runs) + len(self._whole)
+
+    def start(self) -> "ResizeBatch":
+        if self._jobs_left == 0:
+            self._finished.set()
+        for job in self._whole:
+            self._pool.submit(_whole, job).add_done_callback(lambda f: self._ended(None, f))
+        for run in self._runs:
+            self._start_pass(run)
+        return self
+
+    def wait(self) -> None:
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _start_pass(self, run: _Run) -> None:
+        run.kind = run.passes.pop(0) if run.passes else "copy"
+        run.last = not run.passes
+        run.done = []
+        strips = _bounds(run.size[0] if run.kind == "v" else run.size[1], run.parts)
+        run.left = len(strips)  # before any task can end (an inline executor ends them inside submit)
+        for lo, hi in strips:
+            self._pool.submit(_strip, run, run.kind, lo, hi, run.last).add_done_callback(
+                lambda f, run=run: self._ended(run, f))
+
+    def _ended(self, run: _Run | None, future: Future) -> None:
+        """A task ended (called in the thread that ran it): start the job's next pass, or count the job finished.
+        Nothing may escape from here (the pool would only log it and `wait` would never return)."""
+        try:
+            error = future.exception()
+            with self._lock:
+                self._error = self._error or error
+                if run is not None:
+                    run.left -= 1
+                    piece = None if error is not None else future.result()
+                    if piece is not None:
+                        run.done.append(piece)
+                    if run.left:
+                        return
+                next_pass = run is not None and not run.last and self._error is None
+                if next_pass:  # the pass is complete: its strips are the next pass's input
+                    (w, h), (ow, oh) = run.size, run.job.size
+                    run.size = (ow, h) if run.kind == "h" else (w, oh)
+                    run.pieces = run.done
+                else:
+                    self._job_finished()
+            if next_pass:
+                self._start_pass(run)
+        except BaseException as exc:  # noqa: BLE001 - e.g. no memory for the next pass
+            with self._lock:
+                self._error = self._error or exc
+                self._job_finished()
+
+    def _job_finished(self) -> None:  # with the lock held
+        self._jobs_left -= 1
+        if self._jobs_left == 0:
+            self._finished.set()
+
+
+def start_resizes(jobs: Sequence[ResizeJob], *, threads: int) -> ResizeBatch:
+    """Start the jobs on `threads` threads of the shared pool and return at once (`.wait()` for them); each job
+    delivers exactly the bytes of `job.image.resize(job.size, BICUBIC)`. A job large enough for a share of the
+    threads is split into strips (module docstring); the others run as one `resize` call each, concurrently.
+    threads <= 1: every job runs now, one after the other, in the calling thread."""
+    if threads <= 1:
+        return ResizeBatch(jobs, _Inline(), lambda _: 1, None).start()
     rule = pass_order_rule()
-    total = sum(job.work() for job in jobs)
+    total = sum(job.work() for job in jobs) or 1
 
     def parts(job: ResizeJob) -> int:
         work = job.work()
         return 1 if work < MIN_SPLIT_WORK else math.ceil(2 * threads * work / total)
 
-    _run_jobs(jobs, image_pool(threads), parts, PASS_ORDERS[rule] if rule else None)
+    return ResizeBatch(jobs, image_pool(threads), parts, PASS_ORDERS[rule] if rule else None).start()
+
+
+def resize_all(jobs: Sequence[ResizeJob], *, threads: int) -> None:
+    """`start_resizes` and wait for them."""
+    start_resizes(jobs, threads=threads).wait()
 
 
 def resize_images(requests: Sequence[tuple[Image.Image, Size]], *, threads: int = 1) -> list[Image.Image]:
@@ -292,7 +324,7 @@ def split_resize(img: Image.Image, size: Size, *, parts: int, horizontal_first: 
     """The split resize run in the calling thread with a given pass order, every pass in `parts` strips (at most;
     strips keep MIN_STRIP rows/columns). For the probes and tests."""
     job = ResizeJob(img, size)
-    _run_jobs([job], _Inline(), lambda _: parts, horizontal_first)
+    ResizeBatch([job], _Inline(), lambda _: parts, horizontal_first).start().wait()
     assert job.result is not None
     return job.result
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_triton.multimodal.pixels import TileWriter, normalize_bytes, normalize_lut, stack_tiles
-from vlm_triton.multimodal.resample import ResizeJob, resize_all
+from vlm_triton.multimodal.resample import ResizeBatch, ResizeJob, start_resizes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -175,15 +175,41 @@ def images_tiles(
     use_thumbnail: bool = True,
     threads: int = 1,
 ) -> list[np.ndarray]:
-    """`image_tiles` of every image, bit-identical, with all their resizes sharing `threads` threads.
+    """`image_tiles` of every image, bit-identical, with all their resizes sharing `threads` threads."""
+    return start_images_tiles(images, min_num=min_num, max_num=max_num, image_size=image_size,
+                              use_thumbnail=use_thumbnail, threads=threads).result()
 
-    Each image gives two jobs for `resample.resize_all`: the resize to the grid and the thumbnail (both from the
-    image, so they run concurrently), each split into strips as its share of the threads allows. Their rectangles
-    are written straight into the uint8 tiles (`pixels.TileWriter`): the grid's tiles are slices of the resized
-    image, as the PIL crops are."""
+
+class PendingTiles:
+    """Tiles being made on the image pool; `result()` waits for them (and raises what a task raised)."""
+
+    def __init__(self, tiles: list[np.ndarray], batch: ResizeBatch | None = None) -> None:
+        self._tiles, self._batch = tiles, batch
+
+    def result(self) -> list[np.ndarray]:
+        if self._batch is not None:
+            self._batch.wait()
+        return self._tiles
+
+
+def start_images_tiles(
+    images: Sequence[Image.Image],
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    threads: int = 1,
+) -> PendingTiles:
+    """Start `images_tiles` and return at once (threads <= 1: made now, in this thread, by `image_tiles`).
+
+    Each image gives two jobs for `resample.start_resizes`: the resize to the grid and the thumbnail (both from the
+    image, so they run concurrently), each split into strips as its share of the threads allows. The strips are
+    written straight into the uint8 tiles (`pixels.TileWriter`): the grid's tiles are slices of the resized image,
+    as the PIL crops of `tile_image` are. How many tiles each image gets is `num_tiles` of its size."""
     if threads <= 1:
-        return [image_tiles(img, min_num=min_num, max_num=max_num, image_size=image_size,
-                            use_thumbnail=use_thumbnail) for img in images]
+        return PendingTiles([image_tiles(img, min_num=min_num, max_num=max_num, image_size=image_size,
+                                         use_thumbnail=use_thumbnail) for img in images])
     jobs: list[ResizeJob] = []
     outs: list[np.ndarray] = []
     s = image_size
@@ -197,8 +223,7 @@ def images_tiles(
         if out.shape[0] > n:
             jobs.append(ResizeJob(img, (s, s), TileWriter(out[n:], cols=1)))
         outs.append(out)
-    resize_all(jobs, threads=threads)
-    return outs
+    return PendingTiles(outs, start_resizes(jobs, threads=threads))
 
 
 def preprocess_image(img: Image.Image, **tiling: Any) -> np.ndarray:
