@@ -1,22 +1,24 @@
 """The preprocess stage's CPU time per image, phase by phase (median ms over N repetitions).
 
-    python -m benchmarks.preprocess_micro [--reps 30] [--threads 1,2] [--sizes w1,4032x3024,1000x700,448x448]
+    python -m benchmarks.preprocess_micro [--reps 30] [--threads 1,2,8] [--sizes w1,4032x3024,1000x700,448x448]
 
 Images are made the way `benchmarks/workloads.py` makes them (a seeded random 1/16-scale image, bilinear upscale,
 JPEG quality 90); `w1` is W1's own 1792x1344 file. Phases, in the order the InternVL family runs them:
 
     fetch      file:// read through MediaFetcher (the policy checks included)
     decode     decode_image: Pillow open + load (+ convert('RGB') when the file is not RGB)
-    tiles      image_tiles: grid choice, the resize to the grid, crops, thumbnail, uint8 [N, 3, S, S]
+    tiles      image_tiles(threads=N): grid choice, the resize to the grid, the thumbnail, uint8 [N, 3, S, S]
       resize     reference step: img.resize((S*cols, S*rows), BICUBIC) (Pillow returns a copy when equal)
       crops      reference step: the cols*rows PIL crops of the resized image
       thumbnail  reference step: img.resize((S, S), BICUBIC) of the original
       stack      reference step: stack_tiles (np.asarray + CHW transpose per tile)
     prompt     template, placeholder expansion, tokenizer.encode, image-token ids (tiny tokenizer of benchmarks/models)
-    prepare    family.prepare end to end on W1-shaped messages (parse, fetch, decode, tiles, prompt, concatenate)
+    prepare    family.prepare end to end with PreprocessLimits(image_threads=N) (fetch, decode, tiles, prompt)
 
-`tiles` and `prepare` are what the server runs; resize/crops/thumbnail/stack split the single-threaded
-reference path into its steps (their sum is close to `tiles` at threads=1).
+`tiles` and `prepare` are what the server runs, per thread count (threads=1: the single-threaded path; N > 1:
+`multimodal.resample`, checked here to give the same bytes); resize/crops/thumbnail/stack time the single-threaded
+reference path step by step (their sum is close to `tiles` at threads=1). Other processes on the machine skew
+multi-threaded numbers most: compare runs taken back to back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,18 @@ def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def interleaved_median_ms(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[Any, float]:
+    """Median ms of each call, the calls taking turns rep by rep (so that all see the same machine load)."""
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for rep in range(warmup + reps):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -86,12 +102,17 @@ def reference_steps(img: Image.Image, reps: int) -> dict[str, float]:
     }
 
 
+def supports_threads() -> bool:
+    """Whether this checkout has the image-threads knob (`image_tiles(threads=)`, `PreprocessLimits.image_threads`)."""
+    from vlm_triton.families.base import PreprocessLimits
+
+    return "image_threads" in PreprocessLimits.__dataclass_fields__
+
+
 def tiles_call(threads: int) -> Callable[[Image.Image], np.ndarray]:
     from vlm_triton.multimodal import tiling
 
-    if threads == 1 and "threads" not in tiling.image_tiles.__code__.co_varnames:
-        return tiling.image_tiles  # the code before the threads knob
-    return lambda img: tiling.image_tiles(img, threads=threads)
+    return (lambda img: tiling.image_tiles(img, threads=threads)) if supports_threads() else tiling.image_tiles
 
 
 def make_family(root: Path) -> Any:
@@ -104,6 +125,7 @@ def make_family(root: Path) -> Any:
 def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> list[dict[str, Any]]:
     from vlm_triton.families.base import PreprocessLimits
     from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy, decode_image
+    from vlm_triton.multimodal.tiling import num_tiles
     from vlm_triton.prompt.internvl_template import expand_image_placeholders, render_internvl_prompt
     from vlm_triton.prompt.messages import parse_messages
 
@@ -119,8 +141,7 @@ def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> li
         messages = parse_messages(json.dumps([{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": "Describe this image in detail."}]}]))
-        n_tiles = tiles_call(1)(img).shape[0]
-        tokens = n_tiles * family.tokens_per_tile
+        tokens = num_tiles(*img.size) * family.tokens_per_tile
 
         def prompt() -> np.ndarray:
             text = render_internvl_prompt(messages, template=family.config.get("template") or "internvl2_5")
@@ -130,27 +151,28 @@ def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> li
             return ids
 
         common = {
-            "image": f"W1 {img.size[0]}x{img.size[1]}" if name == "w1" else name, "tiles": n_tiles,
+            "image": f"W1 {img.size[0]}x{img.size[1]}" if name == "w1" else name, "tiles": num_tiles(*img.size),
             "fetch": median_ms(lambda: media.fetch_bytes(url), reps),
             "decode": median_ms(lambda: decode_image(data), reps),
             **reference_steps(img, reps),
             "prompt": median_ms(prompt, reps),
         }
-        for threads in thread_counts:
+        reference = tiles_call(1)(img)
+        counts = [t for t in thread_counts if t == 1 or supports_threads()]
+        if len(counts) < len(thread_counts):
+            print("thread counts > 1 skipped: this checkout has no image-threads knob")
+        calls = {}
+        for threads in counts:
             call = tiles_call(threads)
-            prepare_kwargs = {} if threads == 1 and call is tiles_call(1) else {"threads": threads}
-            rows.append({
-                **common, "threads": threads,
-                "tiles_ms": median_ms(lambda: call(img), reps),
-                "prepare": median_ms(lambda: _prepare(family, messages, media, limits, prepare_kwargs), reps),
-            })
+            if not np.array_equal(call(img), reference):
+                raise AssertionError(f"{name}: the tiles with {threads} threads differ from the single-threaded ones")
+            lim = replace(limits, image_threads=threads) if supports_threads() else limits
+            calls[("tiles_ms", threads)] = partial(call, img)
+            calls[("prepare", threads)] = partial(family.prepare, messages, media, lim)
+        timed = interleaved_median_ms(calls, reps)
+        rows += [{**common, "threads": t, "tiles_ms": timed[("tiles_ms", t)], "prepare": timed[("prepare", t)]}
+                 for t in counts]
     return rows
-
-
-def _prepare(family: Any, messages: Any, media: Any, limits: Any, kwargs: dict[str, Any]) -> Any:
-    if kwargs:
-        return family.prepare(messages, media, limits, **kwargs)
-    return family.prepare(messages, media, limits)
 
 
 COLUMNS = ("image", "tiles", "threads", "fetch", "decode", "tiles_ms", "resize", "crops", "thumbnail", "stack",
