@@ -8,6 +8,7 @@ JPEG quality 90); `w1` is W1's own 1792x1344 file. Phases, in the order the Inte
     fetch      file:// read through MediaFetcher (the policy checks included)
     decode     decode_image: Pillow open + load (+ convert('RGB') when the file is not RGB)
     tiles      image_tiles(threads=N): grid choice, the resize to the grid, the thumbnail, uint8 [N, 3, S, S]
+    tiles CPU  the same calls' CPU time (all threads of the process): the work the threads share
       resize     reference step: img.resize((S*cols, S*rows), BICUBIC) (Pillow returns a copy when equal)
       crops      reference step: the cols*rows PIL crops of the resized image
       thumbnail  reference step: img.resize((S, S), BICUBIC) of the original
@@ -54,16 +55,20 @@ def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
-def interleaved_median_ms(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[Any, float]:
-    """Median ms of each call, the calls taking turns rep by rep (so that all see the same machine load)."""
-    times: dict[Any, list[float]] = {key: [] for key in calls}
+def interleaved_median_ms(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 2
+                          ) -> dict[Any, tuple[float, float]]:
+    """(median wall ms, median CPU ms of the process, all threads) of each call, the calls taking turns rep by rep
+    (so that all see the same machine load)."""
+    wall: dict[Any, list[float]] = {key: [] for key in calls}
+    cpu: dict[Any, list[float]] = {key: [] for key in calls}
     for rep in range(warmup + reps):
         for key, fn in calls.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if rep >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+                wall[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
+    return {key: (statistics.median(wall[key]) * 1e3, statistics.median(cpu[key]) * 1e3) for key in calls}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -170,17 +175,18 @@ def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> li
             calls[("tiles_ms", threads)] = partial(call, img)
             calls[("prepare", threads)] = partial(family.prepare, messages, media, lim)
         timed = interleaved_median_ms(calls, reps)
-        rows += [{**common, "threads": t, "tiles_ms": timed[("tiles_ms", t)], "prepare": timed[("prepare", t)]}
-                 for t in counts]
+        rows += [{**common, "threads": t, "tiles_ms": timed[("tiles_ms", t)][0], "tiles_cpu": timed[("tiles_ms", t)][1],
+                  "prepare": timed[("prepare", t)][0]} for t in counts]
     return rows
 
 
-COLUMNS = ("image", "tiles", "threads", "fetch", "decode", "tiles_ms", "resize", "crops", "thumbnail", "stack",
-           "prompt", "prepare")
+COLUMNS = ("image", "tiles", "threads", "fetch", "decode", "tiles_ms", "tiles_cpu", "resize", "crops", "thumbnail",
+           "stack", "prompt", "prepare")
+HEADINGS = {"tiles_ms": "tiles (ms)", "tiles_cpu": "tiles CPU"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join("tiles (ms)" if c == "tiles_ms" else c for c in COLUMNS) + " |"
+    head = "| " + " | ".join(HEADINGS.get(c, c) for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.1f}" for c in COLUMNS]
