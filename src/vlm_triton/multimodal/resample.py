@@ -79,7 +79,7 @@ def image_pool(threads: int) -> ThreadPoolExecutor:
 
 
 class _Inline:
-    """An executor that runs each task at once in the calling thread (the probes; threads=1 splits in tests)."""
+    """An executor that runs each task at once in the calling thread (threads <= 1, the probes, `split_resize`)."""
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         future: Future = Future()
