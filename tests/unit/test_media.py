@@ -235,6 +235,24 @@ def test_file_allowed_dir(media_dirs):
     assert "file" in fetcher.allowed_schemes()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_load_images_in_order_first_failure_in_order(media_dirs, threads):
+    allowed, _ = media_dirs
+    for k, color in enumerate([(1, 2, 3), (4, 5, 6), (7, 8, 9)]):
+        (allowed / f"{k}.png").write_bytes(_png(8 + k, 4, color=color))
+    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(allowed,)))
+    urls = [f"file://{allowed}/{k}.png" for k in (2, 0, 1, 2, 0)]
+    images = list(fetcher.load_images(urls, threads=threads))
+    assert [img.size for img in images] == [(10, 4), (8, 4), (9, 4), (10, 4), (8, 4)]
+    assert all(img.mode == "RGB" for img in images) and images[2].getpixel((0, 0)) == (4, 5, 6)
+    loaded = fetcher.load_images([urls[0], f"file://{allowed}/missing.png", f"file://{allowed}/sub"],
+                                 threads=threads)
+    assert next(loaded).size == (10, 4)  # images before the failing one are delivered
+    with pytest.raises(InvalidRequest, match="does not exist"):  # the first failure in order, not "not a regular"
+        next(loaded)
+    assert list(fetcher.load_images([], threads=threads)) == []
+
+
 @pytest.mark.parametrize("suffix", ["/../secret.png", "/sub/../../secret.png", "/%2e%2e/secret.png", "/link.png"])
 def test_file_traversal_and_symlink_escape_refused(media_dirs, suffix):
     allowed, _ = media_dirs

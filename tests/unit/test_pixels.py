@@ -25,6 +25,7 @@ from tests.unit.fake_triton import adapters_with
 from tests.unit.test_ensemble import FakeInferenceResponse
 from tests.unit.test_trtllm_contract import FakeTensor, fake_pb_utils
 from vlm_triton.checkpoints.tiny import make_tiny_checkpoint
+from vlm_triton.errors import InvalidRequest
 from vlm_triton.families import ModelFamily, open_family
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.families.minicpmv import MAX_PATCHES_PER_ITEM
@@ -146,9 +147,10 @@ def minicpmv(tmp_path_factory: pytest.TempPathFactory) -> ModelFamily:
     return open_family(make_tiny_checkpoint("minicpmv2_6", tmp_path_factory.mktemp("px_minicpmv") / "ckpt"))
 
 
-def _prepare(family: ModelFamily, media_dir: Path, *names: str) -> Any:
+def _prepare(family: ModelFamily, media_dir: Path, *names: str, image_threads: int = 1) -> Any:
     media = MediaFetcher(MediaPolicy(allowed_local_dirs=(media_dir,)))
-    return family.prepare(parse_messages(json.dumps(_message(media_dir, *names))), media, PreprocessLimits())
+    limits = PreprocessLimits(max_prompt_tokens=32768, image_threads=image_threads)
+    return family.prepare(parse_messages(json.dumps(_message(media_dir, *names))), media, limits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,6 +178,25 @@ def test_minicpmv_family_pixels(minicpmv: ModelFamily, media_dir: Path, device: 
     assert np.array_equal(minicpmv.float_pixels(prepared), reference)
     with pytest.raises(ValueError, match="tgt_sizes"):
         minicpmv.normalize_pixels(torch.from_numpy(prepared.pixel_values), lut.cpu())
+
+
+@pytest.mark.parametrize("family_name", ["internvl", "minicpmv"])
+def test_family_prepare_is_the_same_with_image_threads(family_name: str, media_dir: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    family = request.getfixturevalue(family_name)
+    names = ("w1.jpg", "wide.png", "tall.png", "w1.jpg")
+    reference = _prepare(family, media_dir, *names)
+    for threads in (2, 4, 8):
+        got = _prepare(family, media_dir, *names, image_threads=threads)
+        assert np.array_equal(got.input_ids, reference.input_ids)
+        assert got.pixel_values.shape == reference.pixel_values.shape
+        assert np.array_equal(got.pixel_values, reference.pixel_values)
+        assert (got.tgt_sizes is None) == (reference.tgt_sizes is None)
+        assert got.tgt_sizes is None or np.array_equal(got.tgt_sizes, reference.tgt_sizes)
+    media = MediaFetcher(MediaPolicy(allowed_local_dirs=(media_dir,)))
+    messages = parse_messages(json.dumps(_message(media_dir, *names)))
+    with pytest.raises(InvalidRequest, match="tokens"):  # while the tiles may still be in the making
+        family.prepare(messages, media, PreprocessLimits(max_prompt_tokens=100, image_threads=4))
 
 
 # --- the Triton adapters ---------------------------------------------------------------------------------------------

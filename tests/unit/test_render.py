@@ -12,6 +12,8 @@ from vlm_triton import contracts
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.deploy.render import PYTHON_ROLES, render_repository
 from vlm_triton.errors import SetupError
+from vlm_triton.families.base import PreprocessLimits
+from vlm_triton.multimodal.resample import default_image_threads
 
 CONTRACTS = {c.role: c for c in contracts.ALL_CONTRACTS}
 
@@ -84,3 +86,17 @@ def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
     toml = tmp_path / "d.toml"
     toml.write_text('[model]\ncheckpoint = "/m"\n[limits]\nallowed_local_media_dirs = ["/a"]\n')
     assert DeploymentConfig.load(toml).limits.allowed_local_media_dirs == ("/a",)
+    with pytest.raises(SetupError, match=r"preprocess.image_threads must be >= 0"):
+        DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "preprocess": {"image_threads": -1}})
+    with pytest.raises(SetupError, match=r"unknown keys in \[preprocess\]: \['threads'\]; known: \['image_threads'\]"):
+        DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "preprocess": {"threads": 2}})
+
+
+def test_preprocess_image_threads_reach_the_limits() -> None:
+    auto = _cfg()
+    assert auto.preprocess.image_threads == 0
+    assert PreprocessLimits.from_deployment(auto).image_threads == default_image_threads()
+    assert 1 <= default_image_threads() <= 8
+    for n in (1, 3, 16):
+        assert PreprocessLimits.from_deployment(_cfg(preprocess={"image_threads": n})).image_threads == n
+    assert PreprocessLimits().image_threads == 1  # library callers get the single-threaded path unless they ask

@@ -201,10 +201,13 @@ def test_internvideo_prepares_16_tokens_per_frame(tmp_path: Path, video_dir: Pat
         fam.prepare(parse_messages(image), media, PreprocessLimits())
 
 
-def test_internvideo_frame_bytes_normalise_to_the_reference_floats(tmp_path: Path, video_dir: Path) -> None:
+@pytest.mark.parametrize("image_threads", [1, 4])
+def test_internvideo_frame_bytes_normalise_to_the_reference_floats(tmp_path: Path, video_dir: Path,
+                                                                   image_threads: int) -> None:
     fam = open_family(make_tiny_checkpoint("internvideo2_5", tmp_path / "iv"))
     media = MediaFetcher(MediaPolicy(allowed_local_dirs=(video_dir,)))
-    prepared = fam.prepare(parse_messages(_video_message(f"file://{video_dir}/clip.mp4")), media, PreprocessLimits())
+    prepared = fam.prepare(parse_messages(_video_message(f"file://{video_dir}/clip.mp4")), media,
+                           PreprocessLimits(image_threads=image_threads))
     policy = fam.video_policy_for(PreprocessLimits())
     assert policy is not None
     frames = sample_video((video_dir / "clip.mp4").read_bytes(), policy).frames

@@ -66,6 +66,14 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class PreprocessSection:
+    # threads of one preprocess instance for image work (concurrent fetch/decode of a request's images, resizes
+    # split into strips, tiles packed in parallel); the bytes are identical for every value. 0: auto, min(8, CPUs the
+    # process may run on); 1: everything in the request's thread, the single-threaded reference path
+    image_threads: int = 0
+
+
+@dataclass(frozen=True)
 class TritonSection:
     vision_max_batch_size: int = 32  # tiles batched across requests by Triton's dynamic batcher
     vision_max_queue_delay_us: int = 2000
@@ -90,6 +98,7 @@ class DeploymentConfig:
     model: ModelSection
     engine: EngineSection = field(default_factory=EngineSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
     triton: TritonSection = field(default_factory=TritonSection)
 
     @property
@@ -152,7 +161,8 @@ class DeploymentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DeploymentConfig":
-        sections = {"model": ModelSection, "engine": EngineSection, "limits": LimitsSection, "triton": TritonSection}
+        sections = {"model": ModelSection, "engine": EngineSection, "limits": LimitsSection,
+                    "preprocess": PreprocessSection, "triton": TritonSection}
         unknown = set(data) - set(sections)
         if unknown:
             raise SetupError(f"unknown deployment sections {sorted(unknown)}; known: {sorted(sections)}")
@@ -183,6 +193,8 @@ class DeploymentConfig:
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
+            (self.preprocess.image_threads >= 0,
+             f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,
              f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]

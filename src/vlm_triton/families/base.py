@@ -13,6 +13,7 @@ from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.errors import SetupError
 from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.pixels import normalize_on_device
+from vlm_triton.multimodal.resample import default_image_threads
 from vlm_triton.prompt.messages import Message
 
 if TYPE_CHECKING:
@@ -21,12 +22,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PreprocessLimits:
-    """Per-deployment caps the preprocess stage enforces (InvalidRequest beyond them)."""
+    """Per-deployment caps the preprocess stage enforces (InvalidRequest beyond them), and its image threads."""
 
     max_images: int = 8
     max_tiles_per_image: int | None = None  # None: the checkpoint's max_dynamic_patch
     max_video_frames: int | None = None  # None: the family's default
     max_prompt_tokens: int = 8192
+    image_threads: int = 1  # threads for a request's image work; the bytes are the same for every value
 
     @classmethod
     def from_deployment(cls, cfg: "DeploymentConfig") -> "PreprocessLimits":
@@ -36,6 +38,7 @@ class PreprocessLimits:
             max_tiles_per_image=cfg.limits.max_tiles_per_image or None,
             max_video_frames=cfg.limits.max_video_frames or None,
             max_prompt_tokens=cfg.max_prompt_tokens,
+            image_threads=cfg.preprocess.image_threads or default_image_threads(),
         )
 
 

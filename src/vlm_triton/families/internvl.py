@@ -24,7 +24,7 @@ from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
-from vlm_triton.multimodal.tiling import image_tiles, imagenet_lut
+from vlm_triton.multimodal.tiling import PendingTiles, imagenet_lut, images_tiles, num_tiles, start_images_tiles
 from vlm_triton.multimodal.video import VideoPolicy, sample_video
 from vlm_triton.prompt.internvl_template import (
     IMG_CONTEXT,
@@ -113,33 +113,35 @@ class InternVLFamily(ModelFamily):
         url = part.url.strip()
         source = "video in data: URL" if url[:5].lower() == "data:" else f"video {url[:80]!r}"
         video = sample_video(media.fetch_bytes(url), policy, source=source)
-        return [image_tiles(frame, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False)
-                for frame in video.frames]
+        return images_tiles(video.frames, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False,
+                            threads=limits.image_threads)
 
     def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
         parts = prompt_media(messages)
         self._check_media(parts, limits)
         max_tiles = limits.max_tiles_per_image or int(self.config.get("max_dynamic_patch", 12))
-        tiles: list[np.ndarray] = []  # tiles behind each `<image>`, in prompt order
+        images = media.load_images([p.url for p in parts if isinstance(p, ImagePart)], threads=limits.image_threads)
+        tiling = {"min_num": int(self.config.get("min_dynamic_patch", 1)), "max_num": max_tiles,
+                  "image_size": self.image_size, "use_thumbnail": bool(self.config.get("use_thumbnail", True))}
+        units: list[np.ndarray | PendingTiles] = []  # the tiles behind each `<image>` (an image's may still be made)
+        counts: list[int] = []  # how many tiles each `<image>` has
         frames: list[int] = []
         for part in parts:
             if isinstance(part, VideoPart):
                 video = self._video_tiles(part, media, limits)
                 frames.append(len(video))
-                tiles.extend(video)
+                units.extend(video)
+                counts.extend(t.shape[0] for t in video)
                 continue
-            tiles.append(image_tiles(
-                media.load_image(part.url),
-                min_num=int(self.config.get("min_dynamic_patch", 1)),
-                max_num=max_tiles,
-                image_size=self.image_size,
-                use_thumbnail=bool(self.config.get("use_thumbnail", True)),
-            ))
+            image = next(images)
+            units.append(start_images_tiles([image], threads=limits.image_threads, **tiling))
+            counts.append(num_tiles(*image.size, **tiling))
+        # with threads the tiles are made while the prompt is rendered and tokenized (which releases the GIL)
         prompt = render_internvl_prompt(
             messages, template=self.config.get("template") or "internvl2_5",
             system_message=self.config.get("system_message"), video_frames=frames,
         )
-        expanded = expand_image_placeholders(prompt, [t.shape[0] * self.tokens_per_tile for t in tiles])
+        expanded = expand_image_placeholders(prompt, [n * self.tokens_per_tile for n in counts])
         ids = np.asarray(self.tokenizer.encode(expanded), dtype=np.int64)
         if ids.shape[0] > limits.max_prompt_tokens:
             raise InvalidRequest(
@@ -149,9 +151,15 @@ class InternVLFamily(ModelFamily):
         slots = ids == self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         num_image_tokens = int(slots.sum())
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)  # unique fake id per image token
-        pixel_values = (
-            np.concatenate(tiles) if tiles else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
-        )
+        tiles = [unit.result()[0] if isinstance(unit, PendingTiles) else unit for unit in units]
+        if [t.shape[0] for t in tiles] != counts:
+            raise RuntimeError(f"tiles per image {[t.shape[0] for t in tiles]} differ from the prompt's {counts}")
+        if len(tiles) == 1:
+            pixel_values = tiles[0]
+        elif tiles:
+            pixel_values = np.concatenate(tiles)
+        else:
+            pixel_values = np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
         return PreparedPrompt(ids.astype(np.int32), pixel_values, num_image_tokens, prompt)
 
     def pixel_lut(self) -> np.ndarray:

@@ -145,9 +145,10 @@ class MiniCPMVFamily(ModelFamily):
         options = self.slicing(limits)
         pictures: list[Image.Image] = []
         frames_per_video: list[int] = []
+        loaded = media.load_images([p.url for p in images], threads=limits.image_threads)
         for part in parts:
             if isinstance(part, ImagePart):
-                pictures.append(media.load_image(part.url))
+                pictures.append(next(loaded))
             else:
                 frames = self.video_frames(part, media)
                 frames_per_video.append(len(frames))
@@ -160,8 +161,8 @@ class MiniCPMVFamily(ModelFamily):
         tgt_sizes: list[tuple[int, int]] = []
         placeholders: list[str] = []
         for index, picture in enumerate(pictures):
-            for item in slice_image(picture, max_slice_nums=options.max_slice_nums,
-                                    scale_resolution=self.scale_resolution, patch_size=self.patch_size):
+            for item in slice_image(picture, max_slice_nums=options.max_slice_nums, scale_resolution=self.scale_resolution,
+                                    patch_size=self.patch_size, threads=limits.image_threads):
                 patches, grid = patch_layout_bytes(item, patch_size=self.patch_size)
                 if grid[0] * grid[1] > MAX_PATCHES_PER_ITEM:
                     raise InvalidRequest(

@@ -36,6 +36,8 @@ import ssl
 import stat
 import time
 import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -44,6 +46,7 @@ import httpx
 from PIL import Image
 
 from vlm_triton.errors import InvalidRequest, SetupError
+from vlm_triton.multimodal.resample import image_pool
 
 MiB = 1024 * 1024
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -129,6 +132,25 @@ class MediaFetcher:
         data = self.fetch_bytes(url)
         source = "image in data: URL" if url.strip()[:5].lower() == "data:" else f"image {_short(url.strip())!r}"
         return decode_image(data, policy=self.policy, source=source)
+
+    def load_images(self, urls: Sequence[str], *, threads: int = 1) -> Iterator[Image.Image]:
+        """`load_image` of each URL, yielded in order; the first failing URL in order raises when it is reached.
+
+        threads > 1: up to `threads` images ahead of the consumer are fetched and decoded on the shared image pool
+        (Pillow decodes without the GIL), starting now; otherwise each is loaded when it is consumed."""
+        if threads <= 1 or len(urls) < 2:
+            return (self.load_image(url) for url in urls)
+        pool = image_pool(threads)
+        ahead = deque(pool.submit(self.load_image, url) for url in urls[:threads])
+
+        def consume() -> Iterator[Image.Image]:
+            for k in range(len(urls)):
+                future = ahead.popleft()
+                if k + threads < len(urls):
+                    ahead.append(pool.submit(self.load_image, urls[k + threads]))
+                yield future.result()
+
+        return consume()
 
     # ----------------------------------------------------------------------------------------------- data:
     def _fetch_data(self, url: str) -> bytes:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_triton.multimodal.pixels import normalize_lut, rgb_bytes
+from vlm_triton.multimodal.resample import resize_images
 
 DEFAULT_SCALE_RESOLUTION = 448
 DEFAULT_PATCH_SIZE = 14
@@ -145,17 +146,22 @@ def slice_image(
     max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS,
     scale_resolution: int = DEFAULT_SCALE_RESOLUTION,
     patch_size: int = DEFAULT_PATCH_SIZE,
+    threads: int = 1,
 ) -> list[Image.Image]:
-    """[source, cell(0,0), cell(0,1), ...] as PIL images (RGB)."""
+    """[source, cell(0,0), cell(0,1), ...] as PIL images (RGB).
+
+    threads > 1: the source and refine resizes run concurrently, each split into strips (`resample.resize_all`),
+    with the same bytes."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     plan = slice_plan(size=img.size, max_slice_nums=max_slice_nums, scale_resolution=scale_resolution,
                       patch_size=patch_size)
-    items = [img.resize(plan.source_size, resample=Image.Resampling.BICUBIC)]
-    if plan.grid and plan.refine_size and plan.cell_size:
-        refined = img.resize(plan.refine_size, resample=Image.Resampling.BICUBIC)
-        (cols, rows), (cw, ch) = plan.grid, plan.cell_size
-        items += [refined.crop((c * cw, r * ch, (c + 1) * cw, (r + 1) * ch)) for r in range(rows) for c in range(cols)]
+    if not (plan.grid and plan.refine_size and plan.cell_size):
+        return resize_images([(img, plan.source_size)], threads=threads)
+    items = resize_images([(img, plan.source_size), (img, plan.refine_size)], threads=threads)
+    refined = items.pop()
+    (cols, rows), (cw, ch) = plan.grid, plan.cell_size
+    items += [refined.crop((c * cw, r * ch, (c + 1) * cw, (r + 1) * ch)) for r in range(rows) for c in range(cols)]
     return items
 
 

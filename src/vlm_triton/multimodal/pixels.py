@@ -42,6 +42,37 @@ def stack_tiles(tiles: Sequence[Image.Image], *, image_size: int) -> np.ndarray:
     return out
 
 
+def rgb_planes(img: Image.Image) -> list[np.ndarray]:
+    """The R, G, B planes of an RGB image as uint8 [H, W] arrays, each packed by Pillow (cheaper than transposing
+    the HWC array)."""
+    w, h = img.size
+    return [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(h, w) for band in "RGB"]
+
+
+class TileWriter:
+    """Sink for rectangles of a (cols*S) x (rows*S) RGB image: writes their bytes into `out`, uint8 [cols*rows, 3,
+    S, S], the image's row-major S x S tiles in CHW. Rectangles may cut across tiles; disjoint ones may be written
+    from several threads at once (numpy copies without the GIL)."""
+
+    def __init__(self, out: np.ndarray, *, cols: int) -> None:
+        self.out, self.cols, self.size = out, cols, out.shape[-1]
+        rows = out.shape[0] // cols
+        if out.dtype != np.uint8 or out.shape[1:] != (CHANNELS, self.size, self.size) or rows * cols != out.shape[0]:
+            raise ValueError(f"expected uint8 [rows*{cols}, 3, S, S] tiles, got {out.dtype} {out.shape}")
+
+    def __call__(self, x0: int, y0: int, img: Image.Image) -> None:
+        s = self.size
+        w, h = img.size
+        planes = rgb_planes(img)
+        for row in range(y0 // s, (y0 + h - 1) // s + 1):
+            ys, ye = max(y0, row * s), min(y0 + h, (row + 1) * s)
+            for col in range(x0 // s, (x0 + w - 1) // s + 1):
+                xs, xe = max(x0, col * s), min(x0 + w, (col + 1) * s)
+                tile = self.out[row * self.cols + col, :, ys - row * s:ye - row * s, xs - col * s:xe - col * s]
+                for c, plane in enumerate(planes):
+                    tile[c] = plane[ys - y0:ye - y0, xs - x0:xe - x0]
+
+
 def normalize_bytes(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Host version of `normalize_on_device`: uint8 [N, 3, ...] -> lut.dtype [N, 3, ...] by numpy's take."""
     out = np.empty(raw.shape, dtype=lut.dtype)

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlm_triton.multimodal.pixels import normalize_bytes, normalize_lut, stack_tiles
+from vlm_triton.multimodal.pixels import TileWriter, normalize_bytes, normalize_lut, stack_tiles
+from vlm_triton.multimodal.resample import ResizeBatch, ResizeJob, start_resizes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -153,10 +154,76 @@ def image_tiles(
     max_num: int = DEFAULT_MAX_TILES,
     image_size: int = DEFAULT_IMAGE_SIZE,
     use_thumbnail: bool = True,
+    threads: int = 1,
 ) -> np.ndarray:
-    """`tile_image` as uint8 [n_tiles, 3, S, S] (CHW): what the serving path sends; `imagenet_lut` normalises it."""
+    """`tile_image` as uint8 [n_tiles, 3, S, S] (CHW): what the serving path sends; `imagenet_lut` normalises it.
+
+    threads > 1: the same bytes from `images_tiles` (resizes split over threads, tiles packed without PIL crops)."""
+    if threads > 1:
+        return images_tiles([img], min_num=min_num, max_num=max_num, image_size=image_size,
+                            use_thumbnail=use_thumbnail, threads=threads)[0]
     tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
     return stack_tiles(tiles, image_size=image_size)
+
+
+def images_tiles(
+    images: Sequence[Image.Image],
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    threads: int = 1,
+) -> list[np.ndarray]:
+    """`image_tiles` of every image, bit-identical, with all their resizes sharing `threads` threads."""
+    return start_images_tiles(images, min_num=min_num, max_num=max_num, image_size=image_size,
+                              use_thumbnail=use_thumbnail, threads=threads).result()
+
+
+class PendingTiles:
+    """Tiles being made on the image pool; `result()` waits for them (and raises what a task raised)."""
+
+    def __init__(self, tiles: list[np.ndarray], batch: ResizeBatch | None = None) -> None:
+        self._tiles, self._batch = tiles, batch
+
+    def result(self) -> list[np.ndarray]:
+        if self._batch is not None:
+            self._batch.wait()
+        return self._tiles
+
+
+def start_images_tiles(
+    images: Sequence[Image.Image],
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    threads: int = 1,
+) -> PendingTiles:
+    """Start `images_tiles` and return at once (threads <= 1: made now, in this thread, by `image_tiles`).
+
+    Each image gives two jobs for `resample.start_resizes`: the resize to the grid and the thumbnail (both from the
+    image, so they run concurrently), each split into strips as its share of the threads allows. The strips are
+    written straight into the uint8 tiles (`pixels.TileWriter`): the grid's tiles are slices of the resized image,
+    as the PIL crops of `tile_image` are. How many tiles each image gets is `num_tiles` of its size."""
+    if threads <= 1:
+        return PendingTiles([image_tiles(img, min_num=min_num, max_num=max_num, image_size=image_size,
+                                         use_thumbnail=use_thumbnail) for img in images])
+    jobs: list[ResizeJob] = []
+    outs: list[np.ndarray] = []
+    s = image_size
+    for img in images:
+        if img.mode != "RGB":
+            img = img.convert("RGB")  # as tile_image
+        cols, rows = choose_grid(*img.size, min_num=min_num, max_num=max_num, image_size=s)
+        n = cols * rows
+        out = np.empty((n + int(use_thumbnail and n != 1), 3, s, s), dtype=np.uint8)
+        jobs.append(ResizeJob(img, (s * cols, s * rows), TileWriter(out[:n], cols=cols)))
+        if out.shape[0] > n:
+            jobs.append(ResizeJob(img, (s, s), TileWriter(out[n:], cols=1)))
+        outs.append(out)
+    return PendingTiles(outs, start_resizes(jobs, threads=threads))
 
 
 def preprocess_image(img: Image.Image, **tiling: Any) -> np.ndarray:
