@@ -15,6 +15,9 @@ This reproduces the reference PIL path of InternVL (`dynamic_preprocess` + `buil
 
 Small images are upscaled (a 300x200 image becomes 3x2 tiles + thumbnail). EXIF orientation is not applied
 (the reference does not either). No torchvision dependency.
+
+`image_tiles(threads=N)` / `start_images_tiles` give the same bytes with the resizes split over N threads
+(`multimodal.resample`) and the tiles written without PIL crops; threads=1 is the path above, step by step.
 """
 
 from __future__ import annotations
