@@ -93,8 +93,8 @@ def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_preprocess_image_threads_reach_the_limits() -> None:
-    auto = _cfg()
-    assert auto.preprocess.image_threads == 0
+    assert _cfg().preprocess.image_threads == 1  # the single-threaded path by default (e2e, item 20)
+    auto = _cfg().replace(preprocess={"image_threads": 0})
     assert PreprocessLimits.from_deployment(auto).image_threads == default_image_threads()
     assert 1 <= default_image_threads() <= 8
     for n in (1, 3, 16):
