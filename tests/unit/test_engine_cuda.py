@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_engine import MAX_SEQ, VOCAB, _tiny, join_plan, run_plan, tokens
+from tests.unit.engine_helpers import MAX_SEQ, VOCAB, _tiny, join_plan, run_plan, tokens
 from vlm_triton.engine import LLMEngine
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.test_engine import _tiny, greedy, make_engine, prompt
+from tests.unit.engine_helpers import _tiny, greedy, make_engine, prompt
 from vlm_triton.engine.observe import StepTiming, describe
 
 

@@ -38,12 +38,13 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
-from vlm_triton.engine.attention import model_mask, use_slot_attention
+from vlm_triton.engine.attention import use_slot_attention
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.penalties import SlotPenalties
+from vlm_triton.engine.prefill import PrefillForward
 from vlm_triton.engine.types import (
     ActiveRequest,
     FinishReason,
@@ -91,8 +92,8 @@ class LLMEngine:
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
-        self.embed: nn.Module = cast(Any, self.backbone).get_input_embeddings()
-        rows, self.hidden_size = (int(d) for d in cast(torch.Tensor, self.embed.weight).shape)
+        embed: nn.Module = cast(Any, self.backbone).get_input_embeddings()
+        rows, self.hidden_size = (int(d) for d in cast(torch.Tensor, embed.weight).shape)
         if vocab_size > rows:
             raise SetupError(f"vocab_size {vocab_size} exceeds the {rows} embedding rows")
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -116,6 +117,8 @@ class LLMEngine:
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=self._bool_mask, dtype=dtype)
+        self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=self._bool_mask,
+                                      dtype=dtype)
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
         self._waiting: deque[ActiveRequest] = deque()
@@ -228,7 +231,7 @@ class LLMEngine:
                 events = self.step()
             except Exception as exc:  # a server fault: fail what was running, keep serving
                 logger.exception("engine step failed")
-                events = self._fail_running(exc)
+                events = self._fail(list(self._active), exc)
             self.timing.add("step", time.perf_counter() - t)
             self._emit(callback, events)
         with self._cond:
@@ -267,51 +270,13 @@ class LLMEngine:
             seq.slot = first + k
             self._active.append(seq)
         try:
-            lengths = [seq.prompt_len for seq in seqs]
-            n = max(lengths)
-            ids = torch.zeros(len(seqs), n, dtype=torch.long)
-            for k, seq in enumerate(seqs):
-                ids[k, : seq.prompt_len] = seq.ids
-            embeds = self._embed(ids, seqs)
-            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().view(1, 1, n, n)
-            self.cache.set_prefill(first)
-            out = self.backbone(
-                inputs_embeds=embeds,
-                position_ids=torch.arange(n, device=self.device).expand(len(seqs), n),
-                attention_mask=model_mask(causal, self._bool_mask, self.dtype),
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-            last = torch.tensor(lengths, device=self.device) - 1
-            logits = self.lm_head(out.last_hidden_state[torch.arange(len(seqs), device=self.device), last])
-            self.cache.set_idle()
-            for seq in seqs:
-                self.penalties.admit(seq, int(logits.shape[-1]))
-            token = self.penalties.sample(logits, seqs, first)
-            events = self._accept(seqs, token.tolist())
+            hidden = self.prefill(seqs, slot=first, start=0, end=max(seq.prompt_len for seq in seqs))
             self.prefill_batches += 1
-            self.prefill_requests += len(seqs)
-            self.timing.add("prefill", time.perf_counter() - t)
-            return events
-        except Exception as exc:
-            logger.exception("prefill of %s failed", [s.request_id for s in seqs])
-            self.cache.set_idle()
-            message = f"{type(exc).__name__}: {exc}"
-            events = [self._finish_event(s, "error", error=message) for s in seqs]
-            for seq in sorted(seqs, key=lambda s: -s.slot):
-                self._release(seq)
-            return events
-
-    def _embed(self, ids: torch.Tensor, seqs: list[ActiveRequest]) -> torch.Tensor:
-        """Input embeddings of host ids [B, n] (row k from seqs[k]); image slot ids take rows of that request's
-        table (id - vocab_size indexes the table, so any slice of a prompt embeds the same as the whole)."""
-        image = ids >= self.vocab_size
-        embeds = self.embed(ids.masked_fill(image, 0).to(self.device))
-        for k, seq in enumerate(seqs):
-            if seq.table is not None and bool(image[k].any()):
-                rows = ids[k, image[k]] - self.vocab_size
-                embeds[k, image[k].to(self.device)] = seq.table.to(self.device, self.dtype)[rows.to(self.device)]
-        return embeds
+            events = self._first_tokens(seqs, hidden)
+        except Exception as exc:  # noqa: BLE001 - a failed prefill fails its requests; the engine goes on
+            events = self._prefill_failed(seqs, exc)
+        self.timing.add("prefill", time.perf_counter() - t)
+        return events
 
     def _prefill_chunk(self) -> list[TokenEvent]:
         """The next chunk (<= prefill_tokens) of the chunked prompt, into the spare slot; after the last chunk the
@@ -320,46 +285,37 @@ class LLMEngine:
         assert seq is not None
         t = time.perf_counter()
         start, end = self._chunk_done, min(seq.prompt_len, self._chunk_done + self.prefill_tokens)
-        spare = self.max_slots
+        events: list[TokenEvent] = []
         try:
-            n = end - start
-            embeds = self._embed(seq.ids[start:end].view(1, n), [seq])
-            # query i (position start + i) sees positions 0 .. start + i
-            causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start).view(1, 1, n, end)
-            self.cache.set_prefill(spare, start)
-            out = self.backbone(
-                inputs_embeds=embeds,
-                position_ids=torch.arange(start, end, device=self.device).view(1, n),
-                attention_mask=model_mask(causal, self._bool_mask, self.dtype),
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-            self.cache.set_idle()
-            self._chunk_done = end
+            hidden = self.prefill([seq], slot=self.max_slots, start=start, end=end)
             self.prefill_batches += 1
             self.prefill_chunks += 1
-            if end < seq.prompt_len:
-                self.timing.add("prefill", time.perf_counter() - t)
-                return []
+            self._chunk_done = end
+            if end == seq.prompt_len:
+                self._chunking = None
+                seq.slot = len(self._active)
+                self._active.append(seq)
+                self.decode.changed = True
+                self.cache.move_slot(self.max_slots, seq.slot, seq.prompt_len)
+                events = self._first_tokens([seq], hidden)
+        except Exception as exc:  # noqa: BLE001 - as in _prefill
             self._chunking = None
-            seq.slot = len(self._active)
-            self._active.append(seq)
-            self.decode.changed = True
-            self.cache.move_slot(spare, seq.slot, seq.prompt_len)
-            logits = self.lm_head(out.last_hidden_state[:, -1])
+            events = self._prefill_failed([seq], exc)
+        self.timing.add("prefill", time.perf_counter() - t)
+        return events
+
+    def _first_tokens(self, seqs: list[ActiveRequest], hidden: torch.Tensor) -> list[TokenEvent]:
+        """Sample the first token of requests just prefilled into the consecutive running slots of `seqs`."""
+        logits = self.lm_head(hidden)
+        for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
-            events = self._accept([seq], self.penalties.sample(logits, [seq], seq.slot).tolist())
-            self.prefill_requests += 1
-            self.timing.add("prefill", time.perf_counter() - t)
-            return events
-        except Exception as exc:
-            logger.exception("chunked prefill of %s failed", seq.request_id)
-            self.cache.set_idle()
-            self._chunking = None
-            event = self._finish_event(seq, "error", error=f"{type(exc).__name__}: {exc}")
-            if seq.slot >= 0 and seq.slot < len(self._active) and self._active[seq.slot] is seq:
-                self._release(seq)
-            return [event]
+        events = self._accept(seqs, self.penalties.sample(logits, seqs, seqs[0].slot).tolist())
+        self.prefill_requests += len(seqs)
+        return events
+
+    def _prefill_failed(self, seqs: list[ActiveRequest], exc: Exception) -> list[TokenEvent]:
+        logger.exception("prefill of %s failed", [s.request_id for s in seqs])
+        return self._fail(seqs, exc)
 
     def _decode_step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
@@ -392,13 +348,7 @@ class LLMEngine:
         events: list[TokenEvent] = []
         done: list[ActiveRequest] = []
         for seq, token in zip(seqs, tokens):
-            seq.generated.append(token)
-            reason: FinishReason | None = None
-            eos = token == seq.end_id and not seq.ignore_eos
-            if eos or any(seq.generated[-len(w) :] == w for w in seq.stop_words):
-                reason = "stop"
-            elif len(seq.generated) >= seq.max_new:
-                reason = "length"
+            reason = seq.append(token)
             events.append(
                 TokenEvent(seq.request_id, token, reason is not None, reason, len(seq.generated) - 1, seq.prompt_len)
             )
@@ -428,12 +378,14 @@ class LLMEngine:
             self._inflight.discard(seq.request_id)
         return TokenEvent(seq.request_id, None, True, reason, len(seq.generated), seq.prompt_len, error)
 
-    def _fail_running(self, exc: BaseException) -> list[TokenEvent]:
+    def _fail(self, seqs: list[ActiveRequest], exc: BaseException) -> list[TokenEvent]:
+        """End `seqs` with an 'error' event each and free the slots of those that run."""
         self.cache.set_idle()
         message = f"{type(exc).__name__}: {exc}"
-        events = [self._finish_event(s, "error", error=message) for s in self._active]
-        for seq in sorted(self._active, key=lambda s: -s.slot):
-            self._release(seq)
+        events = [self._finish_event(s, "error", error=message) for s in seqs]
+        for seq in sorted(seqs, key=lambda s: -s.slot):
+            if 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq:
+                self._release(seq)
         return events
 
     @staticmethod

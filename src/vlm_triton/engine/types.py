@@ -125,6 +125,15 @@ class ActiveRequest:
     def prompt_len(self) -> int:
         return int(self.ids.shape[0])
 
+    def append(self, token: int) -> FinishReason | None:
+        """Record a generated token; why the request ends with it, if it does (EOS / stop words, then length)."""
+        self.generated.append(token)
+        if (token == self.end_id and not self.ignore_eos) or any(
+            self.generated[-len(w) :] == w for w in self.stop_words
+        ):
+            return "stop"
+        return "length" if len(self.generated) >= self.max_new else None
+
 
 def prepare_request(req: GenerationRequest, *, vocab_size: int, hidden_size: int, max_seq_len: int) -> ActiveRequest:
     """Validate `req` for an engine (raises InvalidRequest) and convert it to the engine's record."""

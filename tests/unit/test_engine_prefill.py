@@ -1,0 +1,96 @@
+"""Engine prefill against `model.generate`: batched prompts under a token budget, and chunked prefill of prompts
+longer than the budget (between decode steps, image rows across chunks, cancel mid-chunks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from tests.unit.engine_helpers import (
+    VOCAB,
+    check_events,
+    drain,
+    generate_with_table,
+    greedy,
+    hf_greedy,
+    make_engine,
+    prompt,
+    tokens,
+)
+
+
+# prompts of 3, 17, 1, 30 and 8 tokens -> prefill batches by the token budget (count x longest prompt); a prompt
+# longer than the budget is prefilled in chunks (30 tokens at 20: two forwards, the request completes in the second)
+@pytest.mark.parametrize("budget,batches,forwards", [(8192, [5], 1), (40, [2, 1, 1, 1], 4), (20, [1, 1, 1, 1, 1], 6)])
+def test_ragged_batch_matches_generate(model: PreTrainedModel, budget: int, batches: list[int], forwards: int) -> None:
+    engine = make_engine(model, prefill_tokens=budget)
+    reqs = [
+        greedy(f"r{i}", prompt(10 + i, n), m) for i, (n, m) in enumerate([(3, 14), (17, 9), (1, 12), (30, 16), (8, 5)])
+    ]
+    for r in reqs:
+        engine.add_request(r)
+    admitted: list[int] = []
+
+    def count(step: int) -> None:
+        admitted.append(engine.prefill_requests - sum(admitted))
+
+    events = drain(engine, count)
+    for r in reqs:
+        check_events(events[r.request_id])
+        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
+    assert engine.active_slots() == {}
+    assert [n for n in admitted if n] == batches and engine.prefill_batches == forwards
+
+
+# --- (b2) chunked prefill: prompts longer than the budget, in chunks between decode steps -----------------------------
+@pytest.mark.parametrize("budget", [1, 7, 16])
+def test_chunked_prefill_matches_generate(model: PreTrainedModel, budget: int) -> None:
+    """Long prompts arrive while others decode; each is prefilled chunk by chunk (one chunk per step, decoding goes
+    on), then joins the running batch. Chunks that start mid-prompt attend to the earlier chunks in the spare slot;
+    with budget 1 every prompt token is its own forward."""
+    engine = make_engine(model, max_slots=4, prefill_tokens=budget)
+    plan = {
+        0: [greedy("short", prompt(40, 3), 20), greedy("long", prompt(41, 37), 9)],
+        2: [greedy("mid", prompt(42, 12), 12)],
+        5: [greedy("long2", prompt(43, 50), 6), greedy("tiny", prompt(44, 1), 4)],
+    }
+    chunking_while_decoding = []
+
+    def arrive(step: int) -> None:
+        for r in plan.get(step, []):
+            engine.add_request(r)
+        chunking_while_decoding.append(engine._chunking is not None and bool(engine.active_slots()))
+
+    events = drain(engine, arrive)
+    for r in [r for rs in plan.values() for r in rs]:
+        check_events(events[r.request_id])
+        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
+    long_prompts = sum(-(-n // budget) for n in (37, 12, 50, 3) if n > budget)
+    assert engine.prefill_chunks == long_prompts
+    assert any(chunking_while_decoding) and engine.active_slots() == {}
+
+
+def test_chunked_prefill_image_rows_across_chunks(qwen: PreTrainedModel) -> None:
+    """Image rows split over chunk boundaries embed from the request's table as in one forward."""
+    table = torch.randn(9, 64, generator=torch.Generator().manual_seed(6)) * 0.5
+    ids = [3, 17, *range(VOCAB, VOCAB + 9), 44, 9, 12]
+    engine = make_engine(qwen, prefill_tokens=4)
+    engine.add_request(greedy("img", np.array(ids, dtype=np.int32), 10, prompt_embedding_table=table.numpy()))
+    events = drain(engine)
+    assert tokens(events["img"]) == generate_with_table(qwen, ids, table, 10) and engine.prefill_chunks == 4
+
+
+def test_chunked_prefill_cancel_and_penalties(qwen: PreTrainedModel) -> None:
+    """A cancel during the chunks ends the request and frees the spare slot for the next long prompt; the next one
+    (with a repetition penalty, whose history covers the whole prompt) still matches generate."""
+    engine = make_engine(qwen, prefill_tokens=5)
+    engine.add_request(greedy("gone", prompt(50, 23), 5))
+    engine.add_request(greedy("next", prompt(51, 19), 8, repetition_penalty=1.3))
+    first = engine.step()
+    assert first == [] and engine._chunking is not None and engine._chunking.request_id == "gone"
+    engine.cancel("gone")
+    events = drain(engine)
+    assert [e.finish_reason for e in events["gone"]] == ["cancelled"]
+    assert tokens(events["next"]) == hf_greedy(qwen, prompt(51, 19), 8, repetition_penalty=1.3)
