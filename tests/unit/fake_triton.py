@@ -1,17 +1,47 @@
 """Importing the Triton adapters (`vlm_triton.triton.*`) against a fake `triton_python_backend_utils`, for unit
-tests without a Triton stub. Use from a fixture: `yield from adapters_with(monkeypatch, fake, "...bls_model")`."""
+tests without a Triton stub. Use from a fixture: `yield from adapters_with(monkeypatch, fake_pb_utils(...), "...bls_model")`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 import types
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 # the adapter modules that import pb_utils at import time, besides the ones a test asks for
 _SHARED = ("vlm_triton.triton.common", "vlm_triton.triton.vision_client")
+
+
+class FakeTritonError:
+    """pb_utils.TritonError: a message and a status code."""
+
+    INVALID_ARG, CANCELLED, INTERNAL = 3, 1, 13
+
+    def __init__(self, message: str = "", code: int = 13) -> None:
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+def fake_pb_utils(**members: Any) -> types.ModuleType:
+    """A fake `triton_python_backend_utils`: the FINAL flag, `TritonError`, a gauge metric family, and tensors looked
+    up by name in a response's `.outputs` / a request's `.inputs`; `members` add or replace attributes (the test's
+    Tensor, InferenceRequest, InferenceResponse, ...)."""
+    m = types.ModuleType("triton_python_backend_utils")
+    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    m.TritonError = FakeTritonError
+    m.MetricFamily = type("MetricFamily", (), {"GAUGE": 1})
+    m.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
+    m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    for name, value in members.items():
+        setattr(m, name, value)
+    return m
 
 
 def adapters_with(monkeypatch: pytest.MonkeyPatch, fake: types.ModuleType,

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 import numpy as np
 import pytest
 
-from tests.unit.fake_triton import adapters_with
+from tests.unit.fake_triton import adapters_with, fake_pb_utils
 from vlm_triton.errors import StageStalled
 from vlm_triton.pipeline.deadline import within
 from vlm_triton.pipeline.orchestrator import Chunk, Prepared, RequestOptions
@@ -100,18 +100,11 @@ class FakeRequest:
         return await self.llm.exec(self)
 
 
-def fake_pb_utils() -> types.ModuleType:
-    m = types.ModuleType("triton_python_backend_utils")
-    m.Tensor, m.InferenceRequest, m.InferenceResponse, m.TritonError = FakeTensor, FakeRequest, FakeResponse, FakeError
-    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
-    m.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
-    m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    return m
-
-
 @pytest.fixture
 def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    for (module,) in adapters_with(monkeypatch, fake_pb_utils(), "vlm_triton.triton.bls_model"):
+    for (module,) in adapters_with(monkeypatch, fake_pb_utils(Tensor=FakeTensor, InferenceRequest=FakeRequest,
+                                                             InferenceResponse=FakeResponse, TritonError=FakeError),
+                                    "vlm_triton.triton.bls_model"):
         yield module
 
 

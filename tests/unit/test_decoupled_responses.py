@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.unit.fake_triton import adapters_with
+from tests.unit.fake_triton import adapters_with, fake_pb_utils
 from vlm_triton.pipeline.orchestrator import Chunk
 
 
@@ -37,21 +37,11 @@ class FakeRequest:
         return self._requested
 
 
-def fake_pb_utils() -> types.ModuleType:
-    m = types.ModuleType("triton_python_backend_utils")
-    m.Tensor, m.InferenceResponse = FakeTensor, FakeResponse
-    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    m.TritonError = type("TritonError", (), {"INVALID_ARG": 3, "CANCELLED": 1, "INTERNAL": 13,
-                                             "__init__": lambda self, message, code=13: None})
-    m.MetricFamily = type("MetricFamily", (), {"GAUGE": 1})
-    return m
-
-
 @pytest.fixture
 def adapters(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The llm and bls adapters imported against the fake pb_utils (and forgotten afterwards)."""
     modules = ("vlm_triton.triton.llm_model", "vlm_triton.triton.bls_model", "vlm_triton.triton.common")
-    for llm, bls, common in adapters_with(monkeypatch, fake_pb_utils(), *modules):
+    for llm, bls, common in adapters_with(monkeypatch, fake_pb_utils(Tensor=FakeTensor, InferenceResponse=FakeResponse), *modules):
         yield types.SimpleNamespace(llm=llm, bls=bls, common=common)
 
 

@@ -1,4 +1,4 @@
-"""Split, multi-threaded resizes and tiles (`multimodal.resample`, `tiling.images_tiles`) equal the single-threaded
+"""Split, multi-threaded resizes and tiles (`multimodal.resample`, `tiling.start_images_tiles`) equal the single-threaded
 path byte for byte: `Image.resize(size, BICUBIC)` and `image_tiles(img)` (itself pinned to the reference pipeline in
 test_tiling.py). Mutation checks show the comparisons catch a strip that is one row off."""
 
@@ -21,7 +21,7 @@ from vlm_triton.multimodal.resample import (
     resize_images,
     split_resize,
 )
-from vlm_triton.multimodal.tiling import choose_grid, image_tiles, images_tiles, start_images_tiles
+from vlm_triton.multimodal.tiling import choose_grid, image_tiles, start_images_tiles
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -171,11 +171,11 @@ def test_tiles_of_other_modes_are_converted_first(mode: str) -> None:
         assert _same(image_tiles(img, threads=threads), reference), (mode, threads)
 
 
-def test_images_tiles_keeps_order_and_options() -> None:
+def test_start_images_tiles_keeps_order_and_options() -> None:
     images = [_noise(*size, seed=k) for k, size in enumerate([(800, 600), (300, 900), (448, 448), (5, 7)])]
     for kwargs in ({}, {"max_num": 6, "use_thumbnail": False}, {"min_num": 2, "max_num": 4}, {"max_num": 1}):
         reference = [image_tiles(img, **kwargs) for img in images]
-        got = images_tiles(images, threads=3, **kwargs)
+        got = start_images_tiles(images, threads=3, **kwargs).result()
         assert len(got) == len(reference) and all(_same(a, b) for a, b in zip(got, reference)), kwargs
 
 

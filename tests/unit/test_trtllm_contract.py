@@ -20,6 +20,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from tests.unit import fake_triton
 from tests.unit.fake_triton import adapters_with
 from vlm_triton import contracts
 from vlm_triton.contracts import NUMPY_DTYPES
@@ -126,12 +127,7 @@ class FakeRequest:
 
 
 def fake_pb_utils() -> types.ModuleType:
-    m = types.ModuleType("triton_python_backend_utils")
-    m.Tensor, m.InferenceRequest, m.InferenceResponse = FakeTensor, FakeRequest, object
-    m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    m.TritonError = type("TritonError", (), {"INVALID_ARG": 3, "CANCELLED": 1, "INTERNAL": 13})
-    m.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
-    return m
+    return fake_triton.fake_pb_utils(Tensor=FakeTensor, InferenceRequest=FakeRequest, InferenceResponse=object)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
-from vlm_triton.multimodal.tiling import PendingTiles, imagenet_lut, images_tiles, num_tiles, start_images_tiles
+from vlm_triton.multimodal.tiling import PendingTiles, imagenet_lut, num_tiles, start_images_tiles
 from vlm_triton.multimodal.video import VideoPolicy, sample_video
 from vlm_triton.prompt.internvl_template import (
     IMG_CONTEXT,
@@ -113,8 +113,8 @@ class InternVLFamily(ModelFamily):
         url = part.url.strip()
         source = "video in data: URL" if url[:5].lower() == "data:" else f"video {url[:80]!r}"
         video = sample_video(media.fetch_bytes(url), policy, source=source)
-        return images_tiles(video.frames, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False,
-                            threads=limits.image_threads)
+        return start_images_tiles(video.frames, min_num=1, max_num=1, image_size=self.image_size, use_thumbnail=False,
+                                  threads=limits.image_threads).result()
 
     def prepare(self, messages: list[Message], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
         parts = prompt_media(messages)

@@ -161,26 +161,13 @@ def image_tiles(
 ) -> np.ndarray:
     """`tile_image` as uint8 [n_tiles, 3, S, S] (CHW): what the serving path sends; `imagenet_lut` normalises it.
 
-    threads > 1: the same bytes from `images_tiles` (resizes split over threads, tiles packed without PIL crops)."""
+    threads > 1: the same bytes from `start_images_tiles` (resizes split over threads, tiles packed without PIL
+    crops)."""
     if threads > 1:
-        return images_tiles([img], min_num=min_num, max_num=max_num, image_size=image_size,
-                            use_thumbnail=use_thumbnail, threads=threads)[0]
+        return start_images_tiles([img], min_num=min_num, max_num=max_num, image_size=image_size,
+                                  use_thumbnail=use_thumbnail, threads=threads).result()[0]
     tiles = tile_image(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
     return stack_tiles(tiles, image_size=image_size)
-
-
-def images_tiles(
-    images: Sequence[Image.Image],
-    *,
-    min_num: int = 1,
-    max_num: int = DEFAULT_MAX_TILES,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    use_thumbnail: bool = True,
-    threads: int = 1,
-) -> list[np.ndarray]:
-    """`image_tiles` of every image, bit-identical, with all their resizes sharing `threads` threads."""
-    return start_images_tiles(images, min_num=min_num, max_num=max_num, image_size=image_size,
-                              use_thumbnail=use_thumbnail, threads=threads).result()
 
 
 class PendingTiles:
@@ -204,7 +191,8 @@ def start_images_tiles(
     use_thumbnail: bool = True,
     threads: int = 1,
 ) -> PendingTiles:
-    """Start `images_tiles` and return at once (threads <= 1: made now, in this thread, by `image_tiles`).
+    """`image_tiles` of every image (bit-identical), started now with all their resizes sharing `threads` threads;
+    `result()` waits. Returns at once (threads <= 1: made now, in this thread, by `image_tiles`).
 
     Each image gives two jobs for `resample.start_resizes`: the resize to the grid and the thumbnail (both from the
     image, so they run concurrently), each split into strips as its share of the threads allows. The strips are
