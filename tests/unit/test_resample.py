@@ -17,9 +17,9 @@ from vlm_triton.multimodal.resample import (
     PASS_ORDERS,
     ResizeJob,
     pass_order_rule,
-    resize_all,
     resize_images,
     split_resize,
+    start_resizes,
 )
 from vlm_triton.multimodal.tiling import choose_grid, image_tiles, start_images_tiles
 
@@ -135,7 +135,7 @@ def test_a_failing_sink_raises_after_all_tasks_ended() -> None:
             raise RuntimeError("sink failed")
 
     with pytest.raises(RuntimeError, match="sink failed"):
-        resize_all([ResizeJob(_noise(1200, 900), (1792, 1344), sink)], threads=4)
+        start_resizes([ResizeJob(_noise(1200, 900), (1792, 1344), sink)], threads=4).wait()
     assert len(seen) > 1
 
 

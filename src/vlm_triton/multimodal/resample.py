@@ -307,15 +307,10 @@ def start_resizes(jobs: Sequence[ResizeJob], *, threads: int) -> ResizeBatch:
     return ResizeBatch(jobs, image_pool(threads), parts, PASS_ORDERS[rule] if rule else None).start()
 
 
-def resize_all(jobs: Sequence[ResizeJob], *, threads: int) -> None:
-    """`start_resizes` and wait for them."""
-    start_resizes(jobs, threads=threads).wait()
-
-
 def resize_images(requests: Sequence[tuple[Image.Image, Size]], *, threads: int = 1) -> list[Image.Image]:
     """`image.resize(size, BICUBIC)` of each (image, size), the same bytes, sharing up to `threads` threads."""
     jobs = [ResizeJob(img, (int(size[0]), int(size[1]))) for img, size in requests]
-    resize_all(jobs, threads=threads)
+    start_resizes(jobs, threads=threads).wait()
     return [job.result for job in jobs if job.result is not None]
 
 
