@@ -70,7 +70,7 @@ class PreprocessSection:
     # threads of one preprocess instance for image work (concurrent fetch/decode of a request's images, resizes
     # split into strips, tiles packed in parallel); the bytes are identical for every value. 0: auto, min(8, CPUs the
     # process may run on); 1: everything in the request's thread, the single-threaded reference path
-    image_threads: int = 1  # 0: min(8, CPUs); default 1 until the threaded path passes the e2e suite
+    image_threads: int = 1  # opt-in until measured on a GPU host (docs/benchmarks.md item 20)
 
 
 @dataclass(frozen=True)
