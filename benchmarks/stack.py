@@ -34,6 +34,31 @@ def deployment(ckpt: Path, media_dir: Path, *, max_slots: int, max_seq_len: int,
     })
 
 
+def native_stacks(stub_pids: list[int], server_pid: int | None) -> list[str]:
+    """C++ frames too: `py-spy dump --native` of each stub (its Python threads with the native frames beneath, e.g.
+    the IPC waits of Triton's Python backend) and, where gdb exists, every thread of tritonserver itself. Empty
+    when neither tool is installed (py-spy comes in the GPU bundle: benchmarks/make_bundle.py)."""
+    import shutil
+
+    out = []
+    import sys
+
+    beside = Path(sys.executable).parent / "py-spy"
+    spy = os.environ.get("VLM_TRITON_PYSPY") or shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+    gdb = shutil.which("gdb")
+    for pid in stub_pids if spy else []:
+        run = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=60, check=False)
+        out.append(f"===== py-spy --native {pid}\n{run.stdout}{run.stderr}")
+    if gdb and server_pid is not None:
+        run = subprocess.run([gdb, "-p", str(server_pid), "-batch", "-ex", "thread apply all bt"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        out.append(f"===== gdb tritonserver {server_pid}\n{run.stdout[-400_000:]}{run.stderr[-2000:]}")
+    elif server_pid is not None:
+        out.append("===== tritonserver: no gdb on this host (its C++ threads are not shown)")
+    return out
+
+
 @dataclass
 class Stack:
     server: TritonServer
@@ -46,7 +71,7 @@ class Stack:
 
     @classmethod
     def start(cls, cfg: DeploymentConfig, work: Path, gpu: bool, *, pools: bool = True, verbose: bool = False,
-              log_dir: Path | None = None) -> "Stack":
+              log_dir: Path | None = None, server_args: tuple[str, ...] = ()) -> "Stack":
         """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next.
 
         Every stub dumps its threads into work/stacks-<model>-<pid>.txt on SIGUSR1 (VLM_TRITON_DUMP_DIR, read by
@@ -59,6 +84,7 @@ class Stack:
             extra = ("--cuda-memory-pool-byte-size=0:2147483648", "--pinned-memory-pool-byte-size=1073741824")
         if verbose:
             extra += ("--log-verbose=1",)
+        extra += server_args  # later flags win
         log_dir = log_dir or work
         log_dir.mkdir(parents=True, exist_ok=True)
         server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
@@ -97,6 +123,7 @@ class Stack:
         out = [f"stubs: {pids}"]
         for f in sorted(self.work.glob("stacks-*.txt")):
             out.append(f"===== {f.name}\n{f.read_text(errors='replace')}")
+        out += native_stacks(pids, group)
         return "\n".join(out)
 
     def bls_check(self, messages: list[dict[str, Any]], timeout_s: float, max_tokens: int = 4) -> str:
