@@ -71,7 +71,7 @@ class Stack:
 
     @classmethod
     def start(cls, cfg: DeploymentConfig, work: Path, gpu: bool, *, pools: bool = True, verbose: bool = False,
-              log_dir: Path | None = None, server_args: tuple[str, ...] = ()) -> "Stack":
+              log_dir: Path | None = None, server_args: tuple[str, ...] = ()) -> Stack:
         """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next.
 
         Every stub dumps its threads into work/stacks-<model>-<pid>.txt on SIGUSR1 (VLM_TRITON_DUMP_DIR, read by
