@@ -11,7 +11,7 @@ Contents of `.bundle/`:
                   links (GPU images lack it), as bin/perf_analyzer and lib/; about 4.5 MiB.
   wheels/         numpy 1.26.4 (cp312; the Triton Python stub garbles BYTES tensors with numpy 2) and the small
                   packages the stack needs that a GPU image with torch/transformers may lack (fastapi, starlette,
-                  pydantic(-core), uvicorn, tritonclient, python-rapidjson, protobuf<5, ...), and py-spy.
+                  pydantic(-core), uvicorn, tritonclient, python-rapidjson, protobuf<5, ...), and pystack.
 On the GPU host `benchmarks/gpu_setup.sh` installs both into the interpreter that holds torch.
 """
 
@@ -47,7 +47,7 @@ WHEELS = [
     "pluggy==1.7.0",
     "iniconfig==2.3.1",
     "pygments==2.21.0",
-    "py-spy==0.4.3",  # native stacks of stuck stubs (benchmarks/stack.py native_stacks), 2.9 MB
+    "pystack==1.7.2",  # every thread of a stuck stub, native ones too (benchmarks/stack.py native_stacks), 6.4 MiB
 ]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64"]

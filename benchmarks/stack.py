@@ -35,21 +35,22 @@ def deployment(ckpt: Path, media_dir: Path, *, max_slots: int, max_seq_len: int,
 
 
 def native_stacks(stub_pids: list[int], server_pid: int | None) -> list[str]:
-    """C++ frames too: `py-spy dump --native` of each stub (its Python threads with the native frames beneath, e.g.
-    the IPC waits of Triton's Python backend) and, where gdb exists, every thread of tritonserver itself. Empty
-    when neither tool is installed (py-spy comes in the GPU bundle: benchmarks/make_bundle.py)."""
+    """Every thread of each stub with its C/C++ frames, those without Python too (e.g. the Python backend's
+    parent-to-stub monitor thread), via `pystack remote --native-all`; and, where gdb exists, every thread of
+    tritonserver itself. Empty when neither tool is installed (pystack comes in the GPU bundle)."""
     import shutil
-
-    out = []
     import sys
 
-    beside = Path(sys.executable).parent / "py-spy"
-    spy = os.environ.get("VLM_TRITON_PYSPY") or shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
-    gdb = shutil.which("gdb")
-    for pid in stub_pids if spy else []:
-        run = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
-                             timeout=60, check=False)
-        out.append(f"===== py-spy --native {pid}\n{run.stdout}{run.stderr}")
+    def find(tool: str) -> str | None:
+        beside = Path(sys.executable).parent / tool
+        return shutil.which(tool) or (str(beside) if beside.is_file() else None)
+
+    out = []
+    pystack, gdb = find("pystack"), find("gdb")
+    for pid in stub_pids if pystack else []:
+        run = subprocess.run([pystack, "remote", str(pid), "--native-all", "--no-color"], capture_output=True,
+                             text=True, timeout=90, check=False)
+        out.append(f"===== pystack --native-all {pid}\n{run.stdout}{run.stderr}")
     if gdb and server_pid is not None:
         run = subprocess.run([gdb, "-p", str(server_pid), "-batch", "-ex", "thread apply all bt"],
                              capture_output=True, text=True, timeout=120, check=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="W2,W1,W3")
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--burst", type=int, default=0, help="then N concurrent requests of each workload")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +55,18 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     stalls = args.out / "stalls.txt"
     stalls.write_text("")
+
+    def record(stack: Stack, title: str) -> None:
+        with stalls.open("a") as f:
+            f.write(f"\n\n######## {title}\n")
+            f.write(stack.dump_stacks())
+            f.write(f"\n===== tritonserver.log tail\n{stack.logs(150)['tritonserver']}\n")
+
+    def stalled(row: dict[str, Any]) -> bool:
+        checks = [str(v) for k, v in row.items() if k in ws]  # "W1": "ok: ..." or what went wrong
+        bursts = [str(v) for k, v in row.items() if k.startswith("W") and k not in ws]  # "W1x16": "15 ok, 1 not: .."
+        return any(not c.startswith("ok") for c in checks) or any(" not: " in b for b in bursts)
+
     n = 0
     while time.time() < deadline - 100:
         name, sets = variants[n % len(variants)]
@@ -69,17 +83,25 @@ def main() -> None:
                 row[w] = stack.bls_check(ws[w].messages, args.check_timeout_s)
                 log(f"stack {n} ({name}) {w}: {row[w]}")
                 if not row[w].startswith("ok"):
-                    with stalls.open("a") as f:
-                        f.write(f"\n\n######## stack {n} variant {name} {sets}: {w}: {row[w]}\n")
-                        f.write(stack.dump_stacks())
-                        f.write(f"\n===== tritonserver.log tail\n{stack.logs(150)['tritonserver']}\n")
+                    record(stack, f"stack {n} variant {name} {sets}: {w}: {row[w]}")
+                    break
+            for w in args.workloads.split(",") if args.burst and not stalled(row) else ():
+                with ThreadPoolExecutor(args.burst) as pool:
+                    futures = [pool.submit(stack.bls_check, ws[w].messages, args.check_timeout_s)
+                               for _ in range(args.burst)]
+                    results = [f.result() for f in futures]
+                bad = [r for r in results if not r.startswith("ok")]
+                row[f"{w}x{args.burst}"] = f"{len(results) - len(bad)} ok" + (f", {len(bad)} not: {bad[0]}" if bad else "")
+                log(f"stack {n} ({name}) {w} x{args.burst}: {row[f'{w}x{args.burst}']}")
+                if bad:
+                    record(stack, f"stack {n} variant {name} {sets}: {w} x{args.burst}: {bad[0]}")
                     break
         except Exception as exc:  # noqa: BLE001 - a stack that fails to start is a row too
             row["error"] = f"{type(exc).__name__}: {exc}"
             log(f"stack {n} ({name}): {row['error']}")
         finally:
             stack.stop()
-        row["stalled"] = any(not str(row.get(w, "ok")).startswith("ok") for w in args.workloads.split(","))
+        row["stalled"] = stalled(row)
         rows.append(row)
         (args.out / "hunt.json").write_text(json.dumps(rows, indent=1))
         n += 1

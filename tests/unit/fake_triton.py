@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,13 +30,21 @@ class FakeTritonError:
         return self._code
 
 
+class FakePreferredMemory:
+    """pb_utils.PreferredMemory: where a BLS request wants its outputs."""
+
+    def __init__(self, memory_type: str, device_id: int) -> None:
+        self.memory_type, self.device_id = memory_type, device_id
+
+
 def fake_pb_utils(**members: Any) -> types.ModuleType:
-    """A fake `triton_python_backend_utils`: the FINAL flag, `TritonError`, a gauge metric family, and tensors looked
-    up by name in a response's `.outputs` / a request's `.inputs`; `members` add or replace attributes (the test's
+    """A fake `triton_python_backend_utils`: the FINAL flag, `TritonError`, a gauge metric family, `PreferredMemory`
+    with TRITONSERVER_MEMORY_CPU, and tensors looked up by name in a response's `.outputs` / a request's `.inputs`; `members` add or replace attributes (the test's
     Tensor, InferenceRequest, InferenceResponse, ...)."""
     m = types.ModuleType("triton_python_backend_utils")
     m.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     m.TritonError = FakeTritonError
+    m.PreferredMemory, m.TRITONSERVER_MEMORY_CPU = FakePreferredMemory, "TRITONSERVER_MEMORY_CPU"
     m.MetricFamily = type("MetricFamily", (), {"GAUGE": 1})
     m.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
     m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)

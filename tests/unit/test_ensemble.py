@@ -100,7 +100,8 @@ def test_vision_table_chunks_tiles_and_gives_text_only_an_empty_table(vision_tab
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    async def encode(inputs: list[Any]) -> torch.Tensor:
+    async def encode(inputs: list[Any], host: bool) -> torch.Tensor:
+        assert not host  # the ensemble keeps the table on its device (no decoupled BLS in vision_table's stub)
         pixels = inputs[0].to_dlpack()
         calls.append(int(pixels.shape[0]))
         return pixels[:, :1, 0, :3].float().repeat(1, 2, 1)  # [n, 2 tokens, 3] carrying the tile's value

@@ -119,7 +119,7 @@ class FakeRequest:
     recorder: Recorder
 
     def __init__(self, model_name: str, requested_output_names: list[str], inputs: list[FakeTensor],
-                 request_id: str = "") -> None:
+                 request_id: str = "", preferred_memory: Any = None) -> None:
         self.model_name, self.inputs, self.request_id = model_name, inputs, request_id
 
     async def async_exec(self, decoupled: bool = False) -> Any:

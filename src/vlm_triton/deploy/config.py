@@ -84,8 +84,9 @@ class TritonSection:
     # "postprocess": the BLS calls the postprocess model per streamed chunk; "inline": the BLS detokenizes with
     # the same code in its own process (one IPC round trip less per chunk)
     bls_detokenize: str = "postprocess"
-    # False: the BLS hands the llm its prompt table in host memory. True: as the vision encoder's CUDA tensor (no
-    # copies), which on an H100 host with Triton r24.10's Python backend hung intermittently (docs/benchmarks.md)
+    # False: the BLS takes the vision encoder's embeddings in host memory and hands them on so. True: as its CUDA
+    # tensor (no copies), which brings a CUDA tensor into the BLS stub, and with Python backends before r26.07 that
+    # can stall every later llm stream after one token (python_backend#439; docs/benchmarks.md, item 7)
     bls_gpu_prompt_table: bool = False
     # Longest the BLS waits on a stage without progress before it fails the request (error naming the stage, thread
     # dump in the log, llm request cancelled): a whole preprocess / vision_encoder / postprocess call, or the gap

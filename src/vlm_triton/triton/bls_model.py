@@ -109,9 +109,13 @@ class TritonStages(StageClient):
         )
 
     async def encode_images(self, prepared: Prepared) -> Any:
-        table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype)
-        if not self.gpu_prompt_table:
-            table = table.cpu()
+        # Host memory by default: no CUDA tensor may ever reach this stub. The first one makes Triton share its CUDA
+        # memory pool with the stub, and in Python backends before r26.07 that handshake can leave the stub's
+        # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also
+        # delivers every decoupled llm response after the first, so each stream then stalls after one token
+        # (docs/benchmarks.md, item 7). Triton copies the embeddings to host memory for us.
+        table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype,
+                                   host=not self.gpu_prompt_table)
         return torch_output("prompt_embedding_table", table)
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
