@@ -93,10 +93,18 @@ def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_preprocess_image_threads_reach_the_limits() -> None:
-    assert _cfg().preprocess.image_threads == 1  # the single-threaded path by default (e2e, item 20)
-    auto = _cfg().replace(preprocess={"image_threads": 0})
-    assert PreprocessLimits.from_deployment(auto).image_threads == default_image_threads()
-    assert 1 <= default_image_threads() <= 8
+    assert _cfg().preprocess.image_threads == 0  # auto by default (item 20)
+    auto = _cfg(triton={"preprocess_instances": 3})
+    assert PreprocessLimits.from_deployment(auto).image_threads == default_image_threads(3)
     for n in (1, 3, 16):
         assert PreprocessLimits.from_deployment(_cfg(preprocess={"image_threads": n})).image_threads == n
     assert PreprocessLimits().image_threads == 1  # library callers get the single-threaded path unless they ask
+
+
+@pytest.mark.parametrize(("cpus", "instances", "threads"), [(16, 4, 2), (2, 2, 1), (1, 1, 1), (64, 1, 4), (8, 1, 4),
+                                                              (16, 1, 4), (32, 4, 4), (3, 1, 1)])
+def test_auto_image_threads_leave_half_the_cores_to_the_other_stages(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, instances: int, threads: int
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    assert default_image_threads(instances) == threads

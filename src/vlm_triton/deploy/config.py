@@ -68,9 +68,10 @@ class LimitsSection:
 @dataclass(frozen=True)
 class PreprocessSection:
     # threads of one preprocess instance for image work (concurrent fetch/decode of a request's images, resizes
-    # split into strips, tiles packed in parallel); the bytes are identical for every value. 0: auto, min(8, CPUs the
-    # process may run on); 1: everything in the request's thread, the single-threaded reference path
-    image_threads: int = 1  # opt-in until measured on a GPU host (docs/benchmarks.md item 20)
+    # split into strips, tiles packed in parallel); the bytes are identical for every value. 0: auto, half the CPUs
+    # shared by the preprocess instances, 1 to 4 (2 on a 16-core host with 4 instances, 1 on 2 cores);
+    # 1: everything in the request's thread, the single-threaded reference path
+    image_threads: int = 0
 
 
 @dataclass(frozen=True)

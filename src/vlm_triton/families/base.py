@@ -38,7 +38,7 @@ class PreprocessLimits:
             max_tiles_per_image=cfg.limits.max_tiles_per_image or None,
             max_video_frames=cfg.limits.max_video_frames or None,
             max_prompt_tokens=cfg.max_prompt_tokens,
-            image_threads=cfg.preprocess.image_threads or default_image_threads(),
+            image_threads=cfg.preprocess.image_threads or default_image_threads(cfg.triton.preprocess_instances),
         )
 
 

@@ -52,13 +52,16 @@ Piece = tuple[int, int, Image.Image]  # (x0, y0, image): a rectangle of a larger
 Sink = Callable[[int, int, Image.Image], None]  # receives rectangles (x0, y0, image) of a job's output
 
 
-def default_image_threads() -> int:
-    """Threads for image work when the deployment says 0 (auto): min(8, CPUs this process may run on)."""
+def default_image_threads(instances: int = 1) -> int:
+    """Threads for one preprocess instance's image work when the deployment says 0 (auto): the CPUs this process may
+    run on, halved (the vision encoder, llm, BLS and frontend processes need cores too) and shared by the `instances`
+    preprocess processes, between 1 and 4. Measured on a 16-core H100 host (docs/benchmarks.md, item 20): W1's
+    prepare takes 74 ms on 1 thread, 30 on 2, 28 on 4 and 33 on 8, so more than 4 only adds contention."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(4, cpus // (2 * max(1, instances))))
 
 
 _pool_lock = threading.Lock()
