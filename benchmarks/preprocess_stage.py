@@ -1,0 +1,92 @@
+"""W1's preprocess inside Triton against the same work in this process: where the preprocess stage's time goes
+beyond `family.prepare` (docs/benchmarks.md, "Where the time goes now"). One fresh stack per thread count (tiny
+model: the preprocess work does not depend on the model's size, and W1's tiles are 448 px in every preset).
+
+    python -m benchmarks.preprocess_stage [--threads 1,2] [--reps 12] [--device cpu|cuda]
+
+Per thread count: `prepare` in this process (median ms), the client's wall time of a direct gRPC call to the
+`preprocess` model, and Triton's own split of it (queue, compute input / infer / output, averages over the calls
+after the first two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def triton_split(client: Any) -> dict[str, float]:
+    stats = client.get_inference_statistics("preprocess", as_json=True)["model_stats"][0]["inference_stats"]
+    n = int(stats["success"]["count"])
+    return {k: int(stats[k]["ns"]) / n / 1e6 for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/preprocess-stage"))
+    args = ap.parse_args()
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.models import make_model
+    from benchmarks.stack import Stack, deployment
+    from benchmarks.workloads import make_workloads
+    from vlm_triton.families import open_family
+    from vlm_triton.families.base import PreprocessLimits
+    from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+    from vlm_triton.prompt.messages import parse_messages
+
+    ckpt = make_model("tiny", args.work / "ckpt")
+    media = args.work / "media"
+    messages = json.dumps(make_workloads(media, None)["W1"].messages)
+    family = open_family(ckpt)
+    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(media.resolve(),)))
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        local = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            family.prepare(parse_messages(messages), fetcher, PreprocessLimits(image_threads=threads))
+            local.append((time.perf_counter() - t) * 1e3)
+        cfg = deployment(ckpt, media, max_slots=4, max_seq_len=4096, device=args.device, instances=1).replace(
+            preprocess={"image_threads": threads})
+        stack = Stack.start(cfg, args.work / f"stack-{threads}", args.device.startswith("cuda"))
+        try:
+            stack.server.wait_ready(300)
+            client = grpcclient.InferenceServerClient(stack.server.grpc_url)
+            text = grpcclient.InferInput("messages", [1], "BYTES")
+            text.set_data_from_numpy(np.array([messages.encode()], dtype=np.object_))
+            outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
+            for _ in range(2):  # warm-up: the stub's first request pays imports and the thread pool
+                client.infer("preprocess", [text], outputs=outputs)
+            before = triton_split(client)
+            walls = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                client.infer("preprocess", [text], outputs=outputs)
+                walls.append((time.perf_counter() - t) * 1e3)
+            after = triton_split(client)
+            n_before, n_all = 2, 2 + args.reps
+            split = {k: (after[k] * n_all - before[k] * n_before) / args.reps for k in after}
+        finally:
+            stack.stop()
+        rows.append({"threads": threads, "prepare_ms": statistics.median(local), "wall_ms": statistics.median(walls),
+                     **{f"{k}_ms": v for k, v in split.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    print("| threads | prepare (this process) | gRPC wall | queue | compute input | compute infer | compute output |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['prepare_ms']:.1f} | {r['wall_ms']:.1f} | {r['queue_ms']:.2f} | "
+              f"{r['compute_input_ms']:.2f} | {r['compute_infer_ms']:.1f} | {r['compute_output_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
