@@ -250,6 +250,9 @@ class TritonPythonModel:
         self.default_max_tokens = cfg.limits.default_max_tokens
         self.stall_timeout_s = cfg.triton.bls_stall_timeout_s
         tokenizer = load_family(cfg).load_tokenizer() if cfg.triton.bls_detokenize == "inline" else None
+        if cfg.triton.bls_gpu_prompt_table:
+            log.warning("triton.bls_gpu_prompt_table = true: CUDA tensors reach the bls stub, which stalls llm streams "
+                        "with Triton Python backends before r26.07 (python_backend#439); keep it false there")
         self.stages = TritonStages(
             embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer,
             gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
