@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 
+def find_tool(name: str) -> str | None:
+    """A command installed beside this interpreter (where the GPU bundle puts its tools) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
 def find_perf_analyzer() -> str | None:
-    beside = Path(sys.executable).parent / "perf_analyzer"
-    return str(beside) if beside.is_file() else shutil.which("perf_analyzer")
+    return find_tool("perf_analyzer")
 
 
 def _env(tmp: Path) -> dict[str, str]:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 
-def triton_split(client: Any) -> dict[str, float]:
+def triton_totals(client: Any) -> dict[str, float]:
+    """Triton's cumulative time (ms) per phase of the `preprocess` model and its request count."""
     stats = client.get_inference_statistics("preprocess", as_json=True)["model_stats"][0]["inference_stats"]
-    n = int(stats["success"]["count"])
-    return {k: int(stats[k]["ns"]) / n / 1e6 for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    phases = {k: int(stats[k]["ns"]) / 1e6 for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    return {**phases, "count": int(stats["success"]["count"])}
 
 
 def main() -> None:
@@ -36,27 +36,22 @@ def main() -> None:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from benchmarks.models import make_model
+    from benchmarks.preprocess_micro import make_family, median_ms
     from benchmarks.stack import Stack, deployment
     from benchmarks.workloads import make_workloads
-    from vlm_triton.families import open_family
     from vlm_triton.families.base import PreprocessLimits
     from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
     from vlm_triton.prompt.messages import parse_messages
 
-    ckpt = make_model("tiny", args.work / "ckpt")
+    family = make_family(args.work)  # the tiny checkpoint in WORK/ckpt
     media = args.work / "media"
     messages = json.dumps(make_workloads(media, None)["W1"].messages)
-    family = open_family(ckpt)
     fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(media.resolve(),)))
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        local = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            family.prepare(parse_messages(messages), fetcher, PreprocessLimits(image_threads=threads))
-            local.append((time.perf_counter() - t) * 1e3)
-        cfg = deployment(ckpt, media, max_slots=4, max_seq_len=4096, device=args.device, instances=1).replace(
+        limits = PreprocessLimits(image_threads=threads)
+        local = median_ms(partial(family.prepare, parse_messages(messages), fetcher, limits), args.reps)
+        cfg = deployment(args.work / "ckpt", media, max_slots=4, max_seq_len=4096, device=args.device, instances=1).replace(
             preprocess={"image_threads": threads})
         stack = Stack.start(cfg, args.work / f"stack-{threads}", args.device.startswith("cuda"))
         try:
@@ -67,19 +62,14 @@ def main() -> None:
             outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
             for _ in range(2):  # warm-up: the stub's first request pays imports and the thread pool
                 client.infer("preprocess", [text], outputs=outputs)
-            before = triton_split(client)
-            walls = []
-            for _ in range(args.reps):
-                t = time.perf_counter()
-                client.infer("preprocess", [text], outputs=outputs)
-                walls.append((time.perf_counter() - t) * 1e3)
-            after = triton_split(client)
-            n_before, n_all = 2, 2 + args.reps
-            split = {k: (after[k] * n_all - before[k] * n_before) / args.reps for k in after}
+            before = triton_totals(client)
+            wall = median_ms(partial(client.infer, "preprocess", [text], outputs=outputs), args.reps, warmup=0)
+            after = triton_totals(client)
         finally:
             stack.stop()
-        rows.append({"threads": threads, "prepare_ms": statistics.median(local), "wall_ms": statistics.median(walls),
-                     **{f"{k}_ms": v for k, v in split.items()}})
+        calls = after["count"] - before["count"]
+        rows.append({"threads": threads, "prepare_ms": local, "wall_ms": wall,
+                     **{f"{k}_ms": (after[k] - before[k]) / calls for k in after if k != "count"}})
         print(json.dumps(rows[-1]), flush=True)
     print("| threads | prepare (this process) | gRPC wall | queue | compute input | compute infer | compute output |")
     print("|---|---|---|---|---|---|---|")

@@ -38,15 +38,10 @@ def native_stacks(stub_pids: list[int], server_pid: int | None) -> list[str]:
     """Every thread of each stub with its C/C++ frames, those without Python too (e.g. the Python backend's
     parent-to-stub monitor thread), via `pystack remote --native-all`; and, where gdb exists, every thread of
     tritonserver itself. Empty when neither tool is installed (pystack comes in the GPU bundle)."""
-    import shutil
-    import sys
-
-    def find(tool: str) -> str | None:
-        beside = Path(sys.executable).parent / tool
-        return shutil.which(tool) or (str(beside) if beside.is_file() else None)
+    from benchmarks.perf_bls import find_tool
 
     out = []
-    pystack, gdb = find("pystack"), find("gdb")
+    pystack, gdb = find_tool("pystack"), find_tool("gdb")
     for pid in stub_pids if pystack else []:
         run = subprocess.run([pystack, "remote", str(pid), "--native-all", "--no-color"], capture_output=True,
                              text=True, timeout=90, check=False)

@@ -10,54 +10,25 @@ import logging
 import sys
 import threading
 import types
-from typing import Any, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.unit.fake_triton import adapters_with, fake_pb_utils
+from tests.unit.fake_triton import (
+    FakeResponse,
+    FakeTensor,
+    FakeTritonError,
+    adapters_with,
+    fake_pb_utils,
+)
 from vlm_triton.errors import StageStalled
 from vlm_triton.pipeline.deadline import within
 from vlm_triton.pipeline.orchestrator import Chunk, Prepared, RequestOptions
 
 FINAL = 1
 FOREVER = 3600.0
-
-
-class FakeTensor:
-    def __init__(self, name: str, value: Any) -> None:
-        self._name, self.value = name, np.asarray(value)
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self.value
-
-
-class FakeError:
-    INVALID_ARG, INTERNAL, CANCELLED = 3, 13, 1
-
-    def __init__(self, message: str, code: int = 13) -> None:
-        self._message, self._code = message, code
-
-    def message(self) -> str:
-        return self._message
-
-    def code(self) -> int:
-        return self._code
-
-
-class FakeResponse:
-    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: FakeError | None = None) -> None:
-        self.outputs = {t.name(): t for t in output_tensors or []}
-        self._error = error
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> FakeError | None:
-        return self._error
 
 
 class FakeLLM:
@@ -70,7 +41,7 @@ class FakeLLM:
         self.requests: list[FakeRequest] = []
         self.cancelled = threading.Event()
 
-    async def exec(self, request: "FakeRequest") -> Any:
+    async def exec(self, request: FakeRequest) -> Any:
         self.requests.append(request)
         if "stop" in request.inputs:
             if self.cancel_hangs:
@@ -102,8 +73,7 @@ class FakeRequest:
 
 @pytest.fixture
 def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    for (module,) in adapters_with(monkeypatch, fake_pb_utils(Tensor=FakeTensor, InferenceRequest=FakeRequest,
-                                                             InferenceResponse=FakeResponse, TritonError=FakeError),
+    for (module,) in adapters_with(monkeypatch, fake_pb_utils(InferenceRequest=FakeRequest),
                                     "vlm_triton.triton.bls_model"):
         yield module
 
@@ -205,7 +175,7 @@ def test_a_stall_reaches_the_client_as_an_error_and_the_log_gets_the_threads(
     assert chunk.outputs["text"].as_numpy()[0] == b"he" and flags == 0
     assert final == FINAL and error.has_error()
     assert error.error().message() == "llm produced no response for 0.05 s after 1 response"
-    assert error.error().code() == FakeError.INTERNAL
+    assert error.error().code() == FakeTritonError.INTERNAL
     assert "request 'req-7' failed: llm produced no response for 0.05 s" in caplog.text
     assert "threads of this stub follow" in caplog.text
     assert "most recent call first" in capfd.readouterr().err  # faulthandler's dump of every thread

@@ -14,36 +14,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from torch.utils.dlpack import from_dlpack
 
-from tests.unit.fake_triton import adapters_with, fake_pb_utils
+from tests.unit.fake_triton import (
+    FakeResponse,
+    FakeTensor,
+    adapters_with,
+    fake_pb_utils,
+)
 from vlm_triton.pipeline.orchestrator import Prepared
-
-
-class FakeTensor:
-    def __init__(self, name: str, value: Any) -> None:
-        self._name, self.value = name, value
-
-    @classmethod
-    def from_dlpack(cls, name: str, capsule: Any) -> FakeTensor:
-        return cls(name, from_dlpack(capsule))
-
-    def name(self) -> str:
-        return self._name
-
-    def shape(self) -> list[int]:
-        return list(self.value.shape)
-
-    def to_dlpack(self) -> Any:
-        return torch.utils.dlpack.to_dlpack(self.value)
-
-
-class FakeResponse:
-    def __init__(self, outputs: list[FakeTensor]) -> None:
-        self.outputs = {t.name(): t for t in outputs}
-
-    def has_error(self) -> bool:
-        return False
 
 
 class FakeRequest:
@@ -62,7 +40,7 @@ class FakeRequest:
 
 @pytest.fixture
 def bls(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    fake = fake_pb_utils(Tensor=FakeTensor, InferenceRequest=FakeRequest)
+    fake = fake_pb_utils(InferenceRequest=FakeRequest)
     for (module,) in adapters_with(monkeypatch, fake, "vlm_triton.triton.bls_model"):
         yield module
 

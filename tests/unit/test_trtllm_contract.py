@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from tests.unit import fake_triton
-from tests.unit.fake_triton import adapters_with
+from tests.unit.fake_triton import FakeResponse, FakeTensor, adapters_with
 from vlm_triton import contracts
 from vlm_triton.contracts import NUMPY_DTYPES
 from vlm_triton.deploy.config import DeploymentConfig
@@ -30,43 +31,7 @@ from vlm_triton.deploy.render_trtllm import EXECUTOR_WORKER, LLM_OUTPUTS
 from vlm_triton.errors import SetupError
 from vlm_triton.pipeline.orchestrator import RequestOptions, run_pipeline
 
-TORCH_TO_TRITON = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
-NUMPY_TO_TRITON = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k not in ("BF16", "BYTES")}
 VOCAB, TILES, TOKENS, HIDDEN = 1000, 2, 4, 8
-
-
-class FakeTensor:
-    def __init__(self, name: str, value: Any) -> None:
-        self._name, self.value = name, value
-
-    @classmethod
-    def from_dlpack(cls, name: str, capsule: Any) -> "FakeTensor":
-        return cls(name, torch.from_dlpack(capsule))
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self.value.numpy() if isinstance(self.value, torch.Tensor) else np.asarray(self.value)
-
-    def shape(self) -> list[int]:
-        return list(self.value.shape)
-
-    def to_dlpack(self) -> torch.Tensor:
-        return self.value if isinstance(self.value, torch.Tensor) else torch.from_numpy(self.value)
-
-    def triton_dtype(self) -> str:
-        if isinstance(self.value, torch.Tensor):
-            return TORCH_TO_TRITON[self.value.dtype]
-        return "BYTES" if self.value.dtype == np.object_ else NUMPY_TO_TRITON[self.value.dtype]
-
-
-class FakeResponse:
-    def __init__(self, tensors: list[FakeTensor]) -> None:
-        self.outputs = {t.name(): t for t in tensors}
-
-    def has_error(self) -> bool:
-        return False
 
 
 class Recorder:
@@ -75,11 +40,11 @@ class Recorder:
     def __init__(self, cfg: DeploymentConfig) -> None:
         self.cfg, self.requests = cfg, []
 
-    def respond(self, request: "FakeRequest") -> Any:
+    def respond(self, request: FakeRequest) -> Any:
         self.requests.append(request)
         return getattr(self, request.model_name)(request)
 
-    def preprocess(self, request: "FakeRequest") -> FakeResponse:
+    def preprocess(self, request: FakeRequest) -> FakeResponse:
         ids = np.array([1, 2, *range(VOCAB, VOCAB + TILES * TOKENS), 3], dtype=np.int32)
         pixels = np.zeros((TILES, 3, 28, 28), dtype=NUMPY_DTYPES[self.cfg.tensor_dtypes["PIXEL"]])
         values = {
@@ -97,16 +62,16 @@ class Recorder:
             assert all(w in (-1, g) for w, g in zip(spec.dims, values[spec.name].shape)), spec.name
         return FakeResponse([FakeTensor(k, v) for k, v in values.items()])
 
-    def vision_encoder(self, request: "FakeRequest") -> FakeResponse:
+    def vision_encoder(self, request: FakeRequest) -> FakeResponse:
         dtype = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}[self.cfg.tensor_dtypes["EMBED"]]
         return FakeResponse([FakeTensor("image_embeds", torch.ones(TILES, TOKENS, HIDDEN, dtype=dtype))])
 
-    def llm(self, request: "FakeRequest") -> Iterator[FakeResponse]:
+    def llm(self, request: FakeRequest) -> Iterator[FakeResponse]:
         stop = any(t.name() == "stop" for t in request.inputs)
         ids = [] if stop else [[[11]], [[7]]]
         return iter([FakeResponse([FakeTensor("output_ids", np.array(i, np.int32))]) for i in ids])
 
-    def postprocess(self, request: "FakeRequest") -> FakeResponse:
+    def postprocess(self, request: FakeRequest) -> FakeResponse:
         n = next(t for t in request.inputs if t.name() == "token_ids").as_numpy().size
         text = np.array([b"x"], dtype=np.object_)
         return FakeResponse([FakeTensor("text", text), FakeTensor("prefix_offset", np.array([0], np.int32)),
@@ -127,7 +92,7 @@ class FakeRequest:
 
 
 def fake_pb_utils() -> types.ModuleType:
-    return fake_triton.fake_pb_utils(Tensor=FakeTensor, InferenceRequest=FakeRequest, InferenceResponse=object)
+    return fake_triton.fake_pb_utils(InferenceRequest=FakeRequest, InferenceResponse=object)
 
 
 @pytest.fixture
