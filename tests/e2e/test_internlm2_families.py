@@ -66,8 +66,9 @@ def _check_equal(stack: Stack, messages: list[dict[str, Any]], ref: tuple[list[i
     got = bls_generate(stack.grpc_url, messages, max_tokens=MAX_NEW)
     assert got.error is None, got.error.message()
     assert (got.prompt_tokens, got.completion_tokens) == (prompt_len, len(tokens))
-    # The stack detokenizes one llm response (token) at a time. With byte-fallback pieces that can differ from a
-    # one-shot decode: ids <0x37><0x87><0xE5> stream as "7\ufffd\ufffd" but decode at once as three U+FFFD.
+    # The stack detokenizes token by token, however many tokens an llm response carries. With byte-fallback pieces
+    # that can differ from a one-shot decode: ids <0x37><0x87><0xE5> stream as "7\ufffd\ufffd" but decode at once
+    # as three U+FFFD.
     state = DetokenizerState()
     expected = "".join(state.push(tokenizer, [t], final=k == len(tokens) - 1) for k, t in enumerate(tokens))
     assert got.text == expected

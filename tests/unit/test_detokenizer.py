@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from vlm_triton.checkpoints.tiny import LLM_KINDS
 from vlm_triton.postprocess.detokenizer import DetokenizerState
 from vlm_triton.postprocess.stop_strings import apply_stop_strings
 
@@ -16,6 +18,43 @@ TEXTS = ["Hello, world! How are you?", "你好，世界。书生·万象", "emoj
 @pytest.fixture(scope="module")
 def tokenizer(tiny_internvl3: Path):
     return AutoTokenizer.from_pretrained(str(tiny_internvl3))
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny InternLM2 (sentencepiece, byte fallback) tokenizer, as tiny checkpoints write it."""
+    out = tmp_path_factory.mktemp("internlm2-tok")
+    LLM_KINDS["internlm2"].write_tokenizer(out, llm={"max_position_embeddings": 4096})
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def _byte_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id] or list(tokenizer.encode("中文🙂"))
+
+
+@pytest.mark.parametrize("which", ["qwen2", "internlm2"])
+def test_text_does_not_depend_on_how_tokens_are_grouped(request, which: str) -> None:
+    """An llm response may carry several tokens; the text must be what one-token-at-a-time gives (a byte-fallback
+    decoder turns "<0x37><0x87>" into "7\ufffd" one by one but into two U+FFFD at once)."""
+    tokenizer = request.getfixturevalue("tokenizer" if which == "qwen2" else "byte_fallback_tokenizer")
+    byte_ids, rng = _byte_ids(tokenizer), random.Random(0)
+    if which == "internlm2":
+        seven, cont = (tokenizer.convert_tokens_to_ids(t) for t in ("<0x37>", "<0x87>"))
+        state = DetokenizerState()
+        assert state.push(tokenizer, [seven, cont]) + state.push(tokenizer, [], final=True) == "7\ufffd"
+    for _ in range(150):
+        ids = [rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(len(tokenizer))
+               for _ in range(rng.randint(1, 24))]
+        one = DetokenizerState()
+        expected = "".join(one.push(tokenizer, [i]) for i in ids) + one.push(tokenizer, [], final=True)
+        grouped, parts, k = DetokenizerState(), [], 0
+        while k < len(ids):
+            n = rng.randint(1, 6)
+            parts.append(grouped.push(tokenizer, ids[k:k + n]))
+            k += n
+        parts.append(grouped.push(tokenizer, [], final=True))
+        assert "".join(parts) == expected, ids
 
 
 @pytest.mark.parametrize("text", TEXTS)

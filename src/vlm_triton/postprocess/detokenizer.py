@@ -21,8 +21,24 @@ def decode_delta(
 
     Returns (delta, new_prefix_offset, new_read_offset); offsets index `window`. Decoding a little context
     (prefix..read) keeps tokenizers' leading-space and merge rules right for the delta.
+
+    Unread tokens are taken one at a time, so the text never depends on how the tokens were grouped into calls
+    (how many an llm response carried). That matters for byte-fallback tokenizers: <0x37><0x87> decodes as "7"
+    then U+FFFD one token at a time, but as two U+FFFD at once, since the decoder replaces every byte of an
+    invalid run. vLLM's incremental detokenizer steps token by token for the same reason.
     """
     ids = list(window)
+    deltas: list[str] = []
+    for end in range(read_offset + 1, len(ids) + 1):
+        delta, prefix_offset, read_offset = _step(
+            tokenizer, ids[:end], prefix_offset, read_offset, final=final and end == len(ids)
+        )
+        deltas.append(delta)
+    return "".join(deltas), prefix_offset, read_offset
+
+
+def _step(tokenizer: Any, ids: list[int], prefix_offset: int, read_offset: int, *, final: bool) -> tuple[str, int, int]:
+    """One token's worth: emit the new text unless it ends inside a character (then wait for the next token)."""
     prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
     full_text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
     if len(full_text) > len(prefix_text) and (final or not full_text.endswith(REPLACEMENT)):
