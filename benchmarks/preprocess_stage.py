@@ -6,7 +6,10 @@ model: the preprocess work does not depend on the model's size, and W1's tiles a
 
 Per thread count: `prepare` in this process (median ms), the client's wall time of a direct gRPC call to the
 `preprocess` model, and Triton's own split of it (queue, compute input / infer / output, averages over the calls
-after the first two).
+after the first two). Then, per call, what the kernel counted for the process doing the work (this process around
+its `prepare` calls; the preprocess stub, from /proc, around the gRPC calls): CPU ms (user + system), minor page
+faults and involuntary context switches. More faults or system time in the stub point at memory being handed back
+to the OS and faulted in again; more involuntary switches at CPU contention; neither at slower execution.
 """
 
 from __future__ import annotations
@@ -16,6 +19,33 @@ import json
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+
+def proc_counters(pid: int | None = None) -> dict[str, float]:
+    """CPU ms (user, system), minor faults and involuntary context switches of a process so far (all threads)."""
+    if pid is None:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return {"user": r.ru_utime * 1e3, "sys": r.ru_stime * 1e3, "minflt": r.ru_minflt, "nivcsw": r.ru_nivcsw}
+    import os
+
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is fields[0]
+    tick = 1e3 / os.sysconf("SC_CLK_TCK")
+    nivcsw = sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if line.startswith("nonvoluntary_ctxt_switches"))
+    return {"user": int(fields[11]) * tick, "sys": int(fields[12]) * tick, "minflt": int(fields[7]),
+            "nivcsw": nivcsw}
+
+
+def per_call(fn: Any, reps: int, pid: int | None = None) -> dict[str, float]:
+    """`fn` run `reps` times; the counters' growth per call."""
+    before = proc_counters(pid)
+    for _ in range(reps):
+        fn()
+    after = proc_counters(pid)
+    return {k: (after[k] - before[k]) / reps for k in after}
 
 
 def triton_totals(client: Any) -> dict[str, float]:
@@ -50,7 +80,9 @@ def main() -> None:
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         limits = PreprocessLimits(image_threads=threads)
-        local = median_ms(partial(family.prepare, parse_messages(messages), fetcher, limits), args.reps)
+        prepare = partial(family.prepare, parse_messages(messages), fetcher, limits)
+        local = median_ms(prepare, args.reps)
+        local_counts = per_call(prepare, args.reps)
         cfg = deployment(args.work / "ckpt", media, max_slots=4, max_seq_len=4096, device=args.device, instances=1).replace(
             preprocess={"image_threads": threads})
         stack = Stack.start(cfg, args.work / f"stack-{threads}", args.device.startswith("cuda"))
@@ -65,17 +97,30 @@ def main() -> None:
             before = triton_totals(client)
             wall = median_ms(partial(client.infer, "preprocess", [text], outputs=outputs), args.reps, warmup=0)
             after = triton_totals(client)
+            stub = stack.stub_pids("preprocess")
+            stub_counts = per_call(partial(client.infer, "preprocess", [text], outputs=outputs), args.reps,
+                                   stub[0]) if len(stub) == 1 else {}
         finally:
             stack.stop()
         calls = after["count"] - before["count"]
         rows.append({"threads": threads, "prepare_ms": local, "wall_ms": wall,
-                     **{f"{k}_ms": (after[k] - before[k]) / calls for k in after if k != "count"}})
+                     **{f"{k}_ms": (after[k] - before[k]) / calls for k in after if k != "count"},
+                     "process": local_counts, "stub": stub_counts})
         print(json.dumps(rows[-1]), flush=True)
     print("| threads | prepare (this process) | gRPC wall | queue | compute input | compute infer | compute output |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['prepare_ms']:.1f} | {r['wall_ms']:.1f} | {r['queue_ms']:.2f} | "
               f"{r['compute_input_ms']:.2f} | {r['compute_infer_ms']:.1f} | {r['compute_output_ms']:.1f} |")
+    print("\nper call, as the kernel counts the process that does the work")
+    print("| threads | where | CPU user ms | CPU sys ms | minor faults | involuntary switches |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for where in ("process", "stub"):
+            c = r[where]
+            if c:
+                print(f"| {r['threads']} | {where} | {c['user']:.1f} | {c['sys']:.1f} | {c['minflt']:,.0f} | "
+                      f"{c['nivcsw']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -97,19 +97,28 @@ class Stack:
         except OSError as exc:
             print(f"could not set the log level: {exc}", flush=True)
 
-    def dump_stacks(self) -> str:
-        """SIGUSR1 to the Python backend stubs of THIS server (its own process group: TritonServer starts it with
-        setsid) -- they dump their threads through faulthandler; returns all dumps."""
+    def stub_pids(self, model: str | None = None) -> list[int]:
+        """The Python backend stubs of THIS server (its own process group: TritonServer starts it with setsid);
+        with `model`, only that model's (the stub's command line names the model's folder)."""
         group = self.server._process.pid if self.server._process is not None else None
         pids = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
                 try:
-                    if (b"triton_python_backend_stub" in (proc / "cmdline").read_bytes()
-                            and group is not None and os.getpgid(int(proc.name)) == group):
+                    cmdline = (proc / "cmdline").read_bytes()
+                    if (b"triton_python_backend_stub" in cmdline and group is not None
+                            and os.getpgid(int(proc.name)) == group
+                            and (model is None or f"/{model}/".encode() in cmdline)):
                         pids.append(int(proc.name))
                 except (OSError, ProcessLookupError):
                     pass
+        return pids
+
+    def dump_stacks(self) -> str:
+        """SIGUSR1 to the Python backend stubs of this server -- they dump their threads through faulthandler;
+        returns all dumps."""
+        group = self.server._process.pid if self.server._process is not None else None
+        pids = self.stub_pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGUSR1)

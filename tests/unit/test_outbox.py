@@ -63,3 +63,36 @@ def test_a_failing_delivery_is_reported_and_the_thread_goes_on() -> None:
     box.put([ev("good", 2, 0)])
     box.close()
     assert seen == ["bad", "good"] and len(errors) == 1
+
+
+def test_lanes_overlap_sends_of_different_requests_and_keep_each_request_in_order() -> None:
+    lanes = 4
+    in_send: set[str] = set()
+    overlap = threading.Event()
+    lock = threading.Lock()
+    got: dict[str, list[int]] = {}
+    finals: dict[str, int] = {}
+
+    def deliver(deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            with lock:
+                in_send.add(d.request_id)
+                if len(in_send) > 1:
+                    overlap.set()
+            time.sleep(0.002)  # a send is a round trip: mostly waiting
+            with lock:
+                in_send.discard(d.request_id)
+                got.setdefault(d.request_id, []).extend(d.tokens)
+                if d.final is not None:
+                    finals[d.request_id] = finals.get(d.request_id, 0) + 1
+
+    box = Outbox(deliver, lanes=lanes)
+    rids = [f"r{i}" for i in range(16)]
+    assert len({box.lane_of(r) for r in rids}) > 1
+    for step in range(40):
+        box.put([ev(r, step, step, "length" if step == 39 else None) for r in rids])
+    box.close()
+    assert overlap.is_set()
+    assert got == {r: list(range(40)) for r in rids}
+    assert finals == {r: 1 for r in rids}
+    assert len({t.name for t in box._threads}) == lanes

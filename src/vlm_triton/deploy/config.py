@@ -93,6 +93,13 @@ class TritonSection:
     # dump in the log, llm request cancelled): a whole preprocess / vision_encoder / postprocess call, or the gap
     # between llm responses, the first included (queueing under load delays it). 0: wait forever
     bls_stall_timeout_s: float = 180.0
+    # Threads sending the llm's responses (each request always on the same one, so its tokens stay in order). A
+    # send to a BLS caller is a synchronous round trip through tritonserver and the BLS stub, so one thread caps
+    # the responses per second under load
+    llm_send_threads: int = 1
+    # Stubs keep freed memory (glibc mmap/trim thresholds, triton/malloc.py) instead of faulting it in again at the
+    # next request: the preprocess stub spent ~16 ms of system time per W1 request on page faults without it
+    stub_keep_freed_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,7 @@ class DeploymentConfig:
             (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
+            (self.triton.llm_send_threads >= 1, "triton.llm_send_threads must be >= 1"),
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.preprocess.image_threads >= 0,
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),

@@ -42,33 +42,59 @@ def coalesce(events: Iterable[TokenEvent]) -> list[Delivery]:
 
 
 class Outbox:
-    """`put` (any thread, never blocks) queues engine events; the outbox thread calls `deliver` with coalesced
-    deliveries. An exception from `deliver` is passed to `on_error` and the thread goes on."""
+    """`put` (any thread, never blocks) queues engine events; outbox threads call `deliver` with coalesced
+    deliveries. An exception from `deliver` is passed to `on_error` and the thread goes on.
+
+    With `lanes` > 1, each request belongs to one of `lanes` threads (by its id), so its deliveries stay in order
+    while sends of different requests overlap: a send is a synchronous round trip through other processes (the
+    Triton parent and the caller's stub), mostly waiting, so one thread caps the responses per second."""
 
     def __init__(
         self,
         deliver: Callable[[list[Delivery]], None],
         on_error: Callable[[BaseException], None] | None = None,
         name: str = "llm-outbox",
+        lanes: int = 1,
     ) -> None:
+        if lanes < 1:
+            raise ValueError("an outbox needs at least one lane")
         self._deliver = deliver
         self._on_error = on_error
-        self._queue: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None] = queue.SimpleQueue()
         self.timing = StepTiming()  # "wake": from the first put of a round to its start; "deliver": the round
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._queues: list[queue.SimpleQueue[tuple[float, list[TokenEvent]] | None]] = []
+        self._threads: list[threading.Thread] = []
+        for i in range(lanes):
+            q: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}" if lanes > 1 else name,
+                                      daemon=True)
+            self._queues.append(q)
+            self._threads.append(thread)
+            thread.start()
+
+    def lane_of(self, request_id: str) -> int:
+        return hash(request_id) % len(self._queues)
 
     def put(self, events: list[TokenEvent]) -> None:
-        self._queue.put((time.perf_counter(), events))
+        now = time.perf_counter()
+        if len(self._queues) == 1:
+            self._queues[0].put((now, events))
+            return
+        split: dict[int, list[TokenEvent]] = {}
+        for event in events:
+            split.setdefault(self.lane_of(event.request_id), []).append(event)
+        for lane, part in split.items():
+            self._queues[lane].put((now, part))
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Deliver what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Deliver what is queued, then stop the threads."""
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
-    def _run(self) -> None:
+    def _run(self, inbox: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None]) -> None:
         while True:
-            batch = self._queue.get()
+            batch = inbox.get()
             woke = time.perf_counter()
             events: list[TokenEvent] = []
             stop = batch is None
@@ -77,7 +103,7 @@ class Outbox:
                 events.extend(batch[1])
             while not stop:  # take everything already queued: one round for all of it
                 try:
-                    more = self._queue.get_nowait()
+                    more = inbox.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:

@@ -21,6 +21,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import InvalidRequest, StageStalled
+from vlm_triton.triton.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from vlm_triton.families import ModelFamily
@@ -118,7 +119,10 @@ def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
     enable_thread_dumps(args["model_name"])  # every stage loads its deployment first
     apply_switch_interval()
     model_config = json.loads(args["model_config"])
-    return DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
+    cfg = DeploymentConfig.load(model_config["parameters"]["deployment_file"]["string_value"])
+    if cfg.triton.stub_keep_freed_memory:
+        keep_freed_memory()
+    return cfg
 
 
 def load_family(cfg: DeploymentConfig) -> "ModelFamily":

@@ -83,7 +83,8 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE,
         )
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
-        self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc))
+        self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
+                             lanes=cfg.triton.llm_send_threads)
         print(f"[{args['model_name']}] engine: {describe(self.engine)}", file=sys.stderr, flush=True)
         self.engine.start(self.outbox.put)
         log_engine_timing(self.engine, self.outbox.timing, args["model_name"])

@@ -1,0 +1,190 @@
+"""Stack variants side by side: fresh stacks one after another, each swept over the same load points, with the bare
+engine first as the reference. Tells which setting moves the stack's overhead over the engine, and where the time
+goes in each (cores per process, Triton's per-model times, the llm stub's engine-loop timing).
+
+    python3 -m benchmarks.stack_variants --preset internvl3-1b --out OUT --budget-s 540 --engine \\
+        --variant base --variant send4:triton.llm_send_threads=4 --variant si:VLM_TRITON_SWITCH_INTERVAL=0.0005
+
+A variant is NAME or NAME:SETTING[,SETTING...]; a SETTING is SECTION.KEY=VALUE (deployment config), a tritonserver
+flag starting with -- , or NAME=VALUE with an upper-case NAME (an environment variable of tritonserver and its
+stubs). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
+OUT/variants.json and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STEP_STATS_S = 2.0  # the llm stub logs its loop timing this often (VLM_TRITON_STEP_STATS)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[str, str]]:
+    """-> (config assignments, tritonserver flags, environment)."""
+    config, flags, env = [], [], {}
+    for s in sets:
+        key, _, value = s.partition("=")
+        if s.startswith("--"):
+            flags.append(s)
+        elif "." not in key and key.isupper():
+            env[key] = value
+        else:
+            config.append(s)
+    return config, tuple(flags), env
+
+
+def engine_reference(ckpt: Path, ws: dict[str, Any], workloads: list[str], concurrency: list[int], cap_s: float,
+                     prefill_tokens: int) -> list[dict[str, Any]]:
+    """The bare engine over the same points, with its loop timing per point."""
+    import torch
+
+    from benchmarks import baselines
+    from benchmarks.run import requests_for
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens)
+    rows = []
+    for name in workloads:
+        baselines.drive_engine(engine, encoder, ws[name], 1, 1, cap_s, device, dtype)  # warm-up
+        for c in concurrency:
+            engine.timing.take()
+            r = baselines.drive_engine(engine, encoder, ws[name], c, requests_for(c, name), cap_s, device, dtype)
+            r.update(variant="engine", workload=name, timing=engine.timing.take())
+            rows.append(r)
+            log(f"engine {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f}, "
+                f"TPOT p50 {r['tpot_ms']['p50']:.2f} | {timing_line(r['timing'])}")
+    del engine, encoder
+    torch.cuda.empty_cache()
+    return rows
+
+
+def timing_line(parts: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['count']}x {v['mean_ms']:.3f}/{v['max_ms']:.1f}" for k, v in sorted(parts.items()))
+
+
+def llm_timing_lines(log_file: Path, offset: int) -> tuple[list[str], int]:
+    """The llm stub's '[llm timing]' lines written since `offset`, and the new offset."""
+    try:
+        with log_file.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    lines = [ln for ln in data.decode(errors="replace").splitlines() if "[llm timing]" in ln]
+    return lines, offset + len(data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="internvl3-1b")
+    ap.add_argument("--out", type=Path, default=Path("variants-out"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/variants-work"))
+    ap.add_argument("--budget-s", type=float, default=540.0)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--workloads", default="W2")
+    ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--time-cap-s", type=float, default=20.0, help="per load point")
+    ap.add_argument("--engine", action="store_true", help="the bare engine over the same points first")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["VLM_TRITON_STEP_STATS"] = str(STEP_STATS_S)
+
+    from benchmarks.loadgen import run_load
+    from benchmarks.models import make_model
+    from benchmarks.observe import Snapshot, summary_line
+    from benchmarks.run import overrides, requests_for
+    from benchmarks.stall_hunt import parse_variant
+    from benchmarks.stack import SERVED_NAME, Stack, deployment
+    from benchmarks.workloads import chat_body, make_workloads, prepare_workloads
+
+    ckpt = make_model(args.preset, args.work / f"ckpt-{args.preset}")
+    media = args.work / "media"
+    ws = make_workloads(media, None)
+    prepare_workloads(ckpt, ws, media, w2_prompt_tokens=512)
+    workloads = args.workloads.split(",")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    base_cfg = deployment(ckpt, media, max_slots=64, max_seq_len=4096, device=args.device)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        (args.out / "variants.json").write_text(json.dumps(rows, indent=1))
+
+    if args.engine:
+        rows += engine_reference(ckpt, ws, workloads, concurrency, args.time_cap_s, base_cfg.max_step_tokens)
+        save()
+    variants = [parse_variant(v) for v in args.variant or ["base"]] * args.rounds
+    base_env = dict(os.environ)
+    for n, (name, sets) in enumerate(variants):
+        if time.time() > deadline - 60:
+            log(f"variant {name}: skipped (deadline)")
+            continue
+        config, flags, env = split_settings(sets)
+        os.environ.clear()
+        os.environ.update({**base_env, **env})
+        cfg = base_cfg.replace(**overrides(config))
+        work = args.work / f"stack-{n}"
+        t0 = time.perf_counter()
+        stack = Stack.start(cfg, work, args.device.startswith("cuda"), server_args=flags)
+        try:
+            stack.wait(max(30.0, deadline - time.time() - 30))  # tritonserver ready, then the frontend
+            log(f"stack {n} ({name} {sets}) ready after {time.perf_counter() - t0:.0f} s")
+            server_pid = stack.server._process.pid
+            frontend_pid = stack.frontend.pid if stack.frontend is not None else None
+            log_file = stack.log_dir / "tritonserver.log"
+            for wname in workloads:
+                body = chat_body(ws[wname], SERVED_NAME, True)
+                asyncio.run(run_load(stack.base_url, body, 2, 4, args.time_cap_s, stream=True, request_timeout_s=60))
+                for c in concurrency:
+                    if time.time() > deadline - 15:
+                        break
+                    time.sleep(STEP_STATS_S + 0.2)  # the next timing line covers this point only
+                    _, offset = llm_timing_lines(log_file, 0)
+                    before = Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url)
+                    r = asyncio.run(run_load(stack.base_url, body, c, requests_for(c, wname),
+                                             min(args.time_cap_s, deadline - time.time()), stream=True,
+                                             request_timeout_s=90))
+                    r["observed"] = before.delta(Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url))
+                    time.sleep(STEP_STATS_S + 0.2)
+                    r["llm_timing"], _ = llm_timing_lines(log_file, offset)
+                    r.update(variant=name, settings=sets, stack=n, workload=wname)
+                    rows.append(r)
+                    save()
+                    log(f"stack {n} ({name}) {wname} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 "
+                        f"{r['ttft_ms']['p50']:.1f}, TPOT p50 {r['tpot_ms']['p50']:.2f}, errors {r['errors']}, "
+                        f"chunks/token {r.get('chunks_per_token') or 0:.2f}")
+                    log("  " + summary_line(r["observed"]))
+                    for line in r["llm_timing"]:
+                        log("  " + line.strip()[-400:])
+        except Exception as exc:  # noqa: BLE001 - a stack that fails is a row too
+            rows.append({"variant": name, "settings": sets, "stack": n, "error": f"{type(exc).__name__}: {exc}"})
+            log(f"stack {n} ({name}): {rows[-1]['error']}")
+            save()
+        finally:
+            stack.stop()
+    os.environ.clear()
+    os.environ.update(base_env)
+    print("\n| variant | workload | c | out tok/s | TTFT p50 ms | TPOT p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | | | failed: {r['error'][:80]} | | | |")
+            continue
+        print(f"| {r['variant']} | {r['workload']} | {r['concurrency']} | {r['output_tok_s']:,.0f} | "
+              f"{r['ttft_ms']['p50']:.1f} | {r['tpot_ms']['p50']:.2f} / {r['tpot_ms']['p99']:.2f} | "
+              f"{r.get('errors', 0)} |")
+
+
+if __name__ == "__main__":
+    main()
