@@ -42,7 +42,7 @@ def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[st
     return config, tuple(flags), env
 
 
-def engine_reference(ckpt: Path, ws: dict[str, Any], workloads: list[str], concurrency: list[int], cap_s: float,
+def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]], cap_s: float,
                      prefill_tokens: int) -> list[dict[str, Any]]:
     """The bare engine over the same points, with its loop timing per point."""
     import torch
@@ -53,7 +53,7 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], workloads: list[str], concu
     device, dtype = torch.device("cuda"), torch.bfloat16
     _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens)
     rows = []
-    for name in workloads:
+    for name, concurrency in points.items():
         baselines.drive_engine(engine, encoder, ws[name], 1, 1, cap_s, device, dtype)  # warm-up
         for c in concurrency:
             engine.timing.take()
@@ -91,8 +91,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--workloads", default="W2")
-    ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--points", action="append", default=[], metavar="W=C[,C...]",
+                    help="a workload and its concurrencies (repeatable; default W2=16,64)")
     ap.add_argument("--time-cap-s", type=float, default=20.0, help="per load point")
     ap.add_argument("--engine", action="store_true", help="the bare engine over the same points first")
     ap.add_argument("--device", default="cuda")
@@ -113,8 +113,7 @@ def main() -> None:
     media = args.work / "media"
     ws = make_workloads(media, None)
     prepare_workloads(ckpt, ws, media, w2_prompt_tokens=512)
-    workloads = args.workloads.split(",")
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    points = {w: [int(c) for c in cs.split(",")] for w, _, cs in (p.partition("=") for p in args.points or ["W2=16,64"])}
     base_cfg = deployment(ckpt, media, max_slots=64, max_seq_len=4096, device=args.device)
     rows: list[dict[str, Any]] = []
 
@@ -122,7 +121,7 @@ def main() -> None:
         (args.out / "variants.json").write_text(json.dumps(rows, indent=1))
 
     if args.engine:
-        rows += engine_reference(ckpt, ws, workloads, concurrency, args.time_cap_s, base_cfg.max_step_tokens)
+        rows += engine_reference(ckpt, ws, points, args.time_cap_s, base_cfg.max_step_tokens)
         save()
     variants = [parse_variant(v) for v in args.variant or ["base"]] * args.rounds
     base_env = dict(os.environ)
@@ -143,7 +142,7 @@ def main() -> None:
             server_pid = stack.server._process.pid
             frontend_pid = stack.frontend.pid if stack.frontend is not None else None
             log_file = stack.log_dir / "tritonserver.log"
-            for wname in workloads:
+            for wname, concurrency in points.items():
                 body = chat_body(ws[wname], SERVED_NAME, True)
                 asyncio.run(run_load(stack.base_url, body, 2, 4, args.time_cap_s, stream=True, request_timeout_s=60))
                 for c in concurrency:
