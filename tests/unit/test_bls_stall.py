@@ -89,8 +89,10 @@ def llm_requests_after_a_stall(bls: types.ModuleType, llm: FakeLLM, responses_be
 
     async def drive() -> None:
         generation = bls.TritonStages().generate(PREPARED, None, RequestOptions(max_tokens=8))
-        for token in range(responses_before):
-            assert await within(anext(generation), "llm", 5.0) == [100 + token]
+        got: list[int] = []
+        while len(got) < responses_before:  # responses that arrive together come as one batch
+            got += await within(anext(generation), "llm", 5.0)
+        assert got == [100 + token for token in range(responses_before)]
         with pytest.raises(StageStalled, match="llm produced no response for 0.05 s"):
             await within(anext(generation), "llm", 0.05)
         await asyncio.wait_for(asyncio.gather(*bls._CANCELS), 5)
@@ -113,13 +115,47 @@ def test_closing_early_does_not_wait_for_the_cancellation(bls: types.ModuleType)
 
     async def drive() -> None:
         generation = bls.TritonStages().generate(PREPARED, None, RequestOptions(max_tokens=8))
-        assert await anext(generation) == [100]
+        assert (await anext(generation))[0] == 100
         await asyncio.wait_for(generation.aclose(), 1.0)
         await asyncio.sleep(0.01)
         assert [("stop" in r.inputs) for r in llm.requests] == [False, True]  # sent, still unanswered
         llm.cancelled.set()  # lets the worker thread blocked in the stream go
 
     asyncio.run(drive())
+
+
+def test_responses_that_arrive_while_the_loop_is_busy_come_as_one_batch_in_order(bls: types.ModuleType) -> None:
+    """Under load the event loop falls behind the llm: what piled up costs one detokenize and one chunk."""
+    arrived = threading.Event()
+
+    def stream() -> Iterator[FakeResponse]:
+        for token in range(6):
+            yield FakeResponse([FakeTensor("output_ids", [[[token, 50 + token]]])])
+        arrived.set()
+
+    async def drive() -> list[list[int]]:
+        batches = []
+        async for batch in bls._response_batches(stream()):
+            await asyncio.to_thread(arrived.wait, 5)  # busy elsewhere until the whole stream is in
+            batches.append([int(i) for r in batch for i in r.outputs["output_ids"].as_numpy().reshape(-1)])
+        return batches
+
+    batches = asyncio.run(drive())
+    assert [i for b in batches for i in b] == [i for t in range(6) for i in (t, 50 + t)]
+    assert len(batches) <= 2  # the first response may be taken alone before the rest arrive
+
+
+def test_an_error_from_the_response_stream_reaches_the_reader(bls: types.ModuleType) -> None:
+    def stream() -> Iterator[FakeResponse]:
+        yield FakeResponse([FakeTensor("output_ids", [[[1]]])])
+        raise RuntimeError("stub gone")
+
+    async def drive() -> None:
+        async for _ in bls._response_batches(stream()):
+            pass
+
+    with pytest.raises(RuntimeError, match="stub gone"):
+        asyncio.run(drive())
 
 
 class FakeSender:

@@ -4,7 +4,9 @@ BLS calls and streams text deltas; the logic is `pipeline.orchestrator.run_pipel
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
 
@@ -42,6 +44,9 @@ from vlm_triton.triton.common import (
 from vlm_triton.triton.vision_client import prompt_table
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# request.is_cancelled() is a synchronous round trip to tritonserver on the event loop; per chunk it took 13% of the
+# BLS stub's samples under load. Polled at most this often per request (a client that left is noticed this late)
+CANCEL_POLL_S = 0.5
 PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
     "tgt_sizes",
@@ -62,22 +67,59 @@ def _int(response: Any, name: str) -> int:
     return int(_out(response, name).as_numpy().reshape(-1)[0])
 
 
-# The decoupled BLS ResponseIterator is synchronous: each next() blocks until that request's next response.
-# Pulling it on worker threads keeps the event loop free, so concurrent streams interleave instead of queueing.
+# The decoupled BLS ResponseIterator is synchronous: each next() blocks until that request's next response. One
+# worker thread per stream pulls it and hands every response to the event loop, which takes all that arrived since
+# it last looked as one batch: when the loop falls behind under load, a batch carries several llm responses and costs
+# one detokenize call and one chunk to the client instead of one each (docs/benchmarks.md, item 23).
 _RESPONSE_PULLERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bls-responses")
 _DONE = object()
 
 
-_CANCELS: set[asyncio.Task[None]] = set()  # llm cancellations under way (the loop keeps only weak references)
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
-async def _responses(iterator: Any) -> AsyncIterator[Any]:
+async def _response_batches(iterator: Any) -> AsyncIterator[list[Any]]:
     loop = asyncio.get_running_loop()
+    inbox: deque[Any] = deque()
+    ready = asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def pull() -> None:
+        try:
+            for response in iterator:
+                inbox.append(response)
+                wake()
+        except BaseException as exc:  # noqa: BLE001 - handed to the stream's reader
+            inbox.append(_Failed(exc))
+        inbox.append(_DONE)
+        wake()
+
+    _RESPONSE_PULLERS.submit(pull)
     while True:
-        response = await loop.run_in_executor(_RESPONSE_PULLERS, next, iterator, _DONE)
-        if response is _DONE:
-            return
-        yield response
+        await ready.wait()
+        ready.clear()  # before draining: a response appended after the drain has its wake() still to come
+        batch = []
+        while inbox:
+            item = inbox.popleft()
+            if isinstance(item, _Failed):
+                raise item.exc
+            if item is _DONE:
+                if batch:
+                    yield batch
+                return
+            batch.append(item)
+        if batch:
+            yield batch
+
+
+_CANCELS: set[asyncio.Task[None]] = set()  # llm cancellations under way (the loop keeps only weak references)
 
 
 class TritonStages(StageClient):
@@ -154,11 +196,15 @@ class TritonStages(StageClient):
             trace(f"llm exec {request_id}")
             iterator = await request.async_exec(decoupled=True)  # returns with the llm's first response
             trace(f"llm iterator {request_id}")
-            async for response in _responses(iterator):
-                check_response(response, "llm")
-                ids = _out(response, "output_ids")
-                if ids is not None and ids.as_numpy().size:
-                    yield ids.as_numpy().reshape(-1).tolist()
+            async for batch in _response_batches(iterator):
+                new_ids: list[int] = []
+                for response in batch:
+                    check_response(response, "llm")
+                    ids = _out(response, "output_ids")
+                    if ids is not None and ids.as_numpy().size:
+                        new_ids.extend(ids.as_numpy().reshape(-1).tolist())
+                if new_ids:
+                    yield new_ids
             finished = True
         finally:
             if not finished:  # closed early or its wait cancelled (a stall): the llm may be what hangs, so no waiting
@@ -180,7 +226,7 @@ class TritonStages(StageClient):
                 _scalar_tensor("stop", True, np.bool_),
             ],
         )
-        async for _ in _responses(await request.async_exec(decoupled=True)):
+        async for _ in _response_batches(await request.async_exec(decoupled=True)):
             pass
 
     async def detokenize(
@@ -270,12 +316,15 @@ class TritonPythonModel:
             options = read_options(request, self.default_max_tokens)
             requested = requested_outputs(request)
             chunks = run_pipeline(self.stages, messages, options, stall_timeout_s=self.stall_timeout_s)
+            polled = time.monotonic()
             try:
                 async for chunk in chunks:
-                    if request.is_cancelled():  # the client went away: closing `chunks` cancels the llm request
-                        cancelled = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
-                        sender.send(pb_utils.InferenceResponse(error=cancelled), flags=FINAL)
-                        return
+                    if time.monotonic() - polled >= CANCEL_POLL_S:
+                        polled = time.monotonic()
+                        if request.is_cancelled():  # the client went away: closing `chunks` cancels the llm request
+                            cancelled = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+                            sender.send(pb_utils.InferenceResponse(error=cancelled), flags=FINAL)
+                            return
                     sender.send(_response(chunk, requested), flags=FINAL if chunk.finish_reason else 0)
             finally:
                 await chunks.aclose()
