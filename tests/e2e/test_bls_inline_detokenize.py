@@ -1,6 +1,6 @@
-"""`triton.bls_detokenize = "inline"`: the BLS detokenizes in its own process instead of calling `postprocess` per
-streamed chunk. Its streamed text, stop-string cuts, finish reasons and usage equal the default stack's on the same
-requests (the default stack's output is itself checked against transformers in test_triton_pipeline)."""
+"""`triton.bls_detokenize`: "inline" (the default) detokenizes in the BLS's own process; "postprocess" calls the
+`postprocess` model per streamed chunk. Their streamed text, stop-string cuts, finish reasons and usage are equal on
+the same requests (the default stack's output is itself checked against transformers in test_triton_pipeline)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def inline_stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    with running_stack(tiny_internvl3, media_dir, tmp_path_factory.mktemp("inline"), "tiny-internvl3",
-                       triton={"bls_detokenize": "inline"}) as s:
+def postprocess_stack(tiny_internvl3: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    with running_stack(tiny_internvl3, media_dir, tmp_path_factory.mktemp("postprocess"), "tiny-internvl3",
+                       triton={"bls_detokenize": "postprocess"}) as s:
         yield s
 
 
@@ -33,9 +33,10 @@ def requests(media_dir: Path) -> list[dict]:
     ]
 
 
-def test_inline_detokenization_equals_the_postprocess_model(stack, inline_stack) -> None:
-    assert stack.deployment.triton.bls_detokenize == "postprocess"
+def test_inline_detokenization_equals_the_postprocess_model(stack, postprocess_stack) -> None:
+    inline_stack, stack = stack, postprocess_stack
     assert inline_stack.deployment.triton.bls_detokenize == "inline"
+    assert stack.deployment.triton.bls_detokenize == "postprocess"
     for request in requests(stack.media_dir):
         ref = bls_generate(stack.grpc_url, **request)
         got = bls_generate(inline_stack.grpc_url, **request)
