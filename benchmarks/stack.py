@@ -126,6 +126,9 @@ class Stack:
                 pass
         time.sleep(2)
         out = [f"stubs: {pids}"]
+        gone = [f.name for f in self.work.glob("stacks-*.txt") if int(f.stem.rsplit("-", 1)[1]) not in pids]
+        if gone:
+            out.append(f"stubs no longer running (died; a crash leaves its threads in tritonserver.log): {gone}")
         for f in sorted(self.work.glob("stacks-*.txt")):
             out.append(f"===== {f.name}\n{f.read_text(errors='replace')}")
         out += native_stacks(pids, group)

@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--burst", type=int, default=0, help="then N concurrent requests of each workload")
+    ap.add_argument("--burst-tokens", type=int, default=4, help="max_tokens of each burst request")
+    ap.add_argument("--bursts", type=int, default=1, help="bursts per workload and stack")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,10 @@ def main() -> None:
             f.write(f"\n\n######## {title}\n")
             f.write(stack.dump_stacks())
             f.write(f"\n===== tritonserver.log tail\n{stack.logs(150)['tritonserver']}\n")
+            log_text = stack.logs(10**7)["tritonserver"].splitlines()
+            for i, line in enumerate(log_text):  # a stub that crashed: faulthandler wrote its threads to the log
+                if "Fatal Python error" in line:
+                    f.write("\n===== crash in tritonserver.log\n" + "\n".join(log_text[max(0, i - 5):i + 150]) + "\n")
 
     def stalled(row: dict[str, Any]) -> bool:
         checks = [str(v) for k, v in row.items() if k in ws]  # "W1": "ok: ..." or what went wrong
@@ -85,9 +91,10 @@ def main() -> None:
                 if not row[w].startswith("ok"):
                     record(stack, f"stack {n} variant {name} {sets}: {w}: {row[w]}")
                     break
-            for w in args.workloads.split(",") if args.burst and not stalled(row) else ():
+            bursts = [w for w in args.workloads.split(",") for _ in range(args.bursts)]
+            for w in bursts if args.burst and not stalled(row) else ():
                 with ThreadPoolExecutor(args.burst) as pool:
-                    futures = [pool.submit(stack.bls_check, ws[w].messages, args.check_timeout_s)
+                    futures = [pool.submit(stack.bls_check, ws[w].messages, args.check_timeout_s, args.burst_tokens)
                                for _ in range(args.burst)]
                     results = [f.result() for f in futures]
                 bad = [r for r in results if not r.startswith("ok")]

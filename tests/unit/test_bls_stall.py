@@ -158,6 +158,46 @@ def test_an_error_from_the_response_stream_reaches_the_reader(bls: types.ModuleT
         asyncio.run(drive())
 
 
+class TrackedStream:
+    """A response stream whose liveness a test can watch (weakref), like the stub's ResponseIterator, which its own
+    C++ thread must never be the one to free (bls_model.RETAIN_S)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __iter__(self) -> TrackedStream:
+        return self
+
+    def __next__(self) -> FakeResponse:
+        if not self.left:
+            raise StopIteration
+        self.left -= 1
+        return FakeResponse([FakeTensor("output_ids", [[[self.left]]])])
+
+
+def test_a_finished_stream_outlives_its_reader_by_the_retention_time(bls: types.ModuleType) -> None:
+    import gc
+    import weakref
+
+    stream = TrackedStream(3)
+    alive = weakref.ref(stream)
+
+    async def drive() -> int:
+        n = 0
+        async for batch in bls._response_batches(stream):
+            n += len(batch)
+        return n
+
+    assert asyncio.run(drive()) == 3
+    del stream
+    gc.collect()
+    assert alive() is not None  # the reader is done with it; the bls still holds it
+    later = bls.time.monotonic() + bls.RETAIN_S + 1
+    bls._retain(object(), now=later)  # the next stream that ends after RETAIN_S lets it go
+    gc.collect()
+    assert alive() is None
+
+
 class FakeSender:
     def __init__(self) -> None:
         self.sent: list[tuple[FakeResponse, int]] = []

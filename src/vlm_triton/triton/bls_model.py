@@ -4,6 +4,7 @@ BLS calls and streams text deltas; the logic is `pipeline.orchestrator.run_pipel
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections import deque
@@ -74,6 +75,28 @@ def _int(response: Any, name: str) -> int:
 _RESPONSE_PULLERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bls-responses")
 _DONE = object()
 
+# A finished ResponseIterator must not be freed by the stub's own C++ thread. The Python backend (r24.10, and its
+# main branch as of 2026-06) keeps each iterator in a map too, and erases it on its stub-to-parent thread, without the
+# GIL, when it tells the parent the stream is over. If Python had already dropped its references, that erase frees the
+# iterator there: every response it kept, with the numpy arrays of their tensors, is released without the GIL, and the
+# stub dies (SIGSEGV). The dead stub then never acknowledges the llm's next response to it, so the llm's sender waits
+# forever and every stream stalls (docs/benchmarks.md, item 26). Python keeps every finished iterator RETAIN_S longer,
+# so its last reference is always dropped here, under the GIL, long after the map's.
+RETAIN_S = 10.0
+_RETAINED: deque[tuple[float, Any]] = deque()
+_RETAINED_LOCK = threading.Lock()
+
+
+def _retain(iterator: Any, now: float | None = None) -> None:
+    """Hold `iterator` for RETAIN_S; drop those held longer (any thread: pullers call it as their streams end)."""
+    now = time.monotonic() if now is None else now
+    expired = []
+    with _RETAINED_LOCK:
+        _RETAINED.append((now + RETAIN_S, iterator))
+        while _RETAINED[0][0] <= now:
+            expired.append(_RETAINED.popleft())
+    del expired  # freed here, outside the lock: each is finished, so freeing it does not wait for responses
+
 
 class _Failed:
     def __init__(self, exc: BaseException) -> None:
@@ -98,6 +121,7 @@ async def _response_batches(iterator: Any) -> AsyncIterator[list[Any]]:
                 wake()
         except BaseException as exc:  # noqa: BLE001 - handed to the stream's reader
             inbox.append(_Failed(exc))
+        _retain(iterator)  # before the reader can see the end and drop its own reference
         inbox.append(_DONE)
         wake()
 

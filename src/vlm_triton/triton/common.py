@@ -38,7 +38,10 @@ _DUMP_FILES: list[Any] = []  # open for the life of the stub: faulthandler write
 def enable_thread_dumps(model_name: str) -> None:
     """Diagnosing a stage that hangs (the Triton stub gives no other view of its threads):
     VLM_TRITON_DUMP_DIR=D makes SIGUSR1 dump every Python thread of this stub to D/stacks-<model>-<pid>.txt;
-    VLM_TRITON_DUMP_THREADS=N dumps them to the server log every N seconds, on SIGUSR1 and on a fatal signal."""
+    VLM_TRITON_DUMP_THREADS=N dumps them to the server log every N seconds and on SIGUSR1. A fatal signal always
+    dumps them to the server log."""
+    if _has_fileno(sys.stderr):  # a crash (SIGSEGV, SIGABRT, ...) leaves every thread's Python stack in the log
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     directory = os.environ.get("VLM_TRITON_DUMP_DIR")
     if directory:
         _DUMP_FILES.append(open(os.path.join(directory, f"stacks-{model_name}-{os.getpid()}.txt"), "w"))  # noqa: SIM115
