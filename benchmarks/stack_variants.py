@@ -17,6 +17,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,48 @@ def llm_timing_lines(log_file: Path, offset: int) -> tuple[list[str], int]:
     return lines, offset + len(data)
 
 
+def summarize_profile(path: Path, top: int = 30) -> list[str]:
+    """py-spy's raw output (one `frame;frame;... count` line per stack, root first): the functions with the most
+    samples anywhere on the stack (inclusive) and at the top of it (self), as % of all samples."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f
+                  else f for f in stack.split(";")]
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    if not total:
+        return [f"{path.name}: no samples"]
+    out = [f"{path.name}: {total} samples; inclusive % | self % | function (file)"]
+    for f, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:5.1f} | {100 * own.get(f, 0) / total:5.1f} | {f}")
+    return out
+
+
+def start_profiles(stack: Any, models: list[str], out: Path, seconds: float) -> list[tuple[Any, Path]]:
+    """py-spy (where installed) on each stub of `models`, sampling only the thread that holds the GIL (--gil):
+    where each process's Python time goes while the load runs."""
+    tool = shutil.which("py-spy")
+    if tool is None:
+        log("py-spy not installed: no profiles")
+        return []
+    running = []
+    for model in models:
+        for pid in stack.stub_pids(model):
+            path = out / f"{model}-{pid}.txt"
+            cmd = [tool, "record", "--pid", str(pid), "--rate", "200", "--duration", str(max(1, int(seconds))),
+                   "--format", "raw", "--gil", "--nonblocking", "--output", str(path)]
+            running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT), path))
+    return running
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="internvl3-1b")
@@ -96,6 +140,9 @@ def main() -> None:
     ap.add_argument("--time-cap-s", type=float, default=20.0, help="per load point")
     ap.add_argument("--engine", action="store_true", help="the bare engine over the same points first")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
+                    help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
+    ap.add_argument("--profile-s", type=float, default=8.0)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -151,10 +198,24 @@ def main() -> None:
                     time.sleep(STEP_STATS_S + 0.2)  # the next timing line covers this point only
                     _, offset = llm_timing_lines(log_file, 0)
                     before = Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url)
+                    prof_dir = args.out / f"profile-{n}-{name}-{wname}-c{c}"
+                    if args.profile:
+                        prof_dir.mkdir(parents=True, exist_ok=True)
+                    profiles = start_profiles(stack, args.profile, prof_dir, args.profile_s)
                     r = asyncio.run(run_load(stack.base_url, body, c, requests_for(c, wname),
                                              min(args.time_cap_s, deadline - time.time()), stream=True,
                                              request_timeout_s=90))
                     r["observed"] = before.delta(Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url))
+                    for proc, path in profiles:
+                        try:
+                            proc.wait(timeout=args.profile_s + 30)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                        if path.exists():
+                            summary = summarize_profile(path)
+                            (path.parent / (path.stem + "-summary.txt")).write_text("\n".join(summary) + "\n")
+                            for line in summary[:25]:
+                                log("  " + line)
                     time.sleep(STEP_STATS_S + 0.2)
                     r["llm_timing"], _ = llm_timing_lines(log_file, offset)
                     r.update(variant=name, settings=sets, stack=n, workload=wname)

@@ -103,3 +103,34 @@ def test_a_failed_send_ends_only_that_request(adapters: types.SimpleNamespace) -
     assert cancelled == ["bad"] and "bad" not in model._active and "good" in model._active
     assert [flags for _, flags in bad.sent] == [1]  # the final error response
     assert [r.names for r, _ in good.sent] == [["output_ids"]] and model._active["good"].tokens == [3]
+
+
+def test_the_stream_interval_holds_tokens_for_the_next_response_and_the_final_one_takes_the_rest(
+        adapters: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from vlm_triton.engine.outbox import Delivery
+    from vlm_triton.engine.types import TokenEvent
+
+    llm, common = adapters.llm, adapters.common
+    clock = [100.0]
+    monkeypatch.setattr(llm.time, "monotonic", lambda: clock[0])
+    model = object.__new__(llm.TritonPythonModel)
+    model.stream_interval_s = 0.010
+    model.engine = types.SimpleNamespace(cancel=lambda rid: None)
+    model._lock, model._by_client = threading.Lock(), {"c": {"r"}}
+    model._active_gauge = types.SimpleNamespace(set=lambda n: None)
+    sender = FakeSender()
+    request = types.SimpleNamespace(is_cancelled=lambda: False)
+    model._active = {"r": llm._Active(request, sender, "c", True, [], 5, common.requested_outputs(FakeRequest([])))}
+    FakeTensor.built.clear()
+    sent_ids: list[list[int]] = []
+    monkeypatch.setattr(llm._Active, "response", lambda self, ids: sent_ids.append(list(ids)) or FakeResponse())
+
+    for token, dt in ((1, 0.0), (2, 0.004), (3, 0.004), (4, 0.004), (5, 0.001)):
+        clock[0] += dt
+        model._deliver([Delivery("r", [token])])
+    final = TokenEvent(request_id="r", token_id=6, finished=True, finish_reason="length", index=5, prompt_tokens=5)
+    model._deliver([Delivery("r", [6], final)])
+    assert sent_ids == [[1], [2, 3, 4], [5, 6]]  # the first at once, then >= 10 ms apart, the rest with the final
+    assert [flags for _, flags in sender.sent] == [0, 0, 1]

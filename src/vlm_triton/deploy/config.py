@@ -97,6 +97,11 @@ class TritonSection:
     # send to a BLS caller is a synchronous round trip through tritonserver and the BLS stub, so one thread caps
     # the responses per second under load
     llm_send_threads: int = 1
+    # Least time between two streamed responses of one llm request (vLLM's and TensorRT-LLM's stream_interval, in
+    # time): tokens made in between leave together in the next response. Each response costs a tensor, a response
+    # object and a send in the llm stub and as much again in the BLS, all under their GIL. 0: every round sends (the
+    # outbox already merges what piled up while it was busy). The first token and the last always go at once
+    llm_stream_interval_ms: float = 0.0
     # Stubs keep freed memory (glibc mmap/trim thresholds, triton/malloc.py) instead of faulting it in again at the
     # next request: the preprocess stub spent ~16 ms of system time per W1 request on page faults without it
     stub_keep_freed_memory: bool = True
@@ -202,6 +207,7 @@ class DeploymentConfig:
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.llm_send_threads >= 1, "triton.llm_send_threads must be >= 1"),
+            (self.triton.llm_stream_interval_ms >= 0, "triton.llm_stream_interval_ms must be >= 0 (0: off)"),
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.preprocess.image_threads >= 0,
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),

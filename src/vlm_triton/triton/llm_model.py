@@ -51,6 +51,8 @@ class _Active:
     outputs: frozenset[str]  # the outputs the request asked for (response_of)
     tokens: list[int] = field(default_factory=list)
     polled: float = field(default_factory=time.monotonic)  # the last is_cancelled() poll
+    held: list[int] = field(default_factory=list)  # streamed tokens waiting for the stream interval
+    sent: float = float("-inf")  # time.monotonic() of the last streamed response
 
     def response(self, ids: list[int]) -> Any:
         return response_of(self.outputs, {
@@ -63,6 +65,8 @@ class _Active:
 
 
 class TritonPythonModel:
+    stream_interval_s = 0.0  # triton.llm_stream_interval_ms
+
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         family = load_family(cfg)
@@ -88,6 +92,7 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE,
         )
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
+        self.stream_interval_s = cfg.triton.llm_stream_interval_ms / 1000.0
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
                              lanes=cfg.triton.llm_send_threads)
         print(f"[{args['model_name']}] engine: {describe(self.engine)}", file=sys.stderr, flush=True)
@@ -203,8 +208,12 @@ class TritonPythonModel:
                 self._forget(delivery.request_id)
                 self._finish(active, delivery)
             elif active.streaming and delivery.tokens:
-                active.sender.send(active.response(delivery.tokens))
+                active.held.extend(delivery.tokens)
                 now = time.monotonic()
+                if now - active.sent < self.stream_interval_s:
+                    return  # a running request makes a token every step: a later round sends these
+                active.sender.send(active.response(active.held))
+                active.held, active.sent = [], now
                 if now - active.polled >= CANCEL_POLL_S:
                     active.polled = now
                     if active.request.is_cancelled():
@@ -219,6 +228,6 @@ class TritonPythonModel:
         elif event.finish_reason == "cancelled":
             active.sender.send(flags=FINAL)
         elif active.streaming:
-            active.sender.send(active.response(delivery.tokens), flags=FINAL)
+            active.sender.send(active.response(active.held + delivery.tokens), flags=FINAL)
         else:
             active.sender.send(active.response(active.prefix + active.tokens), flags=FINAL)
