@@ -261,3 +261,23 @@ def test_a_stall_reaches_the_client_as_an_error_and_the_log_gets_the_threads(
         serve_a_stalling_request(bls, monkeypatch)
     assert "request 'req-7' failed" in caplog.text and "threads" not in caplog.text
     assert "most recent call first" not in capfd.readouterr().err
+
+
+def test_finalize_lets_the_retained_streams_go_while_the_stub_is_whole(bls: types.ModuleType) -> None:
+    import gc
+    import weakref
+
+    stream = TrackedStream(2)
+    alive = weakref.ref(stream)
+
+    async def drive() -> None:
+        async for _ in bls._response_batches(stream):
+            pass
+
+    asyncio.run(drive())
+    del stream
+    gc.collect()
+    assert alive() is not None
+    object.__new__(bls.TritonPythonModel).finalize()
+    gc.collect()
+    assert alive() is None

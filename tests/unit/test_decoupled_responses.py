@@ -134,3 +134,14 @@ def test_the_stream_interval_holds_tokens_for_the_next_response_and_the_final_on
     model._deliver([Delivery("r", [6], final)])
     assert sent_ids == [[1], [2, 3, 4], [5, 6]]  # the first at once, then >= 10 ms apart, the rest with the final
     assert [flags for _, flags in sender.sent] == [0, 0, 1]
+
+
+def test_finalize_drops_the_metrics_after_stopping_the_engine_and_outbox(adapters: types.SimpleNamespace) -> None:
+    calls: list[str] = []
+    model = object.__new__(adapters.llm.TritonPythonModel)
+    model.engine = types.SimpleNamespace(shutdown=lambda: calls.append("engine"))
+    model.outbox = types.SimpleNamespace(close=lambda: calls.append("outbox"))
+    model._active_gauge, model._metric_family = object(), object()
+    model.finalize()
+    assert calls == ["engine", "outbox"]
+    assert model._active_gauge is None and model._metric_family is None

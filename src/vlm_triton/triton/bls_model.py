@@ -328,6 +328,14 @@ class TritonPythonModel:
             gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
         )
 
+    def finalize(self) -> None:
+        # The retained iterators go while the stub is whole: freed by the interpreter's teardown, after the stub's
+        # own objects, they crashed it there (SIGSEGV in the last garbage collection)
+        with _RETAINED_LOCK:
+            retained = list(_RETAINED)
+            _RETAINED.clear()
+        del retained
+
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
 

@@ -102,6 +102,10 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.engine.shutdown()
         self.outbox.close()
+        # The metrics go while the stub can still tell tritonserver; left to the interpreter's teardown (the model
+        # and its outbox form a reference cycle, freed by the last garbage collection) they crashed the stub there
+        self._active_gauge = None
+        self._metric_family = None
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
