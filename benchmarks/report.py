@@ -97,13 +97,15 @@ def targets(results: dict[str, Any]) -> list[str]:
     for w in ("W2", "W1", "W3"):
         for c in (1, 4, 16, 64):
             e, s = get(w, c, "engine"), get(w, c, "stack")
-            if e and s and e["tok_s"] and not s["tok_s"]:
-                lines.append(f"{w} c={c} stack overhead over bare engine <= 10% (throughput): the stack produced "
-                             f"nothing ({s.get('errors', '?')} errors) -> MISSED")
-            elif e and s and e["tok_s"]:
-                over = e["tok_s"] / s["tok_s"] - 1
-                lines.append(f"{w} c={c} stack overhead over bare engine <= 10% (throughput): {_f(s['tok_s'], 0)}"
-                             f" vs {_f(e['tok_s'], 0)} tok/s = {over:+.0%} -> {'MET' if over <= 0.10 else 'MISSED'}")
+            if not (e and s and e["tok_s"]):
+                continue
+            head = f"{w} c={c} stack overhead over bare engine <= 10% (throughput): "
+            if not s["tok_s"]:
+                lines.append(head + f"the stack produced nothing ({s.get('errors', '?')} errors) -> MISSED")
+                continue
+            over = e["tok_s"] / s["tok_s"] - 1
+            lines.append(head + f"{_f(s['tok_s'], 0)} vs {_f(e['tok_s'], 0)} tok/s = {over:+.0%} -> "
+                         f"{'MET' if over <= 0.10 else 'MISSED'}")
     return lines
 
 

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -85,6 +86,9 @@ def llm_timing_lines(log_file: Path, offset: int) -> tuple[list[str], int]:
     return lines, offset + len(data)
 
 
+_FRAME = re.compile(r"^(.*) \((?:.*/)?([^/:]+)(?::\d+)?\)$")  # "func (path/file.py:12)" -> "func (file.py)"
+
+
 def summarize_profile(path: Path, top: int = 30) -> list[str]:
     """py-spy's raw output (one `frame;frame;... count` line per stack, root first): the functions with the most
     samples anywhere on the stack (inclusive) and at the top of it (self), as % of all samples."""
@@ -97,8 +101,7 @@ def summarize_profile(path: Path, top: int = 30) -> list[str]:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f
-                  else f for f in stack.split(";")]
+        frames = [_FRAME.sub(r"\1 (\2)", f) for f in stack.split(";")]
         for f in set(frames):
             inclusive[f] = inclusive.get(f, 0) + n
         own[frames[-1]] = own.get(frames[-1], 0) + n

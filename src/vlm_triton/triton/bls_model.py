@@ -26,6 +26,7 @@ from vlm_triton.pipeline.orchestrator import (
     run_pipeline,
 )
 from vlm_triton.triton.common import (
+    CANCEL_POLL_S,
     TRITON_TO_TORCH,
     check_response,
     error_response,
@@ -45,9 +46,6 @@ from vlm_triton.triton.common import (
 from vlm_triton.triton.vision_client import prompt_table
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# request.is_cancelled() is a synchronous round trip to tritonserver on the event loop; per chunk it took 13% of the
-# BLS stub's samples under load. Polled at most this often per request (a client that left is noticed this late)
-CANCEL_POLL_S = 0.5
 PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
     "tgt_sizes",
@@ -332,9 +330,7 @@ class TritonPythonModel:
         # The retained iterators go while the stub is whole: freed by the interpreter's teardown, after the stub's
         # own objects, they crashed it there (SIGSEGV in the last garbage collection)
         with _RETAINED_LOCK:
-            retained = list(_RETAINED)
             _RETAINED.clear()
-        del retained
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))

@@ -48,11 +48,13 @@ def enable_thread_dumps(model_name: str) -> None:
         faulthandler.register(signal.SIGUSR1, file=_DUMP_FILES[-1], all_threads=True)
     period = os.environ.get("VLM_TRITON_DUMP_THREADS")
     if period:
-        faulthandler.enable(file=sys.stderr, all_threads=True)
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         faulthandler.dump_traceback_later(float(period), repeat=True, file=sys.stderr)
 
 
+# request.is_cancelled() is a synchronous round trip to tritonserver (13% of the BLS stub's samples under load when
+# polled per chunk). The bls and the llm poll it at most this often per request: a client that left is noticed this late
+CANCEL_POLL_S = 0.5
 STALL_DUMP_EVERY_S = 60.0  # one stalled llm stalls every request on it: one thread dump per minute is enough
 _last_stall_dump: float | None = None  # time.monotonic() of this stub's last dump
 

@@ -19,6 +19,7 @@ from vlm_triton.engine.outbox import Delivery, Outbox
 from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.triton.common import (
+    CANCEL_POLL_S,
     error_response,
     get_array,
     get_scalar,
@@ -34,10 +35,7 @@ from vlm_triton.triton.common import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# request.is_cancelled() is a synchronous round trip to tritonserver; under load the outbox coalesces ~8 tokens per
-# response, so a poll every 8 tokens doubled the round trips per send. Polled at most this often per request (the
-# BLS cancels its llm requests with a stop request instead; this is for direct clients of the llm)
-CANCEL_POLL_S = 0.5
+# The BLS cancels its llm requests with a stop request; is_cancelled() polls (CANCEL_POLL_S) are for direct clients
 
 
 @dataclass
