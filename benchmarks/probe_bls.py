@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from benchmarks.probe_stack import stream
-from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
+from vlm_triton.server.triton_process import TritonPorts, TritonServer
 
 GEN = '''
 import threading, numpy as np, triton_python_backend_utils as pb_utils, json
@@ -181,7 +181,7 @@ def main() -> None:
           flush=True)
     repo = Path("/tmp/probe-bls-repo")
     models = build_repo(repo, args.cuda)
-    server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
+    server = TritonServer(repo, ports=TritonPorts.any_free(),
                           log_file=args.out / "tritonserver-bls.log",
                           extra_args=("--log-verbose=1",) if args.log_verbose else ())
     with server:

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from vlm_triton.checkpoints.tiny import make_tiny_checkpoint
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.deploy.render import render_repository
-from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
+from vlm_triton.server.triton_process import TritonPorts, TritonServer
 
 
 def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -114,7 +114,7 @@ def main() -> None:
     os.environ.setdefault("VLM_TRITON_DUMP_THREADS", "15")
     (args.out / "trace").mkdir(exist_ok=True)
     os.environ.setdefault("VLM_TRITON_TRACE_DIR", str((args.out / "trace").resolve()))
-    server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
+    server = TritonServer(repo, ports=TritonPorts.any_free(),
                           log_file=args.out / f"tritonserver-{args.device}.log",
                           extra_args=(("--log-verbose=1",) if args.log_verbose else ()) + (POOLS if args.pools else ()))
     t0 = time.monotonic()

@@ -83,7 +83,7 @@ class Stack:
         extra += server_args  # later flags win
         log_dir = log_dir or work
         log_dir.mkdir(parents=True, exist_ok=True)
-        server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()),
+        server = TritonServer(repo, ports=TritonPorts.any_free(),
                               log_file=log_dir / "tritonserver.log", extra_args=extra)
         server.start()
         return cls(server, work, cfg, log_dir=log_dir)

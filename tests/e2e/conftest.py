@@ -88,7 +88,7 @@ def running_stack(checkpoint: Path, media_dir: Path, work: Path, served_name: st
         data[name] = {**data.get(name, {}), **values}
     cfg = DeploymentConfig.from_dict(data)
     repo = render_repository(cfg, work / "model_repository")
-    server = TritonServer(repo, ports=TritonPorts(free_port(), free_port(), free_port()), log_file=work / "triton.log")
+    server = TritonServer(repo, ports=TritonPorts.any_free(), log_file=work / "triton.log")
     server.start()
     try:
         server.wait_ready(900)

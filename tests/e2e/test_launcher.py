@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from vlm_triton.errors import SetupError
 from vlm_triton.server import triton_install
-from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port
+from vlm_triton.server.triton_process import TritonPorts, TritonServer, free_port, free_ports
 
 ECHO_MODEL = '''
 import numpy as np
@@ -35,10 +35,6 @@ instance_group [{ kind: KIND_CPU count: 1 }]
 '''
 
 
-def _free_ports() -> TritonPorts:
-    return TritonPorts(free_port(), free_port(), free_port())
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -56,7 +52,7 @@ def echo_repo(tmp_path: Path) -> Path:
 
 
 def test_launcher_serves_a_python_model_and_leaves_no_process(echo_repo: Path) -> None:
-    server = TritonServer(echo_repo, ports=_free_ports())
+    server = TritonServer(echo_repo, ports=TritonPorts.any_free())
     with server:
         pgid = server._process.pid  # the server leads its own process group, backend stubs included
         client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -73,14 +69,14 @@ def test_busy_port_is_a_one_line_error(echo_repo: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         busy = holder.getsockname()[1]
-        server = TritonServer(echo_repo, ports=TritonPorts(busy, free_port(), free_port()))
+        server = TritonServer(echo_repo, ports=TritonPorts(busy, *free_ports(2)))
         with pytest.raises(SetupError, match=rf"port {busy} is in use.*--http-port"):
             server.start()
 
 
 def test_missing_repository_is_a_setup_error(tmp_path: Path) -> None:
     with pytest.raises(SetupError, match="does not exist"):
-        TritonServer(tmp_path / "nope", ports=_free_ports()).start()
+        TritonServer(tmp_path / "nope", ports=TritonPorts.any_free()).start()
 
 
 def test_no_tritonserver_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +94,7 @@ def test_no_tritonserver_found(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_startup_failure_shows_the_log_tail(tmp_path: Path) -> None:
     (tmp_path / "broken" / "1").mkdir(parents=True)
     (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nthis is not pbtxt\n')
-    server = TritonServer(tmp_path, ports=_free_ports())
+    server = TritonServer(tmp_path, ports=TritonPorts.any_free())
     server.start()
     with pytest.raises(SetupError, match="(?s)tritonserver exited.*log tail"):
         server.wait_ready(120)

@@ -27,6 +27,10 @@ class TritonPorts:
     grpc: int = 8001
     metrics: int = 8002
 
+    @classmethod
+    def any_free(cls) -> TritonPorts:
+        return cls(*free_ports(3))
+
     def check_free(self, host: str = "127.0.0.1") -> None:
         for flag, port in (("--http-port", self.http), ("--grpc-port", self.grpc), ("--metrics-port", self.metrics)):
             if not port_is_free(port, host):
@@ -44,9 +48,20 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are, so the kernel cannot hand out one port twice
+    (tritonserver refuses to start when two of its services share a port)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
