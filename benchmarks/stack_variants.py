@@ -46,7 +46,7 @@ def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[st
 
 
 def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]], cap_s: float,
-                     prefill_tokens: int) -> list[dict[str, Any]]:
+                     prefill_tokens: int, prefill_graphs: bool = True) -> list[dict[str, Any]]:
     """The bare engine over the same points, with its loop timing per point."""
     import torch
 
@@ -54,16 +54,18 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]
     from benchmarks.run import requests_for
 
     device, dtype = torch.device("cuda"), torch.bfloat16
-    _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens)
+    _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens,
+                                                prefill_graphs=prefill_graphs)
+    variant = "engine" if prefill_graphs else "engine-eager-prefill"
     rows = []
     for name, concurrency in points.items():
         baselines.drive_engine(engine, encoder, ws[name], 1, 1, cap_s, device, dtype)  # warm-up
         for c in concurrency:
             engine.timing.take()
             r = baselines.drive_engine(engine, encoder, ws[name], c, requests_for(c, name), cap_s, device, dtype)
-            r.update(variant="engine", workload=name, timing=engine.timing.take())
+            r.update(variant=variant, workload=name, timing=engine.timing.take())
             rows.append(r)
-            log(f"engine {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f}, "
+            log(f"{variant} {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f}, "
                 f"TPOT p50 {r['tpot_ms']['p50']:.2f} | {timing_line(r['timing'])}")
     del engine, encoder
     torch.cuda.empty_cache()
@@ -142,6 +144,8 @@ def main() -> None:
                     help="a workload and its concurrencies (repeatable; default W2=16,64)")
     ap.add_argument("--time-cap-s", type=float, default=20.0, help="per load point")
     ap.add_argument("--engine", action="store_true", help="the bare engine over the same points first")
+    ap.add_argument("--engine-eager-prefill", action="store_true",
+                    help="with --engine: the bare engine once more without prefill CUDA graphs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
                     help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
@@ -173,6 +177,9 @@ def main() -> None:
     if args.engine:
         rows += engine_reference(ckpt, ws, points, args.time_cap_s, base_cfg.max_step_tokens)
         save()
+        if args.engine_eager_prefill:
+            rows += engine_reference(ckpt, ws, points, args.time_cap_s, base_cfg.max_step_tokens, prefill_graphs=False)
+            save()
     variants = [parse_variant(v) for v in args.variant or ["base"]] * args.rounds
     base_env = dict(os.environ)
     for n, (name, sets) in enumerate(variants):

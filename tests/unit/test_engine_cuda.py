@@ -119,3 +119,42 @@ def test_flash_decode_engine_bf16_matches_sdpa_engine() -> None:
             set_decode_backend("auto")
     flash, sdpa = results
     assert {k: tokens(v) for k, v in flash.items()} == {k: tokens(v) for k, v in sdpa.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prefill_tokens", [8192, 5])  # 5: chunks that continue a cached prefix
+def test_prefill_graphs_match_eager_prefill(prefill_tokens: int) -> None:
+    """bf16: the packed prefill replayed from its CUDA graphs (padded to a token bucket, its inputs loaded into
+    static buffers) gives the same greedy tokens as the same packed forward run eagerly."""
+    model = _tiny("qwen2").to("cuda", torch.bfloat16)
+    results = []
+    for graphs in (True, False):
+        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, prefill_tokens=prefill_tokens,
+                           prefill_graphs=graphs)
+        prefill_graphs = getattr(engine.prefill, "graphs", None)
+        assert (prefill_graphs is not None) == graphs
+        if graphs:
+            assert sorted(prefill_graphs.graphs) == engine.prefill.buckets  # type: ignore[union-attr]
+        results.append(run_plan(engine, join_plan(50)))
+        assert (engine.prefill_chunks > 0) == (prefill_tokens == 5)
+    replayed, eager = results
+    assert {k: tokens(v) for k, v in replayed.items()} == {k: tokens(v) for k, v in eager.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_packed_prefill_matches_per_sequence_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16: the packed prefill's FA2 varlen call (sequences side by side, chunks bottom-right aligned over their
+    cached prefix) against one masked SDPA per sequence (the path of CPU and fp32): same greedy tokens."""
+    from vlm_triton.engine import attention
+
+    model = _tiny("qwen2").to("cuda", torch.bfloat16)
+    results = []
+    for flash in (True, False):
+        if not flash:
+            monkeypatch.setattr(attention, "flash_supported", lambda *a: False)
+        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                           vocab_size=VOCAB, use_cuda_graphs=False, prefill_tokens=7)
+        results.append(run_plan(engine, join_plan(50)))
+    flash_run, sdpa_run = results
+    assert {k: tokens(v) for k, v in flash_run.items()} == {k: tokens(v) for k, v in sdpa_run.items()}

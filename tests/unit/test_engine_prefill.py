@@ -94,3 +94,33 @@ def test_chunked_prefill_cancel_and_penalties(qwen: PreTrainedModel) -> None:
     events = drain(engine)
     assert [e.finish_reason for e in events["gone"]] == ["cancelled"]
     assert tokens(events["next"]) == hf_greedy(qwen, prompt(51, 19), 8, repetition_penalty=1.3)
+
+
+# --- (b3) the packed prefill padded to its token buckets, as its CUDA graphs run it ---------------------------------
+def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel) -> None:
+    """Every packed forward run at its bucket's length (the graphs' shapes; padding tokens write the trash row and
+    belong to no sequence), with the chunked prompt's spare slot holding a prefix across steps: tokens as
+    `generate`, and the trash row is the only spare-slot position a prompt never reaches."""
+    from vlm_triton.engine.packed import PackedPrefill, token_buckets
+
+    assert token_buckets(4095) == [64, 128, 256, 512, 1024, 2048, 4095] and token_buckets(64) == [64]
+    engine = make_engine(qwen, max_slots=4, prefill_tokens=24)
+    prefill = engine.prefill
+    assert isinstance(prefill, PackedPrefill) and prefill.buckets == [24]
+    assert prefill.trash_row == 4 * engine.max_seq_len + engine.max_seq_len - 1
+    used: list[int] = []
+
+    class Padded:  # replays at the bucket's length from the last load, like PrefillGraphs
+        def replay(self, bucket: int) -> torch.Tensor:
+            used.append(bucket)
+            return prefill.forward(bucket, bucket, prefill.spans)
+
+    prefill.graphs = Padded()
+    reqs = [greedy("a", prompt(60, 5), 7), greedy("b", prompt(61, 11), 5), greedy("long", prompt(62, 40), 6),
+            greedy("c", prompt(63, 1), 4)]
+    for r in reqs:
+        engine.add_request(r)
+    events = drain(engine)
+    for r in reqs:
+        assert tokens(events[r.request_id]) == hf_greedy(qwen, list(r.input_ids), r.max_new_tokens), r.request_id
+    assert used and set(used) == {24} and engine.prefill_chunks == 2

@@ -35,6 +35,7 @@ class EngineSection:
     max_slots: int = 16  # requests decoded together (KV-cache rows)
     max_seq_len: int = 8192  # prompt + output tokens per request
     cuda_graphs: bool = True
+    prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
     # trtllm profile (docs/trtllm.md); max_slots is the engine's max_batch_size there
     engine_dir: str = ""  # the TensorRT-LLM engine folder (trtllm-build --output_dir)

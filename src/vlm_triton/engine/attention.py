@@ -11,9 +11,14 @@ runs, so that grouped-query attention never materialises repeated K/V:
 - decode elsewhere: the query heads that share a KV head become the query-length dimension,
   [B, H, 1, D] -> [B, KVH, H/KVH, D], so one SDPA call reads each row's K/V once. transformers' sdpa repeats K/V
   per query head whenever a mask is given, which at batch 64 and a 4k cache moved ~20 GB per step.
-- prefill from position 0 (the query covers the whole key range): a plain causal SDPA with `enable_gqa`, which
-  needs no mask and so can use the flash kernel.
-Anything else (a prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
+- packed prefill (engine/packed.py; the engine passes `packed_prefill`, a `PackedRows`): the prompts of several
+  requests concatenated into one row of tokens, their K/V already written into the cache; each sequence attends
+  causally (bottom-right aligned) over its slot's rows 0 .. its end. On CUDA in fp16/bf16 one FA2 varlen call whose
+  inputs are all device tensors, so the whole prefill forward can be captured in a CUDA graph; elsewhere one
+  masked SDPA per sequence from the host copy of the spans.
+- a padded prefill from position 0 (the query covers the whole key range): a plain causal SDPA with `enable_gqa`,
+  which needs no mask and so can use the flash kernel.
+Anything else (a padded prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
 
 `set_decode_backend` pins the decode kernel (for `benchmarks/engine_profile.py --variants`).
 """
@@ -56,6 +61,49 @@ class DecodeRows:
     cu_q: torch.Tensor  # [B + 1]: b
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """A packed prefill's sequences: query rows [cu_q[b], cu_q[b + 1]) of the packed tokens attend to the cache rows
+    [cu_k[b], cu_k[b] + used_k[b]) (their slot from position 0 to the sequence's end). Device tensors (int32) of a
+    fixed size (unused sequences are empty); `max_q` bounds every sequence's query length. `spans` is the same on
+    the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph)."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    used_k: torch.Tensor
+    max_q: int
+    max_k: int
+    spans: tuple[tuple[int, int, int, int], ...] | None
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: PackedRows,
+                     scale: float) -> torch.Tensor:
+    """query [1, H, T, D] (packed tokens), key/value the whole cache as [slots, KVH, L, D] views -> [1, T, H, D]."""
+    k_rows, v_rows = cache_rows(key), cache_rows(value)
+    if k_rows is None or v_rows is None:
+        raise RuntimeError("packed prefill needs the rows-layout cache views")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if flash_supported(query.device, query.dtype, query.shape[-1]):
+        q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
+        out = torch.ops.aten._flash_attention_forward(
+            q, k_rows, v_rows, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, 0.0, True, False, scale=scale,
+            seqused_k=packed.used_k,
+        )[0]
+        return out.unsqueeze(0)
+    if packed.spans is None:
+        raise RuntimeError("packed prefill without FlashAttention needs the host spans")
+    out = query.new_zeros(1, query.shape[2], heads, query.shape[3])
+    for q0, q1, r0, k_len in packed.spans:
+        n = q1 - q0
+        k = k_rows[r0 : r0 + k_len].transpose(0, 1).unsqueeze(0)  # [1, KVH, k_len, D]
+        v = v_rows[r0 : r0 + k_len].transpose(0, 1).unsqueeze(0)
+        allowed = torch.ones(n, k_len, dtype=torch.bool, device=query.device).tril(k_len - n)
+        o = F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=allowed, scale=scale,
+                                           enable_gqa=heads != kv_heads)
+        out[0, q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
 def cache_rows(key: torch.Tensor) -> torch.Tensor | None:
     """The [B * max_seq_len, KVH, D] row view behind a [B, KVH, L, D] transposed view of a rows-layout cache
     ([slots, max_seq_len, KVH, D], kv_cache.py); None when `key` is not such a view."""
@@ -77,9 +125,13 @@ def flash_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
     return out.view(b, 1, h, d)
 
 
+def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashAttention-2 (torch's bundled kernel) takes these queries."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+
+
 def _flash_applies(query: torch.Tensor) -> bool:
-    return (_decode_backend == "auto" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256)
+    return _decode_backend == "auto" and flash_supported(query.device, query.dtype, query.shape[-1])
 
 
 def slot_attention(
@@ -97,6 +149,9 @@ def slot_attention(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError("vlm_slot attention takes bool masks (True = attend)")
+    packed = kwargs.get("packed_prefill")
+    if isinstance(packed, PackedRows):
+        return packed_attention(query, key, value, packed, scaling or dim**-0.5), None
     rows = kwargs.get("slot_decode")
     if q_len == 1 and isinstance(rows, DecodeRows) and _flash_applies(query):
         k_rows, v_rows = cache_rows(key), cache_rows(value)

@@ -1,4 +1,5 @@
-"""CUDA-graph capture and replay of the engine's decode step, one graph per (batch bucket, KV-length bucket)."""
+"""CUDA-graph capture and replay of the engine's decode step, one graph per (batch bucket, KV-length bucket), and of its
+packed prefill forward, one graph per packed-length bucket."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from vlm_triton.engine.engine import LLMEngine
+    from vlm_triton.engine.packed import PackedPrefill
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +81,45 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.engine.device)
         self.engine.cache.set_idle()
         return float(start.elapsed_time(end)) / reps
+
+
+class PrefillGraphs:
+    """CUDA-graph capture and replay of `PackedPrefill.forward` (engine/packed.py), one graph per packed-length bucket
+    (`prefill.buckets`). Captured at engine construction from an empty load: every token of the warm-up and capture
+    forwards writes the spare slot's trash row and belongs to no sequence. A step loads its buffers eagerly
+    (`PackedPrefill.load`: copies and the embedding lookup) and replays the smallest bucket that holds its tokens;
+    the returned hidden states [max_rows, hidden] are overwritten by the next replay."""
+
+    def __init__(self, prefill: PackedPrefill, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
+        self.prefill, self.graphs = prefill, graphs
+
+    @classmethod
+    def capture(cls, prefill: PackedPrefill, warmup: int = 2) -> PrefillGraphs | None:
+        device = prefill.device
+        try:
+            with torch.no_grad():
+                prefill.load([], slot=0, start=0, end=0)
+                side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for bucket in prefill.buckets:
+                        for _ in range(warmup):
+                            prefill.forward(bucket, bucket, None)
+                torch.cuda.current_stream(device).wait_stream(side)
+                pool = torch.cuda.graph_pool_handle()  # not the decode graphs' pool: both outputs stay valid
+                graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                for bucket in reversed(prefill.buckets):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        hidden = prefill.forward(bucket, bucket, None)
+                    graphs[bucket] = (graph, hidden)
+                torch.cuda.synchronize(device)
+        except Exception:
+            logger.exception("CUDA graph capture of the prefill failed; prefilling eagerly")
+            return None
+        return cls(prefill, graphs)
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        graph, hidden = self.graphs[bucket]
+        graph.replay()
+        return hidden

@@ -18,7 +18,10 @@ Math comes from the model's own modules: `backbone(inputs_embeds=..., position_i
 past_key_values=SlotKVCache, use_cache=True)` then `lm_head` on the last position only. On CUDA with
 `use_cuda_graphs=True` the decode step (engine/decode.py: embedding -> logits over static input buffers, which
 advance on the device while the running set is unchanged) of every batch and KV bucket is captured once at
-construction and replayed; elsewhere it runs eagerly.
+construction and replayed; elsewhere it runs eagerly. Prefill forwards are packed (engine/packed.py: the prompt
+spans one after another, no padding) for models on the engine's attention (`vlm_slot`, from sdpa) and, on CUDA in
+fp16/bf16 with `use_cuda_graphs`, replayed from one graph per packed-length bucket; models on eager attention keep
+the padded prefill (engine/prefill.py).
 
 Threading: `add_request` and `cancel` may be called from any thread. `step()` must be driven by one thread only,
 either the caller's or the background loop of `start()`/`run_forever()`, which sleeps on a condition variable
@@ -38,11 +41,12 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
-from vlm_triton.engine.attention import use_slot_attention
-from vlm_triton.engine.cuda_graphs import DecodeGraphs
+from vlm_triton.engine.attention import flash_supported, use_slot_attention
+from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
 from vlm_triton.engine.kv_cache import SlotKVCache
 from vlm_triton.engine.observe import StepTiming
+from vlm_triton.engine.packed import PackedPrefill
 from vlm_triton.engine.penalties import SlotPenalties
 from vlm_triton.engine.prefill import PrefillForward
 from vlm_triton.engine.types import (
@@ -74,12 +78,14 @@ class LLMEngine:
         min_kv_bucket: int = MIN_KV_BUCKET,
         compile_pointwise: bool = False,
         prefill_tokens: int = 8192,
+        prefill_graphs: bool = True,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
         fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py). `prefill_tokens` bounds
-        a prefill batch (batch x longest prompt)."""
+        a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
+        packed prefill forward per packed-length bucket too."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         self.backbone: nn.Module = backbone if backbone is not None else cast(nn.Module, model.model)
@@ -104,21 +110,29 @@ class LLMEngine:
             raise SetupError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
         self._bool_mask = attn != "eager"  # sdpa takes a bool mask (True = attend); eager an additive float mask
         use_slot_attention(config)  # sdpa -> the same maths without repeating K/V per query head
+        packed = config._attn_implementation == SLOT_ATTENTION  # prefill packed, not padded (engine/packed.py)
         heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.cache = SlotKVCache(
             num_layers=int(config.num_hidden_layers),
             max_slots=max_slots + 1,  # slot max_slots: the prompt being prefilled in chunks
             kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
             max_seq_len=max_seq_len,
-            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            head_dim=head_dim,
             dtype=dtype,
             device=self.device,
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=self._bool_mask, dtype=dtype)
-        self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=self._bool_mask,
-                                      dtype=dtype)
+        self.prefill: PrefillForward | PackedPrefill
+        if packed:
+            self.prefill = PackedPrefill(self.backbone, self.cache, vocab_size=vocab_size, dtype=dtype,
+                                         max_tokens=min(self.prefill_tokens, max_slots * (max_seq_len - 1)),
+                                         max_rows=max_slots)
+        else:
+            self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=self._bool_mask,
+                                          dtype=dtype)
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
         self._waiting: deque[ActiveRequest] = deque()
@@ -142,6 +156,9 @@ class LLMEngine:
         self._graphs: DecodeGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":
             self._graphs = DecodeGraphs.capture(self)
+            if prefill_graphs and isinstance(self.prefill, PackedPrefill) and flash_supported(self.device, dtype,
+                                                                                               head_dim):
+                self.prefill.graphs = PrefillGraphs.capture(self.prefill)
 
     # --- public API -------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:

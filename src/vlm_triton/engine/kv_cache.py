@@ -11,6 +11,9 @@ rows). This cache answers according to the mode the engine set before the forwar
   to one length q_len; the keys are written at positions [start, start + q_len) of each slot and the slots'
   [0, start + q_len) prefixes are returned. Positions past a row's own prompt hold padding keys, which the decode
   lengths and masks hide and later tokens overwrite.
+- packed(rows): the batch is one row of T packed tokens of several requests (engine/packed.py); token t's K/V go
+  to cache row `rows[t]` (slot * max_seq_len + position, an indexed write of a device tensor) and the whole cache is
+  returned, as [slots, kv_heads, max_seq_len, head_dim] views, for the packed attention (engine/attention.py).
 - decode(bucket, positions, kv_len): the batch is slots [0, bucket), one query token each; row b's key goes to
   `positions[b]` (an indexed write, no host sync) and K/V[:bucket, :kv_len] is returned. The caller supplies a
   4D attention mask that hides the positions beyond each row's length (and, for the flash path of
@@ -35,13 +38,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class _Mode:
     """The forward the cache is serving now (set by the engine, read by every layer)."""
 
-    kind: str = "idle"  # "prefill" | "decode" | "idle"
+    kind: str = "idle"  # "prefill" | "packed" | "decode" | "idle"
     slot: int = 0
     start: int = 0
     bucket: int = 0
     kv_len: int = 0
     positions: torch.Tensor | None = None
     batch_index: torch.Tensor | None = None  # arange(max_slots) on the device, for the decode writes
+    rows: torch.Tensor | None = None  # packed: each token's cache row
 
 
 class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
@@ -75,6 +79,15 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
             if mode.start == 0:  # the prefix is exactly these states (contiguous, as the attention kernels like)
                 return key_states, value_states
             return keys[rows, :end].transpose(1, 2), values[rows, :end].transpose(1, 2)
+        if mode.kind == "packed":
+            assert mode.rows is not None
+            if key_states.shape[0] != 1 or key_states.shape[2] != mode.rows.shape[0]:
+                raise RuntimeError(f"packed prefill expects [1, heads, {mode.rows.shape[0]}, dim] states, "
+                                   f"got {list(key_states.shape)}")
+            heads, dim = keys.shape[2], keys.shape[3]
+            keys.view(-1, heads, dim).index_copy_(0, mode.rows, key_states[0].transpose(0, 1))
+            values.view(-1, heads, dim).index_copy_(0, mode.rows, value_states[0].transpose(0, 1))
+            return keys.transpose(1, 2), values.transpose(1, 2)
         if mode.kind == "decode":
             assert mode.positions is not None and mode.batch_index is not None
             b = mode.bucket
@@ -137,11 +150,15 @@ class SlotKVCache(Cache):
         """The next forward prefills slots [slot, slot + batch) from position `start`."""
         self.mode.kind, self.mode.slot, self.mode.start = "prefill", slot, start
 
+    def set_packed(self, rows: torch.Tensor) -> None:
+        """The next forward is a packed prefill whose token t goes to cache row rows[t]."""
+        self.mode.kind, self.mode.rows = "packed", rows
+
     def set_decode(self, bucket: int, positions: torch.Tensor, kv_len: int) -> None:
         self.mode.kind, self.mode.bucket, self.mode.positions, self.mode.kv_len = "decode", bucket, positions, kv_len
 
     def set_idle(self) -> None:
-        self.mode.kind, self.mode.positions = "idle", None
+        self.mode.kind, self.mode.positions, self.mode.rows = "idle", None, None
 
     # --- slot management -----------------------------------------------------------------------------------------
     def move_slot(self, src: int, dst: int, length: int) -> None:

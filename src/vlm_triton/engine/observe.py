@@ -51,4 +51,7 @@ def describe(engine: LLMEngine) -> str:
         if graphs is not None:
             ms = {k: graphs.time_replay(1, k) for k in (engine.kv_buckets[0], engine.kv_buckets[-1])}
             parts.append("graph b1 " + ", ".join(f"kv{k} {v:.2f} ms" for k, v in ms.items()))
+    prefill_graphs = getattr(engine.prefill, "graphs", None)
+    parts.append(f"prefill {type(engine.prefill).__name__}"
+                 + (f", graphs {sorted(prefill_graphs.graphs)}" if prefill_graphs is not None else ", eager"))
     return "; ".join(parts)

@@ -77,6 +77,7 @@ class TritonPythonModel:
             dtype=dtype,
             vocab_size=family.vocab_size,
             use_cuda_graphs=cfg.engine.cuda_graphs,
+            prefill_graphs=cfg.engine.prefill_graphs,
             compile_pointwise=cfg.engine.compile_pointwise,
             prefill_tokens=cfg.max_step_tokens,
         )

@@ -1,0 +1,139 @@
+"""The packed prefill forward: the prompt spans of B requests as one row of tokens, with no padding between them.
+
+Same interface and meaning as `prefill.PrefillForward` (positions [start, end) of each request's prompt, a row
+ending at its own prompt, into slots [slot, slot + B); the hidden state of each row's last position), for models
+whose attention is the engine's `vlm_slot` (engine/attention.py). Every input of the forward lives in a static
+device buffer sized for the largest step (`max_tokens` tokens, `max_rows` sequences), and the forward reads only
+those buffers and a token-count bucket, so `PrefillGraphs` (engine/cuda_graphs.py) captures one CUDA graph per
+bucket: a prefill step is then a few host-to-device copies, the embedding lookup and one replay, where the eager
+forward makes hundreds of Python module calls (which held the llm stub's GIL under load: docs/benchmarks.md,
+item 27).
+
+Layout of a step with T real tokens in bucket Tb >= T: token t of sequence b sits at packed row cu_q[b] + i, has
+position start_b + i and writes its K/V to cache row slot_b * max_seq_len + start_b + i (kv_cache.py, mode
+"packed"); the attention of sequence b reads its slot's rows [0, end_b). Padding tokens [T, Tb) write to the
+spare slot's last position (`trash_row`), which no prompt reaches (prompts are at most max_seq_len - 1 tokens),
+and belong to no sequence, so their outputs are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_triton.engine.attention import PackedRows
+from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.types import ActiveRequest
+
+MIN_TOKEN_BUCKET = 64
+
+
+def token_buckets(max_tokens: int, smallest: int = MIN_TOKEN_BUCKET) -> list[int]:
+    """Packed lengths a prefill is padded to: powers of two from `smallest`, then max_tokens."""
+    return [*(b for b in (smallest << i for i in range(32)) if b < max_tokens), max_tokens]
+
+
+class PackedPrefill:
+    def __init__(self, backbone: nn.Module, cache: SlotKVCache, *, vocab_size: int, dtype: torch.dtype,
+                 max_tokens: int, max_rows: int) -> None:
+        self.backbone, self.cache, self.vocab_size, self.dtype = backbone, cache, vocab_size, dtype
+        self.embed: nn.Module = backbone.get_input_embeddings()  # type: ignore[operator]
+        self.device, self.seq_len = cache.device, cache.max_seq_len
+        self.buckets = token_buckets(max_tokens)
+        self.max_tokens, self.max_rows = self.buckets[-1], max_rows
+        self.trash_row = (cache.max_slots - 1) * cache.max_seq_len + cache.max_seq_len - 1
+        hidden = int(self.embed.weight.shape[1])  # type: ignore[union-attr]
+        t, b = self.max_tokens, max_rows
+        self.embeds = torch.zeros(t, hidden, dtype=dtype, device=self.device)
+        # one host -> device copy per step: positions [t], cache rows [t], last rows [b], cu_q [b + 1], cu_k [b + 1],
+        # used_k [b]; the last three also as int32 (the attention kernel's type)
+        self.host = torch.zeros(2 * t + 4 * b + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.meta = torch.zeros_like(self.host, device=self.device)
+        self.pos, self.rows = self.meta[:t], self.meta[t : 2 * t]
+        self.last = self.meta[2 * t : 2 * t + b]
+        self.lengths = torch.zeros(3 * b + 2, dtype=torch.int32, device=self.device)
+        self.cu_q, self.cu_k, self.used_k = self.lengths[: b + 1], self.lengths[b + 1 : 2 * b + 2], self.lengths[2 * b + 2 :]
+        self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # unused by the packed attention
+        self.graphs: Any = None  # PrefillGraphs, set by the engine after capture
+        self.spans: list[tuple[int, int, int, int]] = []  # of the last load
+
+    def __call__(self, seqs: list[ActiveRequest], *, slot: int, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of each request's prompt (a row ends at its own prompt) into slots
+        [slot, slot + len(seqs)); the hidden state of each row's last position in range, [B, hidden]."""
+        spans = self.load(seqs, slot=slot, start=start, end=end)
+        total = spans[-1][1]
+        if self.graphs is not None:
+            bucket = next(b for b in self.buckets if b >= total)
+            return self.graphs.replay(bucket)[: len(seqs)]  # type: ignore[no-any-return]
+        # max_q >= 2: FA2 treats a varlen batch of max_q 1 as one token per sequence (its decode layout)
+        return self.forward(total, max(2, *(q1 - q0 for q0, q1, _, _ in spans)), spans)[: len(seqs)]
+
+    def load(self, seqs: list[ActiveRequest], *, slot: int, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """Fill the step's buffers; the spans (q0, q1, first cache row of the slot, attended length) per sequence."""
+        if len(seqs) > self.max_rows:
+            raise RuntimeError(f"a packed prefill takes at most {self.max_rows} sequences, got {len(seqs)}")
+        t, b = self.max_tokens, self.max_rows
+        pieces = [seq.ids[start : min(end, seq.prompt_len)] for seq in seqs]
+        total = sum(int(p.shape[0]) for p in pieces)
+        if total > t:
+            raise RuntimeError(f"a packed prefill takes at most {t} tokens, got {total}")
+        host = self.host
+        pos, rows, last = host[:t], host[t : 2 * t], host[2 * t : 2 * t + b]
+        cu_q, cu_k, used_k = host[2 * t + b : 2 * t + 2 * b + 1], host[2 * t + 2 * b + 1 : 2 * t + 3 * b + 2], host[2 * t + 3 * b + 2 :]
+        rows.fill_(self.trash_row)  # padding tokens (and every token of an empty load, for graph capture)
+        last.zero_()
+        cu_q.fill_(total)
+        cu_k.zero_()
+        used_k.zero_()
+        spans = []
+        q0 = 0
+        for k, piece in enumerate(pieces):
+            n, row0 = int(piece.shape[0]), (slot + k) * self.seq_len
+            q1 = q0 + n
+            pos[q0:q1] = torch.arange(start, start + n)
+            rows[q0:q1] = pos[q0:q1] + row0
+            last[k], cu_q[k], cu_k[k], used_k[k] = q1 - 1, q0, row0, start + n
+            spans.append((q0, q1, row0, start + n))
+            q0 = q1
+        self.meta.copy_(host, non_blocking=True)
+        self.lengths.copy_(self.meta[2 * t + b :])  # cu_q, cu_k, used_k as int32 (the same order)
+        if pieces:
+            self._embed(torch.cat(pieces), seqs, spans)
+        self.spans = spans
+        return spans
+
+    def _embed(self, ids: torch.Tensor, seqs: list[ActiveRequest], spans: list[tuple[int, int, int, int]]) -> None:
+        """Input embeddings of the packed ids into the static buffer; image slots from each request's table."""
+        image = ids >= self.vocab_size
+        n = int(ids.shape[0])
+        self.embeds[:n] = self.embed(ids.masked_fill(image, 0).to(self.device, non_blocking=True))
+        if not bool(image.any()):
+            return
+        for seq, (q0, q1, _, _) in zip(seqs, spans):
+            mask = image[q0:q1]
+            if seq.table is not None and bool(mask.any()):
+                at = torch.nonzero(mask)[:, 0] + q0
+                table_rows = ids[at] - self.vocab_size
+                self.embeds[at.to(self.device)] = seq.table.to(self.device, self.dtype)[table_rows.to(self.device)]
+
+    def forward(self, tokens: int, max_q: int, spans: list[tuple[int, int, int, int]] | None) -> torch.Tensor:
+        """The forward over the first `tokens` packed rows of the buffers -> hidden states of every sequence's last
+        token, [max_rows, hidden] (rows past the step's sequences hold row 0's). `spans` None: inside a graph."""
+        packed = PackedRows(self.cu_q, self.cu_k, self.used_k, max_q, self.seq_len,
+                            None if spans is None else tuple(spans))
+        self.cache.set_packed(self.rows[:tokens])
+        try:
+            out: Any = self.backbone(
+                inputs_embeds=self.embeds[:tokens].unsqueeze(0),
+                position_ids=self.pos[:tokens].unsqueeze(0),
+                attention_mask=self.mask,
+                past_key_values=self.cache,
+                use_cache=True,
+                packed_prefill=packed,
+            )
+        finally:
+            self.cache.set_idle()
+        hidden: torch.Tensor = out.last_hidden_state[0].index_select(0, self.last)
+        return hidden
