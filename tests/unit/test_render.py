@@ -108,3 +108,15 @@ def test_auto_image_threads_leave_half_the_cores_to_the_other_stages(
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
     assert default_image_threads(instances) == threads
+
+
+def test_torch_threads_one_on_cuda_torch_default_on_cpu() -> None:
+    """engine.torch_threads auto: 1 for stubs whose models run on CUDA (idle OpenMP workers spin there), untouched
+    (0) on CPU, where the model's own matmuls use them; an explicit value wins either way."""
+    assert _cfg(engine={"device": "cuda"}).torch_threads == 1
+    assert _cfg(engine={"device": "cuda:1"}).torch_threads == 1
+    assert _cfg(engine={"device": "cpu"}).torch_threads == 0
+    assert _cfg(engine={"device": "cuda", "torch_threads": 8}).torch_threads == 8
+    assert _cfg(engine={"device": "cpu", "torch_threads": 2}).torch_threads == 2
+    with pytest.raises(SetupError, match=r"engine.torch_threads must be >= 0"):
+        _cfg(engine={"torch_threads": -1})

@@ -37,6 +37,10 @@ class EngineSection:
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
+    # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
+    # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
+    # of its throughput), torch's default on CPU (where the model's matmuls need them)
+    torch_threads: int = 0
     # trtllm profile (docs/trtllm.md); max_slots is the engine's max_batch_size there
     engine_dir: str = ""  # the TensorRT-LLM engine folder (trtllm-build --output_dir)
     vision_engine: str = ""  # the TensorRT plan of the vision encoder (linked as vision_encoder/1/model.plan)
@@ -129,6 +133,13 @@ class DeploymentConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for the stubs that run the models; 0: leave torch's default."""
+        if self.engine.torch_threads:
+            return self.engine.torch_threads
+        return 1 if self.device.startswith("cuda") else 0
+
+    @property
     def torch_dtype_name(self) -> str:
         """The model dtype; for trtllm also the engine dtype (auto: bfloat16, the InternVL checkpoints' dtype)."""
         if self.engine.dtype != "auto":
@@ -205,6 +216,7 @@ class DeploymentConfig:
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
             (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
+            (e.torch_threads >= 0, "engine.torch_threads must be >= 0 (0: auto)"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.llm_send_threads >= 1, "triton.llm_send_threads must be >= 1"),

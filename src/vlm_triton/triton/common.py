@@ -140,6 +140,13 @@ def torch_device_dtype(cfg: DeploymentConfig) -> tuple[torch.device, torch.dtype
     return torch.device(cfg.device), TORCH_DTYPES[cfg.torch_dtype_name]
 
 
+def set_torch_threads(cfg: DeploymentConfig) -> int:
+    """Apply engine.torch_threads (`DeploymentConfig.torch_threads`) to this stub; the threads torch now uses."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return torch.get_num_threads()
+
+
 def get_array(request: Any, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()

@@ -30,6 +30,7 @@ from vlm_triton.triton.common import (
     log_engine_timing,
     requested_outputs,
     response_of,
+    set_torch_threads,
     torch_device_dtype,
     trace,
 )
@@ -69,6 +70,7 @@ class TritonPythonModel:
         cfg = load_deployment(args)
         family = load_family(cfg)
         device, dtype = torch_device_dtype(cfg)
+        threads = set_torch_threads(cfg)
         self.engine = LLMEngine(
             family.build_language_model(dtype, device, max_seq_len=cfg.engine.max_seq_len),
             max_slots=cfg.engine.max_slots,
@@ -94,7 +96,7 @@ class TritonPythonModel:
         self.stream_interval_s = cfg.triton.llm_stream_interval_ms / 1000.0
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
                              lanes=cfg.triton.llm_send_threads)
-        print(f"[{args['model_name']}] engine: {describe(self.engine)}", file=sys.stderr, flush=True)
+        print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr, flush=True)
         self.engine.start(self.outbox.put)
         log_engine_timing(self.engine, self.outbox.timing, args["model_name"])
 

@@ -17,6 +17,7 @@ from vlm_triton.triton.common import (
     get_torch,
     load_deployment,
     load_family,
+    set_torch_threads,
     torch_device_dtype,
     torch_output,
 )
@@ -26,6 +27,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.device, self.dtype = torch_device_dtype(cfg)
+        set_torch_threads(cfg)
         self.family = load_family(cfg)
         self.encoder = self.family.build_vision_encoder(self.dtype, self.device)
         # the table in the encoder dtype: casting each entry once equals casting every normalised float32 pixel
