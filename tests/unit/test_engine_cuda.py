@@ -3,11 +3,22 @@ run on the lent H100 with the bundle's pytest)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from tests.unit.engine_helpers import MAX_SEQ, VOCAB, _tiny, join_plan, run_plan, tokens
-from vlm_triton.engine import LLMEngine
+from tests.unit.engine_helpers import (
+    MAX_SEQ,
+    VOCAB,
+    _tiny,
+    drain,
+    join_plan,
+    prompt,
+    run_plan,
+    tokens,
+)
+from vlm_triton.engine import GenerationRequest, LLMEngine
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -158,3 +169,35 @@ def test_flash_packed_prefill_matches_per_sequence_sdpa(monkeypatch: pytest.Monk
         results.append(run_plan(engine, join_plan(50)))
     flash_run, sdpa_run = results
     assert {k: tokens(v) for k, v in flash_run.items()} == {k: tokens(v) for k, v in sdpa_run.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunks_with_nothing_decoding_wait_for_their_input_copy() -> None:
+    """A long prompt prefilled chunk by chunk while no request decodes: no step samples until the last chunk, so
+    nothing else waits for the GPU between chunks. With the GPU kept busy before every replay, each chunk's inputs
+    must still be the ones copied from its own load (the pinned host buffer is refilled only after the previous
+    copy ran): the same tokens as with a full sync after every chunk."""
+    model = _tiny("qwen2").to("cuda", torch.bfloat16)
+    results = []
+    for mode in ("sync", "busy"):
+        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, prefill_tokens=5)
+        graphs = engine.prefill.graphs  # type: ignore[union-attr]
+        assert graphs is not None
+        replay = graphs.replay
+
+        def wrapped(bucket: int, _replay: Any = replay, _mode: str = mode) -> torch.Tensor:
+            if _mode == "busy":
+                torch.cuda._sleep(50_000_000)  # tens of ms of GPU time queued ahead of this chunk's forward
+            out = _replay(bucket)
+            if _mode == "sync":
+                torch.cuda.synchronize()
+            return out
+
+        graphs.replay = wrapped
+        request = GenerationRequest("long", prompt(77, 47), max_new_tokens=6, temperature=0.0)
+        engine.add_request(request)
+        events = drain(engine)
+        assert engine.prefill_chunks == 10  # 47 tokens in chunks of 5, nothing else running
+        results.append(tokens(events["long"]))
+    assert results[0] == results[1]

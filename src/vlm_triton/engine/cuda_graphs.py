@@ -101,17 +101,17 @@ class PrefillGraphs:
                 prefill.load([], slot=0, start=0, end=0)
                 side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side):  # max_q >= 2: FA2 takes max_q 1 for its one-token-per-sequence layout
                     for bucket in prefill.buckets:
                         for _ in range(warmup):
-                            prefill.forward(bucket, bucket, None)
+                            prefill.forward(bucket, max(2, bucket), None)
                 torch.cuda.current_stream(device).wait_stream(side)
                 pool = torch.cuda.graph_pool_handle()  # not the decode graphs' pool: both outputs stay valid
                 graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
                 for bucket in reversed(prefill.buckets):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        hidden = prefill.forward(bucket, bucket, None)
+                        hidden = prefill.forward(bucket, max(2, bucket), None)
                     graphs[bucket] = (graph, hidden)
                 torch.cuda.synchronize(device)
         except Exception:

@@ -58,6 +58,7 @@ class PackedPrefill:
         self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # unused by the packed attention
         self.graphs: Any = None  # PrefillGraphs, set by the engine after capture
         self.spans: list[tuple[int, int, int, int]] = []  # of the last load
+        self._copied: torch.cuda.Event | None = None  # the last load's host -> device copy
 
     def __call__(self, seqs: list[ActiveRequest], *, slot: int, start: int, end: int) -> torch.Tensor:
         """Positions [start, end) of each request's prompt (a row ends at its own prompt) into slots
@@ -74,6 +75,8 @@ class PackedPrefill:
         """Fill the step's buffers; the spans (q0, q1, first cache row of the slot, attended length) per sequence."""
         if len(seqs) > self.max_rows:
             raise RuntimeError(f"a packed prefill takes at most {self.max_rows} sequences, got {len(seqs)}")
+        if self._copied is not None:  # the pinned host buffer is free again once the last copy ran (a chunk that
+            self._copied.synchronize()  # is not its prompt's last samples nothing, so no other sync ends its step)
         t, b = self.max_tokens, self.max_rows
         pieces = [seq.ids[start : min(end, seq.prompt_len)] for seq in seqs]
         total = sum(int(p.shape[0]) for p in pieces)
@@ -98,6 +101,9 @@ class PackedPrefill:
             spans.append((q0, q1, row0, start + n))
             q0 = q1
         self.meta.copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.lengths.copy_(self.meta[2 * t + b :])  # cu_q, cu_k, used_k as int32 (the same order)
         if pieces:
             self._embed(torch.cat(pieces), seqs, spans)
