@@ -124,3 +124,32 @@ def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel
     for r in reqs:
         assert tokens(events[r.request_id]) == hf_greedy(qwen, list(r.input_ids), r.max_new_tokens), r.request_id
     assert used and set(used) == {24} and engine.prefill_chunks == 2
+
+
+def test_packed_load_fills_the_attention_offsets(qwen: PreTrainedModel) -> None:
+    """The device-side description of a packed step, which only the CUDA kernel reads (the CPU path attends from
+    the host spans): sequence offsets, cache-row offsets, attended lengths, last rows, positions and cache rows,
+    for a batch from position 0 and for a chunk that continues a cached prefix in the spare slot."""
+    from vlm_triton.engine.packed import PackedPrefill
+    from vlm_triton.engine.types import prepare_request
+
+    engine = make_engine(qwen, max_slots=4, prefill_tokens=64)
+    packed = engine.prefill
+    assert isinstance(packed, PackedPrefill)
+    big = engine.max_seq_len
+    seqs = [prepare_request(greedy(f"r{i}", prompt(90 + i, n), 3), vocab_size=VOCAB, hidden_size=64,
+                            max_seq_len=big) for i, n in enumerate([3, 7, 1])]
+    spans = packed.load(seqs, slot=1, start=0, end=7)
+    assert spans == [(0, 3, big, 3), (3, 10, 2 * big, 7), (10, 11, 3 * big, 1)]
+    assert packed.cu_q.tolist() == [0, 3, 10, 11, 11]  # unused sequences are empty
+    assert packed.cu_k.tolist() == [big, 2 * big, 3 * big, 0, 0]
+    assert packed.used_k.tolist() == [3, 7, 1, 0]
+    assert packed.last.tolist() == [2, 9, 10, 0]
+    pos = [0, 1, 2, *range(7), 0]
+    assert packed.pos[:11].tolist() == pos
+    assert packed.rows[:11].tolist() == [p + (1 + k) * big for k, n in enumerate([3, 7, 1]) for p in range(n)]
+    assert set(packed.rows[11:].tolist()) == {packed.trash_row}
+    spans = packed.load(seqs[1:2], slot=4, start=4, end=7)  # the last 3 tokens of a 7-token prompt, spare slot
+    assert spans == [(0, 3, 4 * big, 7)]
+    assert packed.cu_q.tolist() == [0, 3, 3, 3, 3] and packed.used_k.tolist() == [7, 0, 0, 0]
+    assert packed.pos[:3].tolist() == [4, 5, 6] and packed.rows[:3].tolist() == [4 * big + p for p in (4, 5, 6)]
