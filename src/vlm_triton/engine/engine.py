@@ -35,16 +35,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
 
 import torch
 from torch import nn
 
-from vlm_triton.engine.attention import NAME as SLOT_ATTENTION
-from vlm_triton.engine.attention import flash_supported, use_slot_attention
+from vlm_triton.engine.attention import flash_supported
 from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
 from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.model_spec import ModelSpec
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
 from vlm_triton.engine.penalties import SlotPenalties
@@ -88,50 +87,31 @@ class LLMEngine:
         packed prefill forward per packed-length bucket too."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
-        self.backbone: nn.Module = backbone if backbone is not None else cast(nn.Module, model.model)
-        head = lm_head if lm_head is not None else cast(Any, model).get_output_embeddings()
-        if not isinstance(head, nn.Module):
-            raise SetupError("the model has no output embeddings (lm_head); pass lm_head=")
-        self.lm_head: nn.Module = head
+        spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
+        self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
         model.eval()
-        config: Any = self.backbone.config
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
-        embed: nn.Module = cast(Any, self.backbone).get_input_embeddings()
-        rows, self.hidden_size = (int(d) for d in cast(torch.Tensor, embed.weight).shape)
-        if vocab_size > rows:
-            raise SetupError(f"vocab_size {vocab_size} exceeds the {rows} embedding rows")
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise SetupError(f"only full-attention models are supported, this one has {sorted(layer_types)}")
-        attn = getattr(config, "_attn_implementation", "sdpa")
-        if attn not in ("sdpa", "eager", SLOT_ATTENTION):
-            raise SetupError(f"attn_implementation must be 'sdpa' or 'eager', got {attn!r}")
-        self._bool_mask = attn != "eager"  # sdpa takes a bool mask (True = attend); eager an additive float mask
-        use_slot_attention(config)  # sdpa -> the same maths without repeating K/V per query head
-        packed = config._attn_implementation == SLOT_ATTENTION  # prefill packed, not padded (engine/packed.py)
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.cache = SlotKVCache(
-            num_layers=int(config.num_hidden_layers),
+            num_layers=spec.num_layers,
             max_slots=max_slots + 1,  # slot max_slots: the prompt being prefilled in chunks
-            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            kv_heads=spec.kv_heads,
             max_seq_len=max_seq_len,
-            head_dim=head_dim,
+            head_dim=spec.head_dim,
             dtype=dtype,
             device=self.device,
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
-        self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=self._bool_mask, dtype=dtype)
+        self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=spec.bool_mask, dtype=dtype)
         self.prefill: PrefillForward | PackedPrefill
-        if packed:
+        if spec.packed:
             self.prefill = PackedPrefill(self.backbone, self.cache, vocab_size=vocab_size, dtype=dtype,
                                          max_tokens=min(self.prefill_tokens, max_slots * (max_seq_len - 1)),
                                          max_rows=max_slots)
         else:
-            self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=self._bool_mask,
+            self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=spec.bool_mask,
                                           dtype=dtype)
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
@@ -156,8 +136,8 @@ class LLMEngine:
         self._graphs: DecodeGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":
             self._graphs = DecodeGraphs.capture(self)
-            if prefill_graphs and isinstance(self.prefill, PackedPrefill) and flash_supported(self.device, dtype,
-                                                                                               head_dim):
+            flash = flash_supported(self.device, dtype, spec.head_dim)
+            if prefill_graphs and flash and isinstance(self.prefill, PackedPrefill):
                 self.prefill.graphs = PrefillGraphs.capture(self.prefill)
 
     # --- public API -------------------------------------------------------------------------------------------------

@@ -35,6 +35,12 @@ def token_buckets(max_tokens: int, smallest: int = MIN_TOKEN_BUCKET) -> list[int
     return [*(b for b in (smallest << i for i in range(32)) if b < max_tokens), max_tokens]
 
 
+def _fields(buf: torch.Tensor, t: int, b: int) -> tuple[torch.Tensor, ...]:
+    """The views of a step's buffer, in order: positions [t], cache rows [t], last rows [b], cu_q [b + 1],
+    cu_k [b + 1], used_k [b] (t tokens, b sequences)."""
+    return torch.split(buf, [t, t, b, b + 1, b + 1, b])
+
+
 class PackedPrefill:
     def __init__(self, backbone: nn.Module, cache: SlotKVCache, *, vocab_size: int, dtype: torch.dtype,
                  max_tokens: int, max_rows: int) -> None:
@@ -47,14 +53,12 @@ class PackedPrefill:
         hidden = int(self.embed.weight.shape[1])  # type: ignore[union-attr]
         t, b = self.max_tokens, max_rows
         self.embeds = torch.zeros(t, hidden, dtype=dtype, device=self.device)
-        # one host -> device copy per step: positions [t], cache rows [t], last rows [b], cu_q [b + 1], cu_k [b + 1],
-        # used_k [b]; the last three also as int32 (the attention kernel's type)
+        # one host -> device copy per step (`_fields`); cu_q, cu_k and used_k also as int32, the kernel's type
         self.host = torch.zeros(2 * t + 4 * b + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.meta = torch.zeros_like(self.host, device=self.device)
-        self.pos, self.rows = self.meta[:t], self.meta[t : 2 * t]
-        self.last = self.meta[2 * t : 2 * t + b]
+        self.pos, self.rows, self.last, *_ = _fields(self.meta, t, b)
         self.lengths = torch.zeros(3 * b + 2, dtype=torch.int32, device=self.device)
-        self.cu_q, self.cu_k, self.used_k = self.lengths[: b + 1], self.lengths[b + 1 : 2 * b + 2], self.lengths[2 * b + 2 :]
+        self.cu_q, self.cu_k, self.used_k = torch.split(self.lengths, [b + 1, b + 1, b])
         self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # unused by the packed attention
         self.graphs: Any = None  # PrefillGraphs, set by the engine after capture
         self.spans: list[tuple[int, int, int, int]] = []  # of the last load
@@ -82,9 +86,7 @@ class PackedPrefill:
         total = sum(int(p.shape[0]) for p in pieces)
         if total > t:
             raise RuntimeError(f"a packed prefill takes at most {t} tokens, got {total}")
-        host = self.host
-        pos, rows, last = host[:t], host[t : 2 * t], host[2 * t : 2 * t + b]
-        cu_q, cu_k, used_k = host[2 * t + b : 2 * t + 2 * b + 1], host[2 * t + 2 * b + 1 : 2 * t + 3 * b + 2], host[2 * t + 3 * b + 2 :]
+        pos, rows, last, cu_q, cu_k, used_k = _fields(self.host, t, b)
         rows.fill_(self.trash_row)  # padding tokens (and every token of an empty load, for graph capture)
         last.zero_()
         cu_q.fill_(total)
@@ -100,11 +102,11 @@ class PackedPrefill:
             last[k], cu_q[k], cu_k[k], used_k[k] = q1 - 1, q0, row0, start + n
             spans.append((q0, q1, row0, start + n))
             q0 = q1
-        self.meta.copy_(host, non_blocking=True)
+        self.meta.copy_(self.host, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
-        self.lengths.copy_(self.meta[2 * t + b :])  # cu_q, cu_k, used_k as int32 (the same order)
+        self.lengths.copy_(self.meta[2 * t + b :])  # cu_q, cu_k, used_k: the tail of the layout, as int32
         if pieces:
             self._embed(torch.cat(pieces), seqs, spans)
         self.spans = spans

@@ -96,7 +96,8 @@ class TritonPythonModel:
         self.stream_interval_s = cfg.triton.llm_stream_interval_ms / 1000.0
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
                              lanes=cfg.triton.llm_send_threads)
-        print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr, flush=True)
+        print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr,
+              flush=True)
         self.engine.start(self.outbox.put)
         log_engine_timing(self.engine, self.outbox.timing, args["model_name"])
 
