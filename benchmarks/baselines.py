@@ -121,15 +121,16 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
                  cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_tokens: int = 8192,
-                 prefill_graphs: bool = True) -> tuple[Any, Any, Any]:
+                 prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
 
     family = open_family(ckpt)
+    pool = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}  # (engines before the pool lack it)
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
                        compile_pointwise=compile_pointwise, prefill_tokens=prefill_tokens,
-                       prefill_graphs=prefill_graphs)
+                       prefill_graphs=prefill_graphs, **pool)
     encoder = family.build_vision_encoder(dtype, device)
     return family, engine, encoder
 
@@ -146,6 +147,7 @@ def drive_engine(engine: Any, encoder: Any, w: Workload, c: int, n_total: int, t
     times: dict[str, list[float]] = {}
     done = 0
     submitted = 0
+    peak = 0  # requests running at once (admitted, prefilled), the most seen after a step
     t0 = time.perf_counter()
     while True:
         while submitted - done < c and submitted < n_total and time.perf_counter() - t0 < time_cap_s:
@@ -162,13 +164,14 @@ def drive_engine(engine: Any, encoder: Any, w: Workload, c: int, n_total: int, t
             break
         events = engine.step()
         now = time.perf_counter()
+        peak = max(peak, len(engine._active))
         for e in events:
             if e.token_id is not None:
                 times.setdefault(e.request_id, []).append(now)
             if e.finished:
                 done += 1
     wall = time.perf_counter() - t0
-    return summarize(sent, times, wall, c)
+    return {**summarize(sent, times, wall, c), "peak_running": peak}
 
 
 def summarize(sent: dict[str, float], times: dict[str, list[float]], wall: float, c: int,

@@ -32,6 +32,7 @@ from vlm_triton.engine import (
     GenerationRequest,
     TokenEvent,
     attention,
+    decode,
     parse_stop_words_list,
 )
 from vlm_triton.errors import InvalidRequest
@@ -230,18 +231,18 @@ def test_varlen_decode_inputs_match_generate(kind: str, monkeypatch: pytest.Monk
     calls: list[int] = []
 
     def varlen_reference(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                         rows: attention.DecodeRows, kv_len: int, scale: float) -> torch.Tensor:
+                         rows: attention.DecodeRows, scale: float) -> torch.Tensor:
         out = []
         for b in range(query.shape[0]):
             start, n = int(rows.cu_k[b]), int(rows.lengths[b])
-            assert 1 <= n <= kv_len and int(rows.cu_q[b]) == b
+            assert 1 <= n <= rows.max_k and int(rows.cu_q[b]) == b
             k, v = (t[start : start + n].transpose(0, 1)[None] for t in (k_rows, v_rows))
             o = F.scaled_dot_product_attention(query[b : b + 1], k, v, scale=scale, enable_gqa=True)
             out.append(o.transpose(1, 2))
         calls.append(query.shape[0])
         return torch.cat(out)
 
-    monkeypatch.setattr(attention, "_flash_applies", lambda query: True)
+    monkeypatch.setattr(decode, "decode_reads_rows", lambda device, dtype, head_dim: True)
     monkeypatch.setattr(attention, "flash_decode", varlen_reference)
     plan = join_plan(70)
     events = run_plan(make_engine(model, max_slots=4), plan)

@@ -23,12 +23,14 @@ from vlm_triton.engine import GenerationRequest, LLMEngine
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("prefill_tokens", [8192, 5])  # 5: most prompts are prefilled in chunks between the graphs
-def test_cuda_graph_decode_matches_generate(prefill_tokens: int) -> None:
+@pytest.mark.parametrize("kv_cache_tokens", [0, 3 * MAX_SEQ // 4])  # the default pool, and one where requests wait
+def test_cuda_graph_decode_matches_generate(prefill_tokens: int, kv_cache_tokens: int) -> None:
     model = _tiny("qwen2").to("cuda")
     engine = LLMEngine(
         model,
         max_slots=4,
-        max_seq_len=MAX_SEQ,
+        max_seq_len=3 * MAX_SEQ // 4 if kv_cache_tokens else MAX_SEQ,
+        kv_cache_tokens=kv_cache_tokens,
         device="cuda",
         dtype=torch.float32,
         vocab_size=VOCAB,
@@ -36,7 +38,7 @@ def test_cuda_graph_decode_matches_generate(prefill_tokens: int) -> None:
         min_kv_bucket=16,  # several KV-length buckets within MAX_SEQ: steps move between graphs
         prefill_tokens=prefill_tokens,
     )
-    assert engine.kv_buckets == [16, 32, 64, MAX_SEQ]
+    assert engine.kv_buckets == [16, 32, 64, engine.max_seq_len]
     assert engine._graphs is not None
     assert sorted(engine._graphs.graphs) == [(b, k) for b in engine.buckets for k in engine.kv_buckets]
     plan = join_plan(90)
@@ -80,42 +82,49 @@ def test_compiled_pointwise_decode_matches_generate(kind: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_decode_matches_masked_sdpa(dtype: torch.dtype) -> None:
-    """The varlen decode kernel over the cache's row view equals the masked SDPA of the same rows (fp32 reference)."""
+    """The varlen decode kernel over the KV pool's rows (each row's span from its own offset, in any order) equals
+    the masked SDPA of the same rows gathered as padded K/V (fp32 reference)."""
     import torch.nn.functional as F
 
     from vlm_triton.engine import attention
-    from vlm_triton.engine.kv_cache import SlotKVCache
+    from vlm_triton.engine.kv_cache import PooledKVCache, span_rows
 
     gen = torch.Generator(device="cuda").manual_seed(3)
-    slots, max_len, heads, kv_heads, dim = 8, 512, 14, 2, 64
-    cache = SlotKVCache(num_layers=1, max_slots=slots, kv_heads=kv_heads, max_seq_len=max_len, head_dim=dim,
-                        dtype=dtype, device=torch.device("cuda"))
-    layer = cache.slot_layers[0]
+    capacity, heads, kv_heads, dim = 4096, 14, 2, 64
+    cache = PooledKVCache(num_layers=1, capacity=capacity, kv_heads=kv_heads, head_dim=dim, dtype=dtype,
+                          device=torch.device("cuda"))
+    layer = cache.pool_layers[0]
     layer.keys.copy_(torch.randn(layer.keys.shape, generator=gen, device="cuda"))
     layer.values.copy_(torch.randn(layer.values.shape, generator=gen, device="cuda"))
     for bucket, kv_len in [(1, 256), (4, 512), (8, 256)]:
         pos = torch.randint(0, kv_len, (bucket,), generator=gen, device="cuda")
+        starts = torch.randperm(capacity // kv_len, generator=gen, device="cuda")[:bucket] * kv_len
         states = torch.randn(bucket, kv_heads, 1, dim, generator=gen, device="cuda", dtype=dtype)
-        cache.set_decode(bucket, pos, kv_len)
+        cache.set_mode("decode", starts + pos, None, kv_len=kv_len)
         key, value = layer.update(states, states * 2)
         cache.set_idle()
-        assert attention.cache_rows(key) is not None
+        assert key.shape == (capacity + 1, kv_heads, dim)  # the pool itself
         query = torch.randn(bucket, heads, 1, dim, generator=gen, device="cuda", dtype=dtype)
         rows = attention.DecodeRows((pos + 1).to(torch.int32),
-                                    torch.arange(bucket + 1, dtype=torch.int32, device="cuda") * max_len,
-                                    torch.arange(bucket + 1, dtype=torch.int32, device="cuda"))
+                                    torch.cat([starts, starts.new_zeros(1)]).to(torch.int32),
+                                    torch.arange(bucket + 1, dtype=torch.int32, device="cuda"), kv_len)
         allowed = torch.arange(kv_len, device="cuda").view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
         out, _ = attention.slot_attention(torch.nn.Module(), query, key, value, allowed, slot_decode=rows)
-        ref = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=allowed,
+        gather = span_rows(starts, kv_len, cache.trash_row)
+        k_pad, v_pad = (t[gather].transpose(1, 2).float() for t in (key, value))
+        ref = F.scaled_dot_product_attention(query.float(), k_pad, v_pad, attn_mask=allowed,
                                              enable_gqa=True).transpose(1, 2)
         assert out.shape == (bucket, 1, heads, dim)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        assert torch.equal(key[starts + pos], states[:, :, 0])  # the new K went to each row's own run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_decode_engine_bf16_matches_sdpa_engine() -> None:
-    """bf16 engines with CUDA graphs, one decoding with the varlen kernel ('auto') and one with masked SDPA:
-    same greedy tokens on a tiny model with well separated logits."""
+@pytest.mark.parametrize("small_pool", [False, True])
+def test_flash_decode_engine_bf16_matches_sdpa_engine(small_pool: bool) -> None:
+    """bf16 engines with CUDA graphs, one decoding with the varlen kernel over the pool's rows ('auto') and one
+    with masked SDPA over K/V gathered from them: same greedy tokens on a tiny model with well separated logits.
+    small_pool: 40 rows for requests needing 92 together, so requests wait for rows and reuse freed runs."""
     from vlm_triton.engine.attention import set_decode_backend
 
     model = _tiny("qwen2").to("cuda", torch.bfloat16)
@@ -123,9 +132,11 @@ def test_flash_decode_engine_bf16_matches_sdpa_engine() -> None:
     for backend in ("auto", "sdpa"):
         set_decode_backend(backend)
         try:
-            engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
-                               vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16)
+            engine = LLMEngine(model, max_slots=4, max_seq_len=40 if small_pool else MAX_SEQ, device="cuda",
+                               dtype=torch.bfloat16, vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16,
+                               kv_cache_tokens=40 if small_pool else 0)
             results.append(run_plan(engine, join_plan(50)))
+            assert (engine.kv_waits > 0) == small_pool
         finally:
             set_decode_backend("auto")
     flash, sdpa = results

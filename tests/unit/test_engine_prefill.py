@@ -99,15 +99,15 @@ def test_chunked_prefill_cancel_and_penalties(qwen: PreTrainedModel) -> None:
 # --- (b3) the packed prefill padded to its token buckets, as its CUDA graphs run it ---------------------------------
 def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel) -> None:
     """Every packed forward run at its bucket's length (the graphs' shapes; padding tokens write the trash row and
-    belong to no sequence), with the chunked prompt's spare slot holding a prefix across steps: tokens as
-    `generate`, and the trash row is the only spare-slot position a prompt never reaches."""
+    belong to no sequence), with the chunked prompt's rows holding a prefix across steps: tokens as `generate`, and
+    the trash row is the pool's row past its capacity, which no request owns."""
     from vlm_triton.engine.packed import PackedPrefill, token_buckets
 
     assert token_buckets(4095) == [64, 128, 256, 512, 1024, 2048, 4095] and token_buckets(64) == [64]
     engine = make_engine(qwen, max_slots=4, prefill_tokens=24)
     prefill = engine.prefill
     assert isinstance(prefill, PackedPrefill) and prefill.buckets == [24]
-    assert prefill.trash_row == 4 * engine.max_seq_len + engine.max_seq_len - 1
+    assert prefill.trash_row == engine.cache.capacity == 4 * engine.max_seq_len
     used: list[int] = []
 
     class Padded:  # replays at the bucket's length from the last load, like PrefillGraphs
@@ -129,27 +129,29 @@ def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel
 def test_packed_load_fills_the_attention_offsets(qwen: PreTrainedModel) -> None:
     """The device-side description of a packed step, which only the CUDA kernel reads (the CPU path attends from
     the host spans): sequence offsets, cache-row offsets, attended lengths, last rows, positions and cache rows,
-    for a batch from position 0 and for a chunk that continues a cached prefix in the spare slot."""
+    for a batch from position 0 and for a chunk that continues a cached prefix, at the requests' own KV offsets."""
     from vlm_triton.engine.packed import PackedPrefill
     from vlm_triton.engine.types import prepare_request
 
     engine = make_engine(qwen, max_slots=4, prefill_tokens=64)
     packed = engine.prefill
     assert isinstance(packed, PackedPrefill)
-    big = engine.max_seq_len
     seqs = [prepare_request(greedy(f"r{i}", prompt(90 + i, n), 3), vocab_size=VOCAB, hidden_size=64,
-                            max_seq_len=big) for i, n in enumerate([3, 7, 1])]
-    spans = packed.load(seqs, slot=1, start=0, end=7)
-    assert spans == [(0, 3, big, 3), (3, 10, 2 * big, 7), (10, 11, 3 * big, 1)]
+                            max_seq_len=engine.max_seq_len) for i, n in enumerate([3, 7, 1])]
+    starts = [50, 9, 120]  # any runs of the pool, in any order
+    for seq, start in zip(seqs, starts):
+        seq.kv_start = start
+    spans = packed.load(seqs, start=0, end=7)
+    assert spans == [(0, 3, 50, 3), (3, 10, 9, 7), (10, 11, 120, 1)]
     assert packed.cu_q.tolist() == [0, 3, 10, 11, 11]  # unused sequences are empty
-    assert packed.cu_k.tolist() == [big, 2 * big, 3 * big, 0, 0]
+    assert packed.cu_k.tolist() == [50, 9, 120, 0, 0]
     assert packed.used_k.tolist() == [3, 7, 1, 0]
     assert packed.last.tolist() == [2, 9, 10, 0]
     pos = [0, 1, 2, *range(7), 0]
     assert packed.pos[:11].tolist() == pos
-    assert packed.rows[:11].tolist() == [p + (1 + k) * big for k, n in enumerate([3, 7, 1]) for p in range(n)]
+    assert packed.rows[:11].tolist() == [p + start for start, n in zip(starts, [3, 7, 1]) for p in range(n)]
     assert set(packed.rows[11:].tolist()) == {packed.trash_row}
-    spans = packed.load(seqs[1:2], slot=4, start=4, end=7)  # the last 3 tokens of a 7-token prompt, spare slot
-    assert spans == [(0, 3, 4 * big, 7)]
+    spans = packed.load(seqs[1:2], start=4, end=7)  # the last 3 tokens of a 7-token prompt
+    assert spans == [(0, 3, 9, 7)]
     assert packed.cu_q.tolist() == [0, 3, 3, 3, 3] and packed.used_k.tolist() == [7, 0, 0, 0]
-    assert packed.pos[:3].tolist() == [4, 5, 6] and packed.rows[:3].tolist() == [4 * big + p for p in (4, 5, 6)]
+    assert packed.pos[:3].tolist() == [4, 5, 6] and packed.rows[:3].tolist() == [9 + p for p in (4, 5, 6)]

@@ -120,3 +120,10 @@ def test_torch_threads_one_on_cuda_torch_default_on_cpu() -> None:
     assert _cfg(engine={"device": "cpu", "torch_threads": 2}).torch_threads == 2
     with pytest.raises(SetupError, match=r"engine.torch_threads must be >= 0"):
         _cfg(engine={"torch_threads": -1})
+
+
+def test_kv_cache_tokens_at_least_one_request() -> None:
+    """engine.kv_cache_tokens: 0 (max_slots * max_seq_len) or a pool that holds at least one longest request."""
+    assert _cfg(engine={"kv_cache_tokens": 8192, "max_seq_len": 8192}).engine.kv_cache_tokens == 8192
+    with pytest.raises(SetupError, match=r"engine.kv_cache_tokens must be 0 \(max_slots \* max_seq_len\) or >= "):
+        _cfg(engine={"kv_cache_tokens": 4096, "max_seq_len": 8192})

@@ -182,6 +182,9 @@ def test_trtllm_repository(tmp_path: Path) -> None:
         "enable_kv_cache_reuse": "true", "exclude_input_in_output": "true", "enable_chunked_context": "false",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no", "executor_worker_path": EXECUTOR_WORKER,
     }
+    pooled = render_repository(cfg.replace(engine={"kv_cache_tokens": 65536}), tmp_path / "pooled")
+    params = {k: v.string_value for k, v in parse(pooled / "llm" / "config.pbtxt").parameters.items()}
+    assert params["max_tokens_in_paged_kv_cache"] == "65536"  # engine.kv_cache_tokens, the pool's size there too
     assert [t.name for t in llm.input] == [s.name for s in contracts.LLM.inputs]
     assert [t.name for t in llm.output] == [s.name for s in LLM_OUTPUTS] and len(LLM_OUTPUTS) == 21
     table = next(t for t in llm.input if t.name == "prompt_embedding_table")

@@ -32,8 +32,13 @@ class ModelSection:
 class EngineSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16
-    max_slots: int = 16  # requests decoded together (KV-cache rows)
+    max_slots: int = 16  # requests decoded together (decode batch rows)
     max_seq_len: int = 8192  # prompt + output tokens per request
+    # KV-cache tokens (rows per layer) shared by all requests: each reserves prompt + max_tokens of them while it
+    # runs. 0: max_slots * max_seq_len (every slot can reach max_seq_len). A smaller pool with a larger max_slots
+    # serves more concurrent requests from the same memory when they are shorter than max_seq_len. trtllm profile:
+    # the tensorrt_llm model's max_tokens_in_paged_kv_cache (0: unset, kv_cache_free_gpu_mem_fraction sizes it)
+    kv_cache_tokens: int = 0
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
@@ -217,6 +222,8 @@ class DeploymentConfig:
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
             (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
             (e.torch_threads >= 0, "engine.torch_threads must be >= 0 (0: auto)"),
+            (e.kv_cache_tokens == 0 or e.kv_cache_tokens >= e.max_seq_len,
+             f"engine.kv_cache_tokens must be 0 (max_slots * max_seq_len) or >= max_seq_len={e.max_seq_len}"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.llm_send_threads >= 1, "triton.llm_send_threads must be >= 1"),

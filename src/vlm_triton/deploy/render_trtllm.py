@@ -56,7 +56,7 @@ def _flag(value: bool) -> str:
 def llm_parameters(cfg: DeploymentConfig) -> dict[str, str]:
     """The tensorrt_llm model's `parameters` (all strings, as the backend reads them)."""
     e = cfg.engine
-    return {
+    params = {
         "gpt_model_type": BATCHING_STRATEGY,
         "gpt_model_path": e.engine_dir,
         "max_beam_width": "1",
@@ -68,6 +68,9 @@ def llm_parameters(cfg: DeploymentConfig) -> dict[str, str]:
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": EXECUTOR_WORKER,
     }
+    if e.kv_cache_tokens:
+        params["max_tokens_in_paged_kv_cache"] = str(e.kv_cache_tokens)
+    return params
 
 
 def require_engines(cfg: DeploymentConfig) -> None:

@@ -1,10 +1,10 @@
-"""Pure-torch LLM engine (no Triton imports): slot KV cache, continuous batching, per-request sampling.
+"""Pure-torch LLM engine (no Triton imports): pooled KV cache, continuous batching, per-request sampling.
 
 The Triton `llm` adapter drives `LLMEngine` with `GenerationRequest`s and forwards its `TokenEvent`s.
 """
 
 from vlm_triton.engine.engine import EventCallback, LLMEngine
-from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.kv_cache import PooledKVCache
 from vlm_triton.engine.sampling import SamplingParams, sample_tokens
 from vlm_triton.engine.types import FinishReason, GenerationRequest, TokenEvent, parse_stop_words_list
 
@@ -13,8 +13,8 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "LLMEngine",
+    "PooledKVCache",
     "SamplingParams",
-    "SlotKVCache",
     "TokenEvent",
     "parse_stop_words_list",
     "sample_tokens",

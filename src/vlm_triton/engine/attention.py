@@ -3,19 +3,21 @@
 Same maths as transformers' `sdpa` attention (bool masks, True = attend), arranged for the two shapes the engine
 runs, so that grouped-query attention never materialises repeated K/V:
 
-- decode (one query token per row), on CUDA in fp16/bf16 when the engine passes `slot_decode` (a `DecodeRows`):
-  FlashAttention-2's varlen kernel (`torch.ops.aten._flash_attention_forward`) over the cache's rows, each row's
-  used length in `seqused_k`, no mask. With one query token and grouped heads FA2 splits the KV length across
-  thread blocks, which the masked SDPA kernels do not: on an H100 at batch 1 and a 4k cache 13 us per layer
-  instead of cuDNN's 68 (benchmarks/attention_micro.py, docs/benchmarks-data/h100-attention-micro.txt).
-- decode elsewhere: the query heads that share a KV head become the query-length dimension,
-  [B, H, 1, D] -> [B, KVH, H/KVH, D], so one SDPA call reads each row's K/V once. transformers' sdpa repeats K/V
-  per query head whenever a mask is given, which at batch 64 and a 4k cache moved ~20 GB per step.
+- decode (one query token per row), on CUDA in fp16/bf16 when the engine passes `slot_decode` (a `DecodeRows`) and
+  the cache returns its row pool ([rows, KVH, D], kv_cache.py): FlashAttention-2's varlen kernel
+  (`torch.ops.aten._flash_attention_forward`) over each row's span of cache rows, its offset in `cu_k` and its used
+  length in `seqused_k`, no mask. With one query token and grouped heads FA2 splits the KV length across thread
+  blocks, which the masked SDPA kernels do not: on an H100 at batch 1 and a 4k cache 13 us per layer instead of
+  cuDNN's 68 (benchmarks/attention_micro.py, docs/benchmarks-data/h100-attention-micro.txt).
+- decode elsewhere (the cache returns padded [B, KVH, L, D] K/V): the query heads that share a KV head become the
+  query-length dimension, [B, H, 1, D] -> [B, KVH, H/KVH, D], so one SDPA call reads each row's K/V once.
+  transformers' sdpa repeats K/V per query head whenever a mask is given, which at batch 64 and a 4k cache moved
+  ~20 GB per step.
 - packed prefill (engine/packed.py; the engine passes `packed_prefill`, a `PackedRows`): the prompts of several
-  requests concatenated into one row of tokens, their K/V already written into the cache; each sequence attends
-  causally (bottom-right aligned) over its slot's rows 0 .. its end. On CUDA in fp16/bf16 one FA2 varlen call whose
-  inputs are all device tensors, so the whole prefill forward can be captured in a CUDA graph; elsewhere one
-  masked SDPA per sequence from the host copy of the spans.
+  requests concatenated into one row of tokens, their K/V already written into the pool; each sequence attends
+  causally (bottom-right aligned) over its rows from its offset to its end. On CUDA in fp16/bf16 one FA2 varlen
+  call whose inputs are all device tensors, so the whole prefill forward can be captured in a CUDA graph;
+  elsewhere one masked SDPA per sequence from the host copy of the spans.
 - a padded prefill from position 0 (the query covers the whole key range): a plain causal SDPA with `enable_gqa`,
   which needs no mask and so can use the flash kernel.
 Anything else (a padded prefill that continues a cached prefix) goes to transformers' sdpa with the given mask.
@@ -54,17 +56,18 @@ def set_decode_backend(name: str) -> None:
 @dataclass(frozen=True)
 class DecodeRows:
     """What the varlen decode kernel needs besides q/k/v, built once per decode step by the engine (int32, on the
-    device): each row's used KV length, and the offsets of the rows' slots in the cache's row view."""
+    device): each row's used KV length, and the offset of each row's span in the cache's row pool."""
 
     lengths: torch.Tensor  # [B]: position + 1
-    cu_k: torch.Tensor  # [B + 1]: b * max_seq_len
+    cu_k: torch.Tensor  # [B + 1]: the request's first cache row (the last entry is not read)
     cu_q: torch.Tensor  # [B + 1]: b
+    max_k: int  # the step's KV-length bucket (>= every length)
 
 
 @dataclass(frozen=True)
 class PackedRows:
     """A packed prefill's sequences: query rows [cu_q[b], cu_q[b + 1]) of the packed tokens attend to the cache rows
-    [cu_k[b], cu_k[b] + used_k[b]) (their slot from position 0 to the sequence's end). Device tensors (int32) of a
+    [cu_k[b], cu_k[b] + used_k[b]) (the request's rows from position 0 to the sequence's end). Device tensors (int32) of a
     fixed size (unused sequences are empty); `max_q` bounds every sequence's query length. `spans` is the same on
     the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph)."""
 
@@ -78,10 +81,10 @@ class PackedRows:
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: PackedRows,
                      scale: float) -> torch.Tensor:
-    """query [1, H, T, D] (packed tokens), key/value the whole cache as [slots, KVH, L, D] views -> [1, T, H, D]."""
-    k_rows, v_rows = cache_rows(key), cache_rows(value)
-    if k_rows is None or v_rows is None:
-        raise RuntimeError("packed prefill needs the rows-layout cache views")
+    """query [1, H, T, D] (packed tokens), key/value the cache's row pool [rows, KVH, D] -> [1, T, H, D]."""
+    if key.dim() != 3 or value.dim() != 3:
+        raise RuntimeError("packed prefill needs the cache's row pool as key/value")
+    k_rows, v_rows = key, value
     heads, kv_heads = query.shape[1], key.shape[1]
     if flash_supported(query.device, query.dtype, query.shape[-1]):
         q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
@@ -104,23 +107,15 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
-def cache_rows(key: torch.Tensor) -> torch.Tensor | None:
-    """The [B * max_seq_len, KVH, D] row view behind a [B, KVH, L, D] transposed view of a rows-layout cache
-    ([slots, max_seq_len, KVH, D], kv_cache.py); None when `key` is not such a view."""
-    b, kvh, _, d = key.shape
-    row = key.stride(2)
-    if key.stride(3) != 1 or key.stride(1) != d or row != kvh * d or key.stride(0) % row:
-        return None
-    return key.as_strided((b * (key.stride(0) // row), kvh, d), (row, d, 1), key.storage_offset())
-
-
-def flash_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: DecodeRows, kv_len: int,
+def flash_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: DecodeRows,
                  scale: float) -> torch.Tensor:
-    """query [B, H, 1, D] and the caches' row views -> [B, 1, H, D] (FA2 varlen, split-KV for one query token)."""
+    """query [B, H, 1, D] and the cache's row pool [rows, KVH, D] -> [B, 1, H, D] (FA2 varlen, split-KV for one
+    query token)."""
     b, h, _, d = query.shape
     q = query.transpose(1, 2).reshape(b, h, d)
     out = torch.ops.aten._flash_attention_forward(
-        q, k_rows, v_rows, rows.cu_q, rows.cu_k, 1, kv_len, 0.0, False, False, scale=scale, seqused_k=rows.lengths
+        q, k_rows, v_rows, rows.cu_q, rows.cu_k, 1, rows.max_k, 0.0, False, False, scale=scale,
+        seqused_k=rows.lengths,
     )[0]
     return out.view(b, 1, h, d)
 
@@ -130,8 +125,10 @@ def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def _flash_applies(query: torch.Tensor) -> bool:
-    return _decode_backend == "auto" and flash_supported(query.device, query.dtype, query.shape[-1])
+def decode_reads_rows(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a decode step of a `vlm_slot` model attends with FA2 over the cache's row pool (so the cache returns
+    the pool, not padded K/V): the 'auto' backend on a device and dtype FlashAttention-2 takes."""
+    return _decode_backend == "auto" and flash_supported(device, dtype, head_dim)
 
 
 def slot_attention(
@@ -144,19 +141,20 @@ def slot_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query [B, H, Q, D], key/value [B, KVH, L, D], attention_mask bool [B, 1, Q, L] -> ([B, Q, H, D], None)."""
+    """query [B, H, Q, D], key/value [B, KVH, L, D] (or the cache's row pool [rows, KVH, D] for the packed prefill
+    and FA2 decode), attention_mask bool [B, 1, Q, L] -> ([B, Q, H, D], None)."""
     batch, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError("vlm_slot attention takes bool masks (True = attend)")
     packed = kwargs.get("packed_prefill")
     if isinstance(packed, PackedRows):
         return packed_attention(query, key, value, packed, scaling or dim**-0.5), None
     rows = kwargs.get("slot_decode")
-    if q_len == 1 and isinstance(rows, DecodeRows) and _flash_applies(query):
-        k_rows, v_rows = cache_rows(key), cache_rows(value)
-        if k_rows is not None and v_rows is not None:
-            return flash_decode(query, k_rows, v_rows, rows, kv_len, scaling or dim**-0.5), None
+    if key.dim() == 3:
+        if q_len != 1 or not isinstance(rows, DecodeRows):
+            raise RuntimeError("the cache's row pool reaches attention only for packed prefill and FA2 decode")
+        return flash_decode(query, key, value, rows, scaling or dim**-0.5), None
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     if q_len == 1 and heads % kv_heads == 0:
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h uses KV head h // groups
         backend = DECODE_BACKENDS[_decode_backend]

@@ -23,9 +23,9 @@ class DecodeGraphs:
     bucket (`engine.kv_buckets`: a step attends over the smallest bucket that covers its longest row, so short
     requests do not pay for the whole cache).
 
-    Captured once at engine construction, before any request: warm-up and capture write position 0 of slots
-    [0:bucket] (nothing lives there yet). The 4D mask built inside the graph from the static position buffer hides
-    what each row has not written.
+    Captured once at engine construction, before any request: every row of the warm-up and capture steps is
+    padding (position 0 of the KV pool's trash row). The 4D mask built inside the graph from the static position
+    buffer hides what each row has not written.
     """
 
     def __init__(self, engine: LLMEngine, graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
@@ -39,6 +39,8 @@ class DecodeGraphs:
             with torch.no_grad():
                 engine.decode.ids.zero_()
                 engine.decode.pos.zero_()
+                engine.decode.starts.fill_(engine.cache.trash_row)
+                engine.decode.cu_k.fill_(engine.cache.trash_row)
                 side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(engine.device))
                 with torch.cuda.stream(side):
@@ -64,7 +66,6 @@ class DecodeGraphs:
     def replay(self, bucket: int, kv_len: int) -> torch.Tensor:
         """Run the captured step for (`bucket`, `kv_len`), both buckets; the returned logits buffer is overwritten
         by the next replay."""
-        self.engine.cache.set_decode(bucket, self.engine.decode.pos, kv_len)
         graph, logits = self.graphs[(bucket, kv_len)]
         graph.replay()
         return logits
@@ -86,7 +87,7 @@ class DecodeGraphs:
 class PrefillGraphs:
     """CUDA-graph capture and replay of `PackedPrefill.forward` (engine/packed.py), one graph per packed-length bucket
     (`prefill.buckets`). Captured at engine construction from an empty load: every token of the warm-up and capture
-    forwards writes the spare slot's trash row and belongs to no sequence. A step loads its buffers eagerly
+    forwards writes the KV pool's trash row and belongs to no sequence. A step loads its buffers eagerly
     (`PackedPrefill.load`: copies and the embedding lookup) and replays the smallest bucket that holds its tokens;
     the returned hidden states [max_rows, hidden] are overwritten by the next replay."""
 
@@ -98,7 +99,7 @@ class PrefillGraphs:
         device = prefill.device
         try:
             with torch.no_grad():
-                prefill.load([], slot=0, start=0, end=0)
+                prefill.load([], start=0, end=0)
                 side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):  # max_q >= 2: FA2 takes max_q 1 for its one-token-per-sequence layout

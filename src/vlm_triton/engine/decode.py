@@ -1,11 +1,12 @@
 """The engine's decode forward over static device buffers, so that each (batch bucket, KV bucket) is capturable.
 
-`DecodeStep` owns the inputs of a decode step: token ids and positions of slots [0, max_slots), the KV index
-range for the masks and the row offsets of the varlen attention (engine/attention.py). `load()` fills them for the
-running requests: from the host after the running set changed (admission, release, compaction), otherwise on the
-device (the last sampled tokens become the ids, positions advance by one), so a steady step copies nothing from
-the host. `forward(bucket, kv_len)` reads only these buffers; shapes depend on (bucket, kv_len) alone, which is
-what `cuda_graphs.DecodeGraphs` captures.
+`DecodeStep` owns the inputs of a decode step for batch rows [0, max_slots): token ids, positions, and each row's
+first cache row in the KV pool (kv_cache.py), with the varlen attention's offsets (engine/attention.py). `load()`
+fills them for the running requests: from the host after the running set changed (admission, release,
+compaction), otherwise on the device (the last sampled tokens become the ids, positions advance by one), so a
+steady step copies nothing from the host. Rows past the running requests are padding: token 0 at position 0 of
+the trash row. `forward(bucket, kv_len)` reads only these buffers; shapes depend on (bucket, kv_len) alone, which
+is what `cuda_graphs.DecodeGraphs` captures.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_triton.engine.attention import DecodeRows, model_mask
-from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.attention import DecodeRows, decode_reads_rows, model_mask
+from vlm_triton.engine.kv_cache import PooledKVCache, span_rows
 from vlm_triton.engine.types import ActiveRequest
 
 MIN_KV_BUCKET = 256
@@ -29,42 +30,54 @@ def kv_length_buckets(max_seq_len: int, smallest: int = MIN_KV_BUCKET) -> list[i
 
 
 class DecodeStep:
-    def __init__(self, backbone: nn.Module, lm_head: nn.Module, cache: SlotKVCache, *, bool_mask: bool,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module, cache: PooledKVCache, *, max_slots: int,
+                 max_seq_len: int, bool_mask: bool, slot_attention: bool, head_dim: int, dtype: torch.dtype) -> None:
+        """`slot_attention`: the model attends with the engine's `vlm_slot` function, which can read the cache's
+        row pool directly (FA2 decode); otherwise the cache gathers padded K/V for it."""
         self.backbone, self.lm_head, self.cache = backbone, lm_head, cache
         self.embed: nn.Module = backbone.get_input_embeddings()  # type: ignore[operator]
-        self.bool_mask, self.dtype = bool_mask, dtype
-        slots, length, device = cache.max_slots, cache.max_seq_len, cache.device
+        self.bool_mask, self.slot_attention, self.head_dim, self.dtype = bool_mask, slot_attention, head_dim, dtype
+        slots, device = max_slots, cache.device
         self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
-        self.kv_range = torch.arange(length, device=device)
-        rows = torch.arange(slots + 1, dtype=torch.int32, device=device)
-        self.cu_q, self.cu_k = rows, rows * length  # the varlen decode kernel's row offsets
-        self.host = torch.zeros(2, slots, dtype=torch.long, pin_memory=device.type == "cuda")  # ids, positions
+        self.starts = torch.full((slots,), cache.trash_row, dtype=torch.long, device=device)
+        self.kv_range = torch.arange(max_seq_len, device=device)
+        self.cu_q = torch.arange(slots + 1, dtype=torch.int32, device=device)  # the varlen kernel's offsets
+        self.cu_k = torch.full((slots + 1,), cache.trash_row, dtype=torch.int32, device=device)
+        self.host = torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda")  # ids, pos, starts
         self.changed = True  # the running set changed since the last load: rebuild from the host
         self.last_tokens: torch.Tensor | None = None
 
     def load(self, active: list[ActiveRequest], bucket: int) -> None:
-        """Inputs of the next step for `active` (slots 0..n-1); free rows [n:bucket] get token 0 at position 0."""
+        """Inputs of the next step for `active` (batch rows 0..n-1); rows [n:bucket] are padding."""
         n = len(active)
         if self.changed or self.last_tokens is None:
             host = self.host[:, :bucket]
-            host.zero_()
+            host[:2].zero_()
+            host[2].fill_(self.cache.trash_row)
             host[0, :n] = torch.tensor([s.generated[-1] for s in active])
             host[1, :n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in active])
+            host[2, :n] = torch.tensor([s.kv_start for s in active])
             self.ids[:bucket, 0].copy_(host[0], non_blocking=True)
             self.pos[:bucket].copy_(host[1], non_blocking=True)
+            self.starts[:bucket].copy_(host[2], non_blocking=True)
+            self.cu_k[:bucket].copy_(self.starts[:bucket])
             self.changed = False
-        else:  # the same requests in the same slots as the last step: advance them on the device
+        else:  # the same requests in the same rows as the last step: advance them on the device
             self.ids[:n, 0].copy_(self.last_tokens)
             self.pos[:n].add_(1)
 
     def forward(self, bucket: int, kv_len: int) -> torch.Tensor:
         """Decode step over `ids[:bucket]`, `pos[:bucket]` -> logits [bucket, V]."""
-        pos = self.pos[:bucket]
+        pos, starts = self.pos[:bucket], self.starts[:bucket]
         allowed = self.kv_range[:kv_len].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
-        rows = DecodeRows((pos + 1).to(torch.int32), self.cu_k[: bucket + 1], self.cu_q[: bucket + 1])
-        self.cache.set_decode(bucket, self.pos, kv_len)
+        rows = None
+        if self.slot_attention and decode_reads_rows(starts.device, self.dtype, self.head_dim):
+            rows = DecodeRows((pos + 1).to(torch.int32), self.cu_k[: bucket + 1], self.cu_q[: bucket + 1], kv_len)
+            gather = None
+        else:
+            gather = span_rows(starts, kv_len, self.cache.trash_row)
+        self.cache.set_mode("decode", starts + pos, gather, kv_len=kv_len)
         out: Any = self.backbone(
             inputs_embeds=self.embed(self.ids[:bucket]),
             position_ids=pos.view(-1, 1),

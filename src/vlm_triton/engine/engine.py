@@ -1,21 +1,28 @@
-"""Continuous-batching LLM engine over a transformers causal LM and a slot KV cache.
+"""Continuous-batching LLM engine over a transformers causal LM and a pooled KV cache.
+
+KV memory is one pool of `kv_cache_tokens` rows per layer (kv_cache.py). A request is admitted only when, besides
+a free decode slot (at most `max_slots` run at once), the pool has a contiguous run of rows for everything it can
+reach (prompt + max_new_tokens - 1, kv_pool.py); it keeps that run until it ends, so nothing is ever evicted or
+recomputed (TensorRT-LLM's `guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows, admits
+`max_slots` requests of any length; a smaller pool with a larger `max_slots` serves more concurrent requests from
+the same memory when they are shorter than `max_seq_len`.
 
 Each `step()`:
-1. applies pending cancellations (event 'cancelled', slot freed);
-2. runs one batched decode step for the running requests, which occupy slots 0..n-1 (compact), padded to a
-   batch-size bucket (a power of two, or max_slots) whose extra rows are free slots masked to position 0;
+1. applies pending cancellations (event 'cancelled', slot and KV rows freed);
+2. runs one batched decode step for the running requests, which occupy decode rows 0..n-1 (compact), padded to a
+   batch-size bucket (a power of two, or max_slots) whose extra rows write the pool's trash row;
 3. runs one prefill forward of at most `prefill_tokens` tokens: either waiting requests admitted in arrival order
-   while slots are free, as one batch (prompts right-padded to the longest) written into their slots, which yields
-   their first tokens; or the next chunk of a prompt longer than `prefill_tokens` (chunked prefill), whose chunks
-   go into a spare slot past the running ones (decode's padding rows never touch it) over successive steps, each
-   attending to the chunks before it; after the last chunk the request moves into the next running slot and gets
-   its first token. The rest wait for the next step, so decoding goes on between prefill forwards and one step
-   never carries more than one prefill of bounded size.
-Every request gets exactly one event per step. A request that finishes frees its slot; the last running request
-moves into the hole (its KV rows are copied) so that decode always works on the contiguous prefix [:bucket].
+   (while slots and KV rows last; the first that does not fit waits, and the rest behind it), as one batch, which
+   yields their first tokens; or the next chunk of a prompt longer than `prefill_tokens` (chunked prefill), over
+   successive steps, each attending to the chunks before it in the request's rows; after the last chunk the request
+   joins the running rows and gets its first token. The rest wait for the next step, so decoding goes on between
+   prefill forwards and one step never carries more than one prefill of bounded size.
+Every request gets exactly one event per step. A request that finishes frees its slot and its rows; the last
+running request takes its decode row (no KV moves: a row's K/V are read from the request's own run of the pool),
+so that decode always works on the contiguous prefix [:bucket].
 
 Math comes from the model's own modules: `backbone(inputs_embeds=..., position_ids=..., attention_mask=<4D>,
-past_key_values=SlotKVCache, use_cache=True)` then `lm_head` on the last position only. On CUDA with
+past_key_values=PooledKVCache, use_cache=True)` then `lm_head` on the last position only. On CUDA with
 `use_cuda_graphs=True` the decode step (engine/decode.py: embedding -> logits over static input buffers, which
 advance on the device while the running set is unchanged) of every batch and KV bucket is captured once at
 construction and replayed; elsewhere it runs eagerly. Prefill forwards are packed (engine/packed.py: the prompt
@@ -42,7 +49,8 @@ from torch import nn
 from vlm_triton.engine.attention import flash_supported
 from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
-from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.kv_cache import PooledKVCache
+from vlm_triton.engine.kv_pool import RowPool
 from vlm_triton.engine.model_spec import ModelSpec
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
@@ -78,38 +86,46 @@ class LLMEngine:
         compile_pointwise: bool = False,
         prefill_tokens: int = 8192,
         prefill_graphs: bool = True,
+        kv_cache_tokens: int = 0,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
         fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py). `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
-        packed prefill forward per packed-length bucket too."""
+        packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
+        0: max_slots * max_seq_len, enough for every slot to reach max_seq_len)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
+        capacity = int(kv_cache_tokens) or max_slots * max_seq_len
+        if capacity < max_seq_len:
+            raise SetupError(f"kv_cache_tokens {capacity} is below max_seq_len {max_seq_len}: a request of "
+                             "max_seq_len tokens could never be admitted")
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
         self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
         model.eval()
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
-        self.cache = SlotKVCache(
+        self.pool = RowPool(capacity)
+        self.cache = PooledKVCache(
             num_layers=spec.num_layers,
-            max_slots=max_slots + 1,  # slot max_slots: the prompt being prefilled in chunks
+            capacity=capacity,
             kv_heads=spec.kv_heads,
-            max_seq_len=max_seq_len,
             head_dim=spec.head_dim,
             dtype=dtype,
             device=self.device,
         )
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
-        self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, bool_mask=spec.bool_mask, dtype=dtype)
+        self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, max_slots=max_slots, max_seq_len=max_seq_len,
+                                 bool_mask=spec.bool_mask, slot_attention=spec.packed, head_dim=spec.head_dim,
+                                 dtype=dtype)
         self.prefill: PrefillForward | PackedPrefill
         if spec.packed:
             self.prefill = PackedPrefill(self.backbone, self.cache, vocab_size=vocab_size, dtype=dtype,
                                          max_tokens=min(self.prefill_tokens, max_slots * (max_seq_len - 1)),
-                                         max_rows=max_slots)
+                                         max_rows=max_slots, max_seq_len=max_seq_len)
         else:
             self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=spec.bool_mask,
                                           dtype=dtype)
@@ -117,13 +133,14 @@ class LLMEngine:
         self._active: list[ActiveRequest] = []  # index == slot
         self._waiting: deque[ActiveRequest] = deque()
         self._chunking: ActiveRequest | None = None  # a prompt longer than prefill_tokens, part-way prefilled
-        self._chunk_done = 0  # its prompt tokens already in the spare slot
+        self._chunk_done = 0  # its prompt tokens already in its KV rows
         self._cancels: set[str] = set()
         self._inflight: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.slot_moves = 0  # compaction copies so far (observability, tests)
+        self.slot_moves = 0  # decode-row moves after a release so far (observability, tests)
+        self.kv_waits = 0  # admissions deferred because the KV pool had no run long enough
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
@@ -185,6 +202,7 @@ class LLMEngine:
             self._release(seq)
         if self._chunking is not None and self._chunking.request_id in cancels:
             events.append(self._finish_event(self._chunking, "cancelled"))
+            self._free_kv(self._chunking)
             self._chunking = None
         if self._active:
             events += self._decode_step()
@@ -197,20 +215,28 @@ class LLMEngine:
         return events
 
     def _admit(self) -> list[ActiveRequest]:
-        """Pop the next prefill batch: waiting requests in arrival order while slots are free and the padded batch
-        (count x longest prompt) stays within prefill_tokens. A first prompt longer than prefill_tokens becomes the
-        chunked prefill instead (no batch this step)."""
+        """Pop the next prefill batch: waiting requests in arrival order while slots are free, the padded batch
+        (count x longest prompt) stays within prefill_tokens and the KV pool has their rows (reserved here). A first
+        prompt longer than prefill_tokens becomes the chunked prefill instead (no batch this step)."""
         batch: list[ActiveRequest] = []
         longest = 0
         with self._cond:
             while self._waiting and len(self._active) + len(batch) < self.max_slots:
-                n = max(longest, self._waiting[0].prompt_len)
-                if not batch and n > self.prefill_tokens:
-                    self._chunking, self._chunk_done = self._waiting.popleft(), 0
+                head = self._waiting[0]
+                n = max(longest, head.prompt_len)
+                chunked = not batch and n > self.prefill_tokens
+                if not chunked and n * (len(batch) + 1) > self.prefill_tokens:
                     break
-                if n * (len(batch) + 1) > self.prefill_tokens:
+                start = self.pool.reserve(head.kv_need)
+                if start is None:  # the head waits for rows (and the rest behind it: arrival order)
+                    self.kv_waits += 1
                     break
-                batch.append(self._waiting.popleft())
+                head.kv_start, head.kv_rows = start, head.kv_need
+                self._waiting.popleft()
+                if chunked:
+                    self._chunking, self._chunk_done = head, 0
+                    break
+                batch.append(head)
                 longest = n
         return batch
 
@@ -234,6 +260,7 @@ class LLMEngine:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         if self._chunking is not None:
+            self._free_kv(self._chunking)
             waiting.insert(0, self._chunking)
             self._chunking = None
         events = [self._finish_event(s, "cancelled") for s in waiting]
@@ -259,7 +286,8 @@ class LLMEngine:
 
     # --- forward passes ---------------------------------------------------------------------------------------------
     def _prefill(self, seqs: list[ActiveRequest]) -> list[TokenEvent]:
-        """One forward over the prompts of `seqs` (right-padded), into the next free slots; their first tokens."""
+        """One forward over the prompts of `seqs`, into their KV rows; they take the next decode rows; their first
+        tokens."""
         t = time.perf_counter()
         first = len(self._active)
         self.decode.changed = True
@@ -267,7 +295,7 @@ class LLMEngine:
             seq.slot = first + k
             self._active.append(seq)
         try:
-            hidden = self.prefill(seqs, slot=first, start=0, end=max(seq.prompt_len for seq in seqs))
+            hidden = self.prefill(seqs, start=0, end=max(seq.prompt_len for seq in seqs))
             self.prefill_batches += 1
             events = self._first_tokens(seqs, hidden)
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its requests; the engine goes on
@@ -276,15 +304,15 @@ class LLMEngine:
         return events
 
     def _prefill_chunk(self) -> list[TokenEvent]:
-        """The next chunk (<= prefill_tokens) of the chunked prompt, into the spare slot; after the last chunk the
-        request moves into the next running slot and its first token is sampled."""
+        """The next chunk (<= prefill_tokens) of the chunked prompt, into its KV rows; after the last chunk the
+        request takes the next decode row and its first token is sampled."""
         seq = self._chunking
         assert seq is not None
         t = time.perf_counter()
         start, end = self._chunk_done, min(seq.prompt_len, self._chunk_done + self.prefill_tokens)
         events: list[TokenEvent] = []
         try:
-            hidden = self.prefill([seq], slot=self.max_slots, start=start, end=end)
+            hidden = self.prefill([seq], start=start, end=end)
             self.prefill_batches += 1
             self.prefill_chunks += 1
             self._chunk_done = end
@@ -293,7 +321,6 @@ class LLMEngine:
                 seq.slot = len(self._active)
                 self._active.append(seq)
                 self.decode.changed = True
-                self.cache.move_slot(self.max_slots, seq.slot, seq.prompt_len)
                 events = self._first_tokens([seq], hidden)
         except Exception as exc:  # noqa: BLE001 - as in _prefill
             self._chunking = None
@@ -356,12 +383,12 @@ class LLMEngine:
         return events
 
     def _release(self, seq: ActiveRequest) -> None:
-        """Free seq's slot; the last running request moves into the hole to keep slots compact."""
+        """Free seq's slot and KV rows; the last running request takes its decode row to keep the rows compact."""
         self.decode.changed = True
+        self._free_kv(seq)
         slot = seq.slot
         last = self._active.pop()
         if last is not seq:
-            self.cache.move_slot(last.slot, slot, min(last.prompt_len + len(last.generated), self.max_seq_len))
             self.penalties.move(last.slot, slot)
             self._active[slot] = last
             last.slot = slot
@@ -370,19 +397,26 @@ class LLMEngine:
         with self._cond:
             self._inflight.discard(seq.request_id)
 
+    def _free_kv(self, seq: ActiveRequest) -> None:
+        if seq.kv_rows:
+            self.pool.release(seq.kv_start, seq.kv_rows)
+            seq.kv_start, seq.kv_rows = -1, 0
+
     def _finish_event(self, seq: ActiveRequest, reason: FinishReason, error: str | None = None) -> TokenEvent:
         with self._cond:
             self._inflight.discard(seq.request_id)
         return TokenEvent(seq.request_id, None, True, reason, len(seq.generated), seq.prompt_len, error)
 
     def _fail(self, seqs: list[ActiveRequest], exc: BaseException) -> list[TokenEvent]:
-        """End `seqs` with an 'error' event each and free the slots of those that run."""
+        """End `seqs` with an 'error' event each and free the slots of those that run (and the KV rows of all)."""
         self.cache.set_idle()
         message = f"{type(exc).__name__}: {exc}"
         events = [self._finish_event(s, "error", error=message) for s in seqs]
         for seq in sorted(seqs, key=lambda s: -s.slot):
             if 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq:
                 self._release(seq)
+            else:
+                self._free_kv(seq)
         return events
 
     @staticmethod

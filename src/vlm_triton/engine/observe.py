@@ -34,10 +34,13 @@ class StepTiming:
 
 
 def describe(engine: LLMEngine) -> str:
-    """One line for the serving log: attention, pointwise kernels and, on CUDA, cuDNN and the captured step's time
+    """One line for the serving log: the KV pool, attention, pointwise kernels and, on CUDA, cuDNN and the captured step's time
     at batch 1. A cuDNN that torch cannot use (another one earlier on the library path) is named, not raised:
     attention then silently runs slower kernels, which is what this line is for."""
-    parts = [f"attention {getattr(engine.backbone.config, '_attn_implementation', '?')}",
+    cache = engine.cache
+    parts = [f"KV pool {cache.capacity} tokens ({cache.nbytes() / 2**30:.2f} GiB) for {engine.max_slots} slots of up "
+             f"to {engine.max_seq_len}",
+             f"attention {getattr(engine.backbone.config, '_attn_implementation', '?')}",
              f"pointwise {engine.pointwise or 'eager'}"]
     if engine.device.type == "cuda":
         try:

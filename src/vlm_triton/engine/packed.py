@@ -1,7 +1,7 @@
 """The packed prefill forward: the prompt spans of B requests as one row of tokens, with no padding between them.
 
 Same interface and meaning as `prefill.PrefillForward` (positions [start, end) of each request's prompt, a row
-ending at its own prompt, into slots [slot, slot + B); the hidden state of each row's last position), for models
+ending at its own prompt, into each request's KV rows; the hidden state of each row's last position), for models
 whose attention is the engine's `vlm_slot` (engine/attention.py). Every input of the forward lives in a static
 device buffer sized for the largest step (`max_tokens` tokens, `max_rows` sequences), and the forward reads only
 those buffers and a token-count bucket, so `PrefillGraphs` (engine/cuda_graphs.py) captures one CUDA graph per
@@ -9,11 +9,10 @@ bucket: a prefill step is then a few host-to-device copies, the embedding lookup
 forward makes hundreds of Python module calls (which held the llm stub's GIL under load: docs/benchmarks.md,
 item 27).
 
-Layout of a step with T real tokens in bucket Tb >= T: token t of sequence b sits at packed row cu_q[b] + i, has
-position start_b + i and writes its K/V to cache row slot_b * max_seq_len + start_b + i (kv_cache.py, mode
-"packed"); the attention of sequence b reads its slot's rows [0, end_b). Padding tokens [T, Tb) write to the
-spare slot's last position (`trash_row`), which no prompt reaches (prompts are at most max_seq_len - 1 tokens),
-and belong to no sequence, so their outputs are never read.
+Layout of a step with T real tokens in bucket Tb >= T: token i of sequence b sits at packed row cu_q[b] + i, has
+position start_b + i and writes its K/V to cache row kv_start_b + start_b + i (kv_cache.py, mode "packed"); the
+attention of sequence b reads its rows [kv_start_b, kv_start_b + end_b). Padding tokens [T, Tb) write to the
+pool's trash row, which belongs to no request, and belong to no sequence, so their outputs are never read.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import PackedRows
-from vlm_triton.engine.kv_cache import SlotKVCache
+from vlm_triton.engine.kv_cache import PooledKVCache
 from vlm_triton.engine.types import ActiveRequest
 
 MIN_TOKEN_BUCKET = 64
@@ -42,14 +41,14 @@ def _fields(buf: torch.Tensor, t: int, b: int) -> tuple[torch.Tensor, ...]:
 
 
 class PackedPrefill:
-    def __init__(self, backbone: nn.Module, cache: SlotKVCache, *, vocab_size: int, dtype: torch.dtype,
-                 max_tokens: int, max_rows: int) -> None:
+    def __init__(self, backbone: nn.Module, cache: PooledKVCache, *, vocab_size: int, dtype: torch.dtype,
+                 max_tokens: int, max_rows: int, max_seq_len: int) -> None:
         self.backbone, self.cache, self.vocab_size, self.dtype = backbone, cache, vocab_size, dtype
         self.embed: nn.Module = backbone.get_input_embeddings()  # type: ignore[operator]
-        self.device, self.seq_len = cache.device, cache.max_seq_len
+        self.device, self.seq_len = cache.device, max_seq_len
         self.buckets = token_buckets(max_tokens)
         self.max_tokens, self.max_rows = self.buckets[-1], max_rows
-        self.trash_row = (cache.max_slots - 1) * cache.max_seq_len + cache.max_seq_len - 1
+        self.trash_row = cache.trash_row
         hidden = int(self.embed.weight.shape[1])  # type: ignore[union-attr]
         t, b = self.max_tokens, max_rows
         self.embeds = torch.zeros(t, hidden, dtype=dtype, device=self.device)
@@ -64,10 +63,10 @@ class PackedPrefill:
         self.spans: list[tuple[int, int, int, int]] = []  # of the last load
         self._copied: torch.cuda.Event | None = None  # the last load's host -> device copy
 
-    def __call__(self, seqs: list[ActiveRequest], *, slot: int, start: int, end: int) -> torch.Tensor:
-        """Positions [start, end) of each request's prompt (a row ends at its own prompt) into slots
-        [slot, slot + len(seqs)); the hidden state of each row's last position in range, [B, hidden]."""
-        spans = self.load(seqs, slot=slot, start=start, end=end)
+    def __call__(self, seqs: list[ActiveRequest], *, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of each request's prompt (a row ends at its own prompt) into its KV rows; the
+        hidden state of each row's last position in range, [B, hidden]."""
+        spans = self.load(seqs, start=start, end=end)
         total = spans[-1][1]
         if self.graphs is not None:
             bucket = next(b for b in self.buckets if b >= total)
@@ -75,8 +74,9 @@ class PackedPrefill:
         # max_q >= 2: FA2 treats a varlen batch of max_q 1 as one token per sequence (its decode layout)
         return self.forward(total, max(2, *(q1 - q0 for q0, q1, _, _ in spans)), spans)[: len(seqs)]
 
-    def load(self, seqs: list[ActiveRequest], *, slot: int, start: int, end: int) -> list[tuple[int, int, int, int]]:
-        """Fill the step's buffers; the spans (q0, q1, first cache row of the slot, attended length) per sequence."""
+    def load(self, seqs: list[ActiveRequest], *, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """Fill the step's buffers; the spans (q0, q1, the request's first cache row, attended length) per
+        sequence."""
         if len(seqs) > self.max_rows:
             raise RuntimeError(f"a packed prefill takes at most {self.max_rows} sequences, got {len(seqs)}")
         if self._copied is not None:  # the pinned host buffer is free again once the last copy ran (a chunk that
@@ -95,7 +95,7 @@ class PackedPrefill:
         spans = []
         q0 = 0
         for k, piece in enumerate(pieces):
-            n, row0 = int(piece.shape[0]), (slot + k) * self.seq_len
+            n, row0 = int(piece.shape[0]), seqs[k].kv_start
             q1 = q0 + n
             pos[q0:q1] = torch.arange(start, start + n)
             rows[q0:q1] = pos[q0:q1] + row0
@@ -131,7 +131,7 @@ class PackedPrefill:
         token, [max_rows, hidden] (rows past the step's sequences hold row 0's). `spans` None: inside a graph."""
         packed = PackedRows(self.cu_q, self.cu_k, self.used_k, max_q, self.seq_len,
                             None if spans is None else tuple(spans))
-        self.cache.set_packed(self.rows[:tokens])
+        self.cache.set_mode("packed", self.rows[:tokens])
         try:
             out: Any = self.backbone(
                 inputs_embeds=self.embeds[:tokens].unsqueeze(0),

@@ -107,7 +107,8 @@ def parse_stop_words_list(arr: np.ndarray[Any, Any] | torch.Tensor | None) -> li
 
 @dataclass
 class ActiveRequest:
-    """A validated request as the engine tracks it; `slot` is set while it runs."""
+    """A validated request as the engine tracks it: `slot` (its decode batch row) is set while it runs, `kv_start`
+    and `kv_rows` (its run of KV-pool rows) from admission to its end."""
 
     request_id: str
     ids: torch.Tensor  # int64 [L], CPU
@@ -119,11 +120,18 @@ class ActiveRequest:
     params: SamplingParams
     generator: torch.Generator
     slot: int = -1
+    kv_start: int = -1
+    kv_rows: int = 0
     generated: list[int] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def kv_need(self) -> int:
+        """KV rows the request can reach: its prompt and every output token but the last (never fed back)."""
+        return self.prompt_len + self.max_new - 1
 
     def append(self, token: int) -> FinishReason | None:
         """Record a generated token; why the request ends with it, if it does (EOS / stop words, then length)."""

@@ -82,6 +82,7 @@ class TritonPythonModel:
             prefill_graphs=cfg.engine.prefill_graphs,
             compile_pointwise=cfg.engine.compile_pointwise,
             prefill_tokens=cfg.max_step_tokens,
+            kv_cache_tokens=cfg.engine.kv_cache_tokens,
         )
         self._active: dict[str, _Active] = {}
         self._by_client: dict[str, set[str]] = {}

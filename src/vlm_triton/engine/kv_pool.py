@@ -1,0 +1,72 @@
+"""The host-side allocator of the KV pool: contiguous runs of cache rows, one per request, first fit.
+
+The engine's KV cache (kv_cache.py) is one pool of `capacity` rows per layer (a row = one position's K or V for
+every KV head). A request reserves, when it is admitted, one run of rows long enough for its prompt and its
+largest output (`prompt + max_new_tokens`, at most `max_seq_len`), and gives it back when it ends; nothing is
+evicted while it runs (TensorRT-LLM's `guaranteed_no_evict` policy). A run is contiguous so that the attention
+kernels read each request's K/V as one span of rows from an offset (FlashAttention-2 varlen's `cu_seqlens_k` +
+`seqused_k`; torch 2.11's bundled FA2 takes no block table, so the pool is not paged). What a request does not use
+of `max_seq_len` stays free for others, which is the capacity a paged cache gives, less its page granularity and
+the rows reserved for outputs not yet generated.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class RowPool:
+    """Free runs of rows in [0, capacity), kept sorted by start and coalesced; first-fit reservations."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a row pool needs at least 1 row, got {capacity}")
+        self.capacity = capacity
+        self._starts = [0]  # free runs: starts (sorted) and lengths
+        self._lengths = [capacity]
+        self.free_rows = capacity
+
+    def reserve(self, n: int) -> int | None:
+        """The start of a run of `n` rows now reserved, the lowest that fits; None when no free run is that long."""
+        if n < 1:
+            raise ValueError(f"reserve at least 1 row, got {n}")
+        for i, length in enumerate(self._lengths):
+            if length >= n:
+                start = self._starts[i]
+                if length == n:
+                    del self._starts[i], self._lengths[i]
+                else:
+                    self._starts[i], self._lengths[i] = start + n, length - n
+                self.free_rows -= n
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        """Give back the run [start, start + n), which must be reserved; merges with free neighbours."""
+        if n < 1 or start < 0 or start + n > self.capacity:
+            raise ValueError(f"run [{start}, {start + n}) is not inside the pool of {self.capacity} rows")
+        i = bisect.bisect_left(self._starts, start)
+        if (i < len(self._starts) and self._starts[i] < start + n) or (
+            i > 0 and self._starts[i - 1] + self._lengths[i - 1] > start
+        ):
+            raise ValueError(f"run [{start}, {start + n}) is (partly) free already")
+        merge_left = i > 0 and self._starts[i - 1] + self._lengths[i - 1] == start
+        merge_right = i < len(self._starts) and self._starts[i] == start + n
+        if merge_left and merge_right:
+            self._lengths[i - 1] += n + self._lengths[i]
+            del self._starts[i], self._lengths[i]
+        elif merge_left:
+            self._lengths[i - 1] += n
+        elif merge_right:
+            self._starts[i], self._lengths[i] = start, self._lengths[i] + n
+        else:
+            self._starts.insert(i, start)
+            self._lengths.insert(i, n)
+        self.free_rows += n
+
+    def largest_free(self) -> int:
+        return max(self._lengths, default=0)
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(start, length) of every free run, by start (for tests and logs)."""
+        return list(zip(self._starts, self._lengths))
