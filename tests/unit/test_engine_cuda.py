@@ -110,7 +110,7 @@ def test_flash_decode_matches_masked_sdpa(dtype: torch.dtype) -> None:
                                     torch.arange(bucket + 1, dtype=torch.int32, device="cuda"), kv_len)
         allowed = torch.arange(kv_len, device="cuda").view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
         out, _ = attention.slot_attention(torch.nn.Module(), query, key, value, allowed, slot_decode=rows)
-        gather = span_rows(starts, kv_len, cache.trash_row)
+        gather = span_rows(starts, kv_len, pos)
         k_pad, v_pad = (t[gather].transpose(1, 2).float() for t in (key, value))
         ref = F.scaled_dot_product_attention(query.float(), k_pad, v_pad, attn_mask=allowed,
                                              enable_gqa=True).transpose(1, 2)

@@ -48,7 +48,7 @@ def test_ragged_batch_matches_generate(model: PreTrainedModel, budget: int, batc
 @pytest.mark.parametrize("budget", [1, 7, 16])
 def test_chunked_prefill_matches_generate(model: PreTrainedModel, budget: int) -> None:
     """Long prompts arrive while others decode; each is prefilled chunk by chunk (one chunk per step, decoding goes
-    on), then joins the running batch. Chunks that start mid-prompt attend to the earlier chunks in the spare slot;
+    on), then joins the running batch. Chunks that start mid-prompt attend to the earlier chunks in the request's rows;
     with budget 1 every prompt token is its own forward."""
     engine = make_engine(model, max_slots=4, prefill_tokens=budget)
     plan = {
@@ -83,7 +83,7 @@ def test_chunked_prefill_image_rows_across_chunks(qwen: PreTrainedModel) -> None
 
 
 def test_chunked_prefill_cancel_and_penalties(qwen: PreTrainedModel) -> None:
-    """A cancel during the chunks ends the request and frees the spare slot for the next long prompt; the next one
+    """A cancel during the chunks ends the request and frees its rows for the next long prompt; the next one
     (with a repetition penalty, whose history covers the whole prompt) still matches generate."""
     engine = make_engine(qwen, prefill_tokens=5)
     engine.add_request(greedy("gone", prompt(50, 23), 5))

@@ -79,7 +79,7 @@ def test_random_reservations_match_a_row_map() -> None:
 
 
 def test_pool_below_max_seq_len_is_refused(qwen: PreTrainedModel) -> None:  # noqa: F811
-    with pytest.raises(SetupError, match="kv_cache_tokens"):
+    with pytest.raises(SetupError, match=r"kv_cache_tokens 39 must be in \[max_seq_len=40"):
         make_engine(qwen, max_slots=4, max_seq_len=40, kv_cache_tokens=39)
 
 
@@ -132,3 +132,36 @@ def test_cancelled_and_failed_requests_give_their_rows_back(qwen: PreTrainedMode
     engine.add_request(greedy("bad", prompt(7, 4), 3))
     evs = engine.step()
     assert [e.finish_reason for e in evs] == ["error"] and engine.pool.free_rows == 40
+
+
+def test_default_pool_hands_out_whole_slots(qwen: PreTrainedModel) -> None:  # noqa: F811
+    """kv_cache_tokens 0: max_slots x max_seq_len rows in runs of max_seq_len, so a free slot always has its rows
+    (first fit over mixed run lengths could leave a request waiting with a slot free); requests of mixed lengths
+    arriving and leaving never wait for rows, and each holds an aligned max_seq_len run."""
+    engine = make_engine(qwen, max_slots=3, max_seq_len=24)
+    assert engine.cache.capacity == 72
+    lengths = [(4, 2), (9, 12), (4, 2), (9, 10), (5, 3), (3, 20), (12, 2), (2, 5)]
+    plan = {2 * k: [greedy(f"r{k}", prompt(200 + k, n), out)] for k, (n, out) in enumerate(lengths)}
+
+    def arrive(step: int) -> None:
+        for r in plan.get(step, []):
+            engine.add_request(r)
+        for s in engine._active:
+            assert s.kv_rows == 24 and s.kv_start % 24 == 0
+
+    events = drain(engine, arrive)
+    assert engine.kv_waits == 0 and engine.pool.free_rows == 72
+    for r in [r for rs in plan.values() for r in rs]:
+        assert tokens(events[r.request_id]) == hf_greedy(qwen, list(r.input_ids), r.max_new_tokens), r.request_id
+
+
+def test_gathered_rows_stay_within_each_request() -> None:
+    """The padded view of the gather paths repeats a request's last written row instead of reading past it (rows of
+    other requests, or the trash row, whose contents are not finite-guaranteed, would survive masking as NaN)."""
+    import torch
+
+    from vlm_triton.engine.kv_cache import span_rows
+
+    got = span_rows(torch.tensor([10, 0, 40]), 5, torch.tensor([2, 4, 0]))
+    assert got.tolist() == [[10, 11, 12, 12, 12], [0, 1, 2, 3, 4], [40, 40, 40, 40, 40]]
+    assert span_rows(torch.tensor([7]), 3, 2).tolist() == [[7, 8, 9]]

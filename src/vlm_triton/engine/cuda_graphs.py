@@ -24,8 +24,8 @@ class DecodeGraphs:
     requests do not pay for the whole cache).
 
     Captured once at engine construction, before any request: every row of the warm-up and capture steps is
-    padding (position 0 of the KV pool's trash row). The 4D mask built inside the graph from the static position
-    buffer hides what each row has not written.
+    padding (position 0 of the KV pool's trash row). What each row has not written is hidden by its used length
+    (`seqused_k`, FA2 path) or by the 4D mask built inside the graph from the static position buffer.
     """
 
     def __init__(self, engine: LLMEngine, graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:

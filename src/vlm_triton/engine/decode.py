@@ -76,7 +76,7 @@ class DecodeStep:
             rows = DecodeRows((pos + 1).to(torch.int32), self.cu_k[: bucket + 1], self.cu_q[: bucket + 1], kv_len)
             gather = None
         else:
-            gather = span_rows(starts, kv_len, self.cache.trash_row)
+            gather = span_rows(starts, kv_len, pos)
         self.cache.set_mode("decode", starts + pos, gather, kv_len=kv_len)
         out: Any = self.backbone(
             inputs_embeds=self.embed(self.ids[:bucket]),

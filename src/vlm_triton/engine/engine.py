@@ -3,9 +3,11 @@
 KV memory is one pool of `kv_cache_tokens` rows per layer (kv_cache.py). A request is admitted only when, besides
 a free decode slot (at most `max_slots` run at once), the pool has a contiguous run of rows for everything it can
 reach (prompt + max_new_tokens - 1, kv_pool.py); it keeps that run until it ends, so nothing is ever evicted or
-recomputed (TensorRT-LLM's `guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows, admits
-`max_slots` requests of any length; a smaller pool with a larger `max_slots` serves more concurrent requests from
-the same memory when they are shorter than `max_seq_len`.
+recomputed (TensorRT-LLM's `guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows handed out in
+runs of `max_seq_len` (the slots of a fixed layout), admits a request whenever a slot is free; a pool set
+explicitly hands out just what each request can reach, so a larger `max_slots` serves more concurrent requests
+from the same memory when they are shorter than `max_seq_len` (first fit: a request may wait for a run long
+enough even when as many rows are free in shorter runs).
 
 Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot and KV rows freed);
@@ -94,13 +96,14 @@ class LLMEngine:
         fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py). `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
-        0: max_slots * max_seq_len, enough for every slot to reach max_seq_len)."""
+        0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         capacity = int(kv_cache_tokens) or max_slots * max_seq_len
-        if capacity < max_seq_len:
-            raise SetupError(f"kv_cache_tokens {capacity} is below max_seq_len {max_seq_len}: a request of "
-                             "max_seq_len tokens could never be admitted")
+        if not max_seq_len <= capacity < 2**31 - 1:  # the attention kernels take int32 row offsets
+            raise SetupError(f"kv_cache_tokens {capacity} must be in [max_seq_len={max_seq_len}, 2**31 - 1): a "
+                             "request of max_seq_len tokens must fit")
+        self._fixed_runs = not kv_cache_tokens  # the default pool: every request reserves max_seq_len rows
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
         self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
         model.eval()
@@ -227,11 +230,12 @@ class LLMEngine:
                 chunked = not batch and n > self.prefill_tokens
                 if not chunked and n * (len(batch) + 1) > self.prefill_tokens:
                     break
-                start = self.pool.reserve(head.kv_need)
+                rows = self.max_seq_len if self._fixed_runs else head.kv_need
+                start = self.pool.reserve(rows)
                 if start is None:  # the head waits for rows (and the rest behind it: arrival order)
                     self.kv_waits += 1
                     break
-                head.kv_start, head.kv_rows = start, head.kv_need
+                head.kv_start, head.kv_rows = start, rows
                 self._waiting.popleft()
                 if chunked:
                     self._chunking, self._chunk_done = head, 0

@@ -13,8 +13,9 @@ the write is one indexed copy with no host sync and can be captured in a CUDA gr
 - `gather` None and kind "prefill" (a padded prefill from position 0): the new states themselves;
 - `gather` None otherwise: the whole pool as [rows, kv_heads, head_dim] tensors, for the engine's attention
   (engine/attention.py), which reads each sequence's span of rows from its offset (packed prefill, FA2 decode);
-- `gather` [B, L] row indices: K/V[gather] as [B, kv_heads, L, head_dim], for the attention paths that take padded
-  batches (masked SDPA decode, eager-attention models). Rows past a sequence's end are masked by the caller.
+- `gather` [B, L] row indices: K/V[gather] as [B, kv_heads, L, head_dim] (a copy), for the attention paths that take
+  padded batches (masked SDPA decode, eager-attention models; `span_rows`). Positions past a sequence's end repeat
+  its last row and are masked by the caller.
 
 The engine passes explicit 4D masks, which `masking_utils.create_causal_mask` returns as-is (its early exit for 4D
 masks), so transformers' own mask sizing (`get_mask_sizes`/`get_seq_length`) is not relied on; both still answer
@@ -145,7 +146,7 @@ class PooledKVCache(Cache):
         )
 
 
-def span_rows(starts: torch.Tensor, length: int, trash_row: int) -> torch.Tensor:
-    """[B, length] row indices starts[b] + i, clamped to the trash row (a padded view of each request's rows; what
-    lies past a request's end is masked by the caller)."""
-    return (starts.view(-1, 1) + torch.arange(length, device=starts.device)).clamp_(max=trash_row)
+def span_rows(starts: torch.Tensor, length: int, last: torch.Tensor | int) -> torch.Tensor:
+    """[B, length] row indices starts[b] + min(i, last[b]): each request's rows as a padded view, positions past its
+    last written one repeating that one (the caller masks them), so a request never reads rows it does not own."""
+    return starts.view(-1, 1) + torch.arange(length, device=starts.device).clamp(max=torch.as_tensor(last).view(-1, 1))

@@ -1,9 +1,12 @@
 """The host-side allocator of the KV pool: contiguous runs of cache rows, one per request, first fit.
 
 The engine's KV cache (kv_cache.py) is one pool of `capacity` rows per layer (a row = one position's K or V for
-every KV head). A request reserves, when it is admitted, one run of rows long enough for its prompt and its
-largest output (`prompt + max_new_tokens`, at most `max_seq_len`), and gives it back when it ends; nothing is
-evicted while it runs (TensorRT-LLM's `guaranteed_no_evict` policy). A run is contiguous so that the attention
+every KV head). A request reserves, when it is admitted, one run of rows long enough for every position it can
+write (`prompt + max_new_tokens - 1`; with the default pool, `max_slots * max_seq_len`, a whole `max_seq_len`, so
+that the runs are the old fixed slots and a free slot always has its rows), and gives it back when it ends; nothing
+is evicted while it runs (TensorRT-LLM's `guaranteed_no_evict` policy). First fit can leave the free rows of an
+explicit pool in runs too short for the next request, which then waits (and the requests behind it: arrival
+order) until a neighbour ends. A run is contiguous so that the attention
 kernels read each request's K/V as one span of rows from an offset (FlashAttention-2 varlen's `cu_seqlens_k` +
 `seqused_k`; torch 2.11's bundled FA2 takes no block table, so the pool is not paged). What a request does not use
 of `max_seq_len` stays free for others, which is the capacity a paged cache gives, less its page granularity and

@@ -44,7 +44,7 @@ class PrefillForward:
         gather = None
         if start > 0:
             starts = torch.tensor([seq.kv_start for seq in seqs], device=self.device)
-            gather = span_rows(starts, end, self.cache.trash_row)
+            gather = span_rows(starts, end, end - 1)
         self.cache.set_mode("prefill", rows.view(-1).to(self.device), gather, start=start)
         try:
             out: Any = self.backbone(
