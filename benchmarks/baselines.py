@@ -174,6 +174,33 @@ def drive_engine(engine: Any, encoder: Any, w: Workload, c: int, n_total: int, t
     return {**summarize(sent, times, wall, c), "peak_running": peak}
 
 
+def sweep_engine(engine: Any, encoder: Any, workloads: dict[str, Workload], points: list[tuple[str, int, int]],
+                 time_cap_s: float, device: torch.device, dtype: torch.dtype, label: str = "engine",
+                 probe: Callable[[], Callable[[], dict[str, Any]]] | None = None,
+                 log: Callable[[str], None] = print, deadline: float | None = None) -> list[dict[str, Any]]:
+    """`drive_engine` over (workload, concurrency, requests) points, each workload warmed up with one request
+    first; rows carry the workload's name. `probe()` is called before each point and returns what to call after
+    it, whose dict joins the row (e.g. the engine's loop timing over the point). A point past `deadline` (epoch
+    seconds) is skipped."""
+    rows: list[dict[str, Any]] = []
+    warmed: set[str] = set()
+    for name, c, n in points:
+        if deadline is not None and time.time() > deadline:
+            log(f"{label} {name} c={c}: skipped (deadline)")
+            continue
+        if name not in warmed:
+            drive_engine(engine, encoder, workloads[name], 1, 1, time_cap_s, device, dtype)
+            warmed.add(name)
+        after = probe() if probe is not None else None
+        r = drive_engine(engine, encoder, workloads[name], c, n, time_cap_s, device, dtype)
+        r.update(workload=name, **(after() if after is not None else {}))
+        rows.append(r)
+        log(f"{label} {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms, "
+            f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms ({r['requests']} req, {r['wall_s']:.1f} s, peak running "
+            f"{r['peak_running']})")
+    return rows
+
+
 def summarize(sent: dict[str, float], times: dict[str, list[float]], wall: float, c: int,
               errors: int = 0, tokens: dict[str, int] | None = None) -> dict[str, Any]:
     """`times`: arrival of each chunk per request; `tokens`: tokens per request when a chunk may carry several
@@ -202,17 +229,9 @@ def engine_bench(ckpt: Path, workloads: dict[str, Workload], plan: dict[str, lis
     out: dict[str, Any] = {"build_s": time.perf_counter() - t, "cuda_graphs": engine._graphs is not None,
                            "max_slots": max_slots, "max_seq_len": max_seq_len, "prefill_tokens": prefill_tokens,
                            "runs": {}}
-    for name, points in plan.items():
-        w = workloads[name]
-        drive_engine(engine, encoder, w, 1, 1, time_cap_s, device, dtype)  # warm-up
-        for c, n in points:
-            if time.time() > deadline:
-                log(f"engine {name} c={c}: skipped (deadline)")
-                continue
-            r = drive_engine(engine, encoder, w, c, n, time_cap_s, device, dtype)
-            out["runs"].setdefault(name, []).append(r)
-            log(f"engine {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms, "
-                f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms ({r['requests']} req, {r['wall_s']:.1f} s)")
+    points = [(name, c, n) for name, pts in plan.items() for c, n in pts]
+    for r in sweep_engine(engine, encoder, workloads, points, time_cap_s, device, dtype, log=log, deadline=deadline):
+        out["runs"].setdefault(r["workload"], []).append(r)
     return out
 
 

@@ -32,7 +32,7 @@ def fill(engine, n: int, prompt_len: int, max_new: int) -> None:
         ids = torch.randint(0, 1000, (prompt_len,), dtype=torch.int32).numpy()
         engine.add_request(GenerationRequest(request_id=f"p{time.monotonic_ns()}-{i}", input_ids=ids,
                                              max_new_tokens=max_new, temperature=0.0, end_id=-1))
-    while engine._waiting:
+    while engine.admission.waiting:
         engine.step()
 
 

@@ -49,19 +49,17 @@ def sweep(label: str, section: str, ckpt: Path, ws: dict[str, Any], points: list
     kv_gib = engine.cache.nbytes() / 2**30
     log(f"{label}/{section}: {max_slots} slots x {max_seq_len}, pool {kv_cache_tokens or 'default'}, "
         f"KV {kv_gib:.2f} GiB, built in {build_s:.0f} s")
-    rows = []
-    warmed: set[str] = set()
-    for name, c in points:
-        if name not in warmed:
-            baselines.drive_engine(engine, encoder, ws[name], 1, 1, cap_s, device, dtype)
-            warmed.add(name)
-        waits0 = getattr(engine, "kv_waits", 0)
-        r = baselines.drive_engine(engine, encoder, ws[name], c, requests_for(c, name), cap_s, device, dtype)
-        r.update(label=label, section=section, workload=name, max_slots=max_slots, max_seq_len=max_seq_len,
-                 kv_cache_tokens=kv_cache_tokens, kv_gib=kv_gib, kv_waits=getattr(engine, "kv_waits", 0) - waits0)
-        rows.append(r)
-        log(f"{label}/{section} {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms, "
-            f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms, peak running {r['peak_running']}, KV waits {r['kv_waits']}")
+    def kv_waits() -> int:  # (engines before the pool have no admission)
+        return int(getattr(getattr(engine, "admission", None), "kv_waits", 0))
+
+    def probe() -> Any:
+        before = kv_waits()
+        return lambda: {"label": label, "section": section, "max_slots": max_slots, "max_seq_len": max_seq_len,
+                        "kv_cache_tokens": kv_cache_tokens, "kv_gib": kv_gib, "kv_waits": kv_waits() - before}
+
+    plan = [(name, c, requests_for(c, name)) for name, c in points]
+    rows = baselines.sweep_engine(engine, encoder, ws, plan, cap_s, device, dtype, label=f"{label}/{section}",
+                                  probe=probe, log=log)
     del engine, encoder
     torch.cuda.empty_cache()
     return rows

@@ -57,16 +57,15 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]
     _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens,
                                                 prefill_graphs=prefill_graphs)
     variant = "engine" if prefill_graphs else "engine-eager-prefill"
-    rows = []
-    for name, concurrency in points.items():
-        baselines.drive_engine(engine, encoder, ws[name], 1, 1, cap_s, device, dtype)  # warm-up
-        for c in concurrency:
-            engine.timing.take()
-            r = baselines.drive_engine(engine, encoder, ws[name], c, requests_for(c, name), cap_s, device, dtype)
-            r.update(variant=variant, workload=name, timing=engine.timing.take())
-            rows.append(r)
-            log(f"{variant} {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f}, "
-                f"TPOT p50 {r['tpot_ms']['p50']:.2f} | {timing_line(r['timing'])}")
+
+    def probe() -> Any:  # the engine loop's timing over each point
+        engine.timing.take()
+        return lambda: {"variant": variant, "timing": engine.timing.take()}
+
+    plan = [(name, c, requests_for(c, name)) for name, cs in points.items() for c in cs]
+    rows = baselines.sweep_engine(engine, encoder, ws, plan, cap_s, device, dtype, label=variant, probe=probe, log=log)
+    for r in rows:
+        log(f"{variant} {r['workload']} c={r['concurrency']}: {timing_line(r['timing'])}")
     del engine, encoder
     torch.cuda.empty_cache()
     return rows

@@ -8,7 +8,9 @@ The stack path (tritonserver + frontend) is exercised by `python -m benchmarks.r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,6 +61,17 @@ def test_engine_and_hf_paths(tiny: tuple[Path, dict, Path]) -> None:
         r = baselines.drive_engine(engine, encoder, ws[name], 2, 3, 60.0, cpu, torch.float32)
         assert r["requests"] == 3 and r["output_tokens"] == 9 and r["errors"] == 0
         assert r["ttft_ms"]["p50"] > 0 and r["tpot_ms"]["p50"] > 0
+        assert 1 <= r["peak_running"] <= 2
+    probed: list[int] = []
+
+    def probe() -> Any:
+        probed.append(engine.prefill_requests)
+        return lambda: {"prefilled": engine.prefill_requests - probed[-1]}
+
+    rows = baselines.sweep_engine(engine, encoder, ws, [("W2", 1, 1), ("W2", 2, 4), ("W3", 1, 2)], 60.0, cpu,
+                                  torch.float32, probe=probe, log=lambda line: None, deadline=time.time() + 600)
+    assert [(r["workload"], r["concurrency"], r["requests"], r["prefilled"]) for r in rows] == [
+        ("W2", 1, 1, 1), ("W2", 2, 4, 4), ("W3", 1, 2, 2)]  # warm-ups (one per workload) are not in the rows
     row = baselines.hf_bench(ckpt, ws["W2"], cpu, torch.float32, "eager", 1)
     assert row["new_tokens"] == 3 and row["ttft_ms"] > 0
 

@@ -136,7 +136,7 @@ def test_flash_decode_engine_bf16_matches_sdpa_engine(small_pool: bool) -> None:
                                dtype=torch.bfloat16, vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16,
                                kv_cache_tokens=40 if small_pool else 0)
             results.append(run_plan(engine, join_plan(50)))
-            assert (engine.kv_waits > 0) == small_pool
+            assert (engine.admission.kv_waits > 0) == small_pool
         finally:
             set_decode_backend("auto")
     flash, sdpa = results

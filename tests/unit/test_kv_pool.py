@@ -101,15 +101,15 @@ def test_small_pool_waits_reuses_rows_and_matches_generate(model: PreTrainedMode
         runs = sorted((s.kv_start, s.kv_start + s.kv_rows) for s in owners)
         assert all(0 <= a < b <= 40 for a, b in runs)
         assert all(b <= c for (_, b), (c, _) in zip(runs, runs[1:]))  # disjoint
-        assert engine.pool.free_rows == 40 - sum(s.kv_rows for s in owners)
+        assert engine.admission.pool.free_rows == 40 - sum(s.kv_rows for s in owners)
         for s in owners:
             assert s.kv_rows == s.prompt_len + s.max_new - 1
             starts[s.kv_start].add(s.request_id)
 
     events = drain(engine, arrive)
-    assert engine.kv_waits > 0  # waited for rows with a slot free
+    assert engine.admission.kv_waits > 0  # waited for rows with a slot free
     assert any(len(ids) > 1 for ids in starts.values())  # a run of rows served two requests
-    assert engine.pool.free_rows == 40 and engine.pool.free_runs() == [(0, 40)]
+    assert engine.admission.pool.free_rows == 40 and engine.admission.pool.free_runs() == [(0, 40)]
     for r in [r for rs in plan.values() for r in rs]:
         check_events(events[r.request_id])
         assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
@@ -119,19 +119,19 @@ def test_cancelled_and_failed_requests_give_their_rows_back(qwen: PreTrainedMode
     engine = make_engine(qwen, max_slots=4, max_seq_len=40, kv_cache_tokens=40, prefill_tokens=8)
     engine.add_request(greedy("long", prompt(5, 20), 5))  # chunked: holds 24 rows from its first chunk
     engine.step()
-    assert engine._chunking is not None and engine.pool.free_rows == 16
+    assert engine._chunking is not None and engine.admission.pool.free_rows == 16
     engine.cancel("long")
     engine.add_request(greedy("run", prompt(6, 6), 30))
     evs = engine.step()
     assert [e.finish_reason for e in evs if e.request_id == "long"] == ["cancelled"]
-    assert engine.pool.free_rows == 40 - 35
+    assert engine.admission.pool.free_rows == 40 - 35
     engine.cancel("run")
     drain(engine)
-    assert engine.pool.free_rows == 40
+    assert engine.admission.pool.free_rows == 40
     engine.prefill = None  # type: ignore[assignment]  # the next prefill raises: its request fails, rows come back
     engine.add_request(greedy("bad", prompt(7, 4), 3))
     evs = engine.step()
-    assert [e.finish_reason for e in evs] == ["error"] and engine.pool.free_rows == 40
+    assert [e.finish_reason for e in evs] == ["error"] and engine.admission.pool.free_rows == 40
 
 
 def test_default_pool_hands_out_whole_slots(qwen: PreTrainedModel) -> None:  # noqa: F811
@@ -150,7 +150,7 @@ def test_default_pool_hands_out_whole_slots(qwen: PreTrainedModel) -> None:  # n
             assert s.kv_rows == 24 and s.kv_start % 24 == 0
 
     events = drain(engine, arrive)
-    assert engine.kv_waits == 0 and engine.pool.free_rows == 72
+    assert engine.admission.kv_waits == 0 and engine.admission.pool.free_rows == 72
     for r in [r for rs in plan.values() for r in rs]:
         assert tokens(events[r.request_id]) == hf_greedy(qwen, list(r.input_ids), r.max_new_tokens), r.request_id
 

@@ -35,9 +35,10 @@ class EngineSection:
     max_slots: int = 16  # requests decoded together (decode batch rows)
     max_seq_len: int = 8192  # prompt + output tokens per request
     # KV-cache tokens (rows per layer) shared by all requests: each reserves prompt + max_tokens - 1 of them while it
-    # runs. 0: max_slots * max_seq_len, in fixed runs of max_seq_len (every slot can reach max_seq_len). A smaller pool with a larger max_slots
-    # serves more concurrent requests from the same memory when they are shorter than max_seq_len. trtllm profile:
-    # the tensorrt_llm model's max_tokens_in_paged_kv_cache (0: unset, kv_cache_free_gpu_mem_fraction sizes it)
+    # runs. 0: max_slots * max_seq_len, in fixed runs of max_seq_len (every slot can reach max_seq_len). A smaller
+    # pool with a larger max_slots serves more concurrent requests from the same memory when they are shorter than
+    # max_seq_len. trtllm profile: the tensorrt_llm model's max_tokens_in_paged_kv_cache (0: unset,
+    # kv_cache_free_gpu_mem_fraction sizes it)
     kv_cache_tokens: int = 0
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too

@@ -67,9 +67,9 @@ class DecodeRows:
 @dataclass(frozen=True)
 class PackedRows:
     """A packed prefill's sequences: query rows [cu_q[b], cu_q[b + 1]) of the packed tokens attend to the cache rows
-    [cu_k[b], cu_k[b] + used_k[b]) (the request's rows from position 0 to the sequence's end). Device tensors (int32) of a
-    fixed size (unused sequences are empty); `max_q` bounds every sequence's query length. `spans` is the same on
-    the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph)."""
+    [cu_k[b], cu_k[b] + used_k[b]) (the request's rows from position 0 to the sequence's end). Device tensors
+    (int32) of a fixed size (unused sequences are empty); `max_q` bounds every sequence's query length. `spans` is
+    the same on the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph)."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor

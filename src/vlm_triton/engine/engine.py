@@ -1,13 +1,10 @@
 """Continuous-batching LLM engine over a transformers causal LM and a pooled KV cache.
 
-KV memory is one pool of `kv_cache_tokens` rows per layer (kv_cache.py). A request is admitted only when, besides
-a free decode slot (at most `max_slots` run at once), the pool has a contiguous run of rows for everything it can
-reach (prompt + max_new_tokens - 1, kv_pool.py); it keeps that run until it ends, so nothing is ever evicted or
-recomputed (TensorRT-LLM's `guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows handed out in
-runs of `max_seq_len` (the slots of a fixed layout), admits a request whenever a slot is free; a pool set
-explicitly hands out just what each request can reach, so a larger `max_slots` serves more concurrent requests
-from the same memory when they are shorter than `max_seq_len` (first fit: a request may wait for a run long
-enough even when as many rows are free in shorter runs).
+KV memory is one pool of `kv_cache_tokens` rows per layer (kv_cache.py). A request is admitted (admission.py) when
+a decode slot is free (at most `max_slots` run at once) and the pool has a contiguous run of rows for everything it
+can reach; it keeps that run until it ends, so nothing is ever evicted or recomputed (TensorRT-LLM's
+`guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows, is handed out in runs of `max_seq_len`
+(the slots of a fixed layout); a pool set explicitly hands out just what each request can reach (kv_pool.py).
 
 Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot and KV rows freed);
@@ -42,17 +39,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from vlm_triton.engine.admission import Admission
 from vlm_triton.engine.attention import flash_supported
 from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
 from vlm_triton.engine.kv_cache import PooledKVCache
-from vlm_triton.engine.kv_pool import RowPool
 from vlm_triton.engine.model_spec import ModelSpec
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
@@ -99,26 +95,16 @@ class LLMEngine:
         0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
-        capacity = int(kv_cache_tokens) or max_slots * max_seq_len
-        if not max_seq_len <= capacity < 2**31 - 1:  # the attention kernels take int32 row offsets
-            raise SetupError(f"kv_cache_tokens {capacity} must be in [max_seq_len={max_seq_len}, 2**31 - 1): a "
-                             "request of max_seq_len tokens must fit")
-        self._fixed_runs = not kv_cache_tokens  # the default pool: every request reserves max_seq_len rows
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
         self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
         model.eval()
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
-        self.pool = RowPool(capacity)
-        self.cache = PooledKVCache(
-            num_layers=spec.num_layers,
-            capacity=capacity,
-            kv_heads=spec.kv_heads,
-            head_dim=spec.head_dim,
-            dtype=dtype,
-            device=self.device,
-        )
+        self.admission = Admission.sized(kv_cache_tokens, max_slots=max_slots, max_seq_len=max_seq_len,
+                                         prefill_tokens=self.prefill_tokens)
+        self.cache = PooledKVCache(num_layers=spec.num_layers, capacity=self.admission.pool.capacity,
+                                   kv_heads=spec.kv_heads, head_dim=spec.head_dim, dtype=dtype, device=self.device)
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, max_slots=max_slots, max_seq_len=max_seq_len,
@@ -134,7 +120,6 @@ class LLMEngine:
                                           dtype=dtype)
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
         self._active: list[ActiveRequest] = []  # index == slot
-        self._waiting: deque[ActiveRequest] = deque()
         self._chunking: ActiveRequest | None = None  # a prompt longer than prefill_tokens, part-way prefilled
         self._chunk_done = 0  # its prompt tokens already in its KV rows
         self._cancels: set[str] = set()
@@ -143,7 +128,6 @@ class LLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.slot_moves = 0  # decode-row moves after a release so far (observability, tests)
-        self.kv_waits = 0  # admissions deferred because the KV pool had no run long enough
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
@@ -171,7 +155,7 @@ class LLMEngine:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in flight")
             self._inflight.add(seq.request_id)
             self._cancels.discard(seq.request_id)  # a stale cancel of an earlier request with this id
-            self._waiting.append(seq)
+            self.admission.waiting.append(seq)
             self._cond.notify_all()
 
     def cancel(self, request_id: str) -> None:
@@ -186,7 +170,7 @@ class LLMEngine:
             return self._busy()
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._active or self._cancels or self._chunking is not None)
+        return bool(self.admission.waiting or self._active or self._cancels or self._chunking is not None)
 
     def active_slots(self) -> dict[str, int]:
         """request_id -> slot of the running requests."""
@@ -197,52 +181,28 @@ class LLMEngine:
         events: list[TokenEvent] = []
         with self._cond:
             cancels, self._cancels = self._cancels, set()
-            for seq in [s for s in self._waiting if s.request_id in cancels]:
-                self._waiting.remove(seq)
+            for seq in [s for s in self.admission.waiting if s.request_id in cancels]:
+                self.admission.waiting.remove(seq)
                 events.append(self._finish_event(seq, "cancelled"))
         for seq in sorted((s for s in self._active if s.request_id in cancels), key=lambda s: -s.slot):
             events.append(self._finish_event(seq, "cancelled"))
             self._release(seq)
         if self._chunking is not None and self._chunking.request_id in cancels:
             events.append(self._finish_event(self._chunking, "cancelled"))
-            self._free_kv(self._chunking)
+            self.admission.free(self._chunking)
             self._chunking = None
         if self._active:
             events += self._decode_step()
         if self._chunking is None:
-            batch = self._admit()
+            with self._cond:
+                batch, chunked = self.admission.pop(len(self._active))
+            if chunked is not None:
+                self._chunking, self._chunk_done = chunked, 0
             if batch:
                 events += self._prefill(batch)
         if self._chunking is not None:
             events += self._prefill_chunk()
         return events
-
-    def _admit(self) -> list[ActiveRequest]:
-        """Pop the next prefill batch: waiting requests in arrival order while slots are free, the padded batch
-        (count x longest prompt) stays within prefill_tokens and the KV pool has their rows (reserved here). A first
-        prompt longer than prefill_tokens becomes the chunked prefill instead (no batch this step)."""
-        batch: list[ActiveRequest] = []
-        longest = 0
-        with self._cond:
-            while self._waiting and len(self._active) + len(batch) < self.max_slots:
-                head = self._waiting[0]
-                n = max(longest, head.prompt_len)
-                chunked = not batch and n > self.prefill_tokens
-                if not chunked and n * (len(batch) + 1) > self.prefill_tokens:
-                    break
-                rows = self.max_seq_len if self._fixed_runs else head.kv_need
-                start = self.pool.reserve(rows)
-                if start is None:  # the head waits for rows (and the rest behind it: arrival order)
-                    self.kv_waits += 1
-                    break
-                head.kv_start, head.kv_rows = start, rows
-                self._waiting.popleft()
-                if chunked:
-                    self._chunking, self._chunk_done = head, 0
-                    break
-                batch.append(head)
-                longest = n
-        return batch
 
     def run_forever(self, callback: EventCallback) -> None:
         """Step while there is work, sleep while there is none, until shutdown(); exceptions of a step fail the
@@ -262,9 +222,10 @@ class LLMEngine:
             self.timing.add("step", time.perf_counter() - t)
             self._emit(callback, events)
         with self._cond:
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting = list(self.admission.waiting)
+            self.admission.waiting.clear()
         if self._chunking is not None:
-            self._free_kv(self._chunking)
+            self.admission.free(self._chunking)
             waiting.insert(0, self._chunking)
             self._chunking = None
         events = [self._finish_event(s, "cancelled") for s in waiting]
@@ -389,7 +350,7 @@ class LLMEngine:
     def _release(self, seq: ActiveRequest) -> None:
         """Free seq's slot and KV rows; the last running request takes its decode row to keep the rows compact."""
         self.decode.changed = True
-        self._free_kv(seq)
+        self.admission.free(seq)
         slot = seq.slot
         last = self._active.pop()
         if last is not seq:
@@ -400,11 +361,6 @@ class LLMEngine:
         seq.slot = -1
         with self._cond:
             self._inflight.discard(seq.request_id)
-
-    def _free_kv(self, seq: ActiveRequest) -> None:
-        if seq.kv_rows:
-            self.pool.release(seq.kv_start, seq.kv_rows)
-            seq.kv_start, seq.kv_rows = -1, 0
 
     def _finish_event(self, seq: ActiveRequest, reason: FinishReason, error: str | None = None) -> TokenEvent:
         with self._cond:
@@ -420,7 +376,7 @@ class LLMEngine:
             if 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq:
                 self._release(seq)
             else:
-                self._free_kv(seq)
+                self.admission.free(seq)
         return events
 
     @staticmethod

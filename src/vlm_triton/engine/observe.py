@@ -34,8 +34,8 @@ class StepTiming:
 
 
 def describe(engine: LLMEngine) -> str:
-    """One line for the serving log: the KV pool, attention, pointwise kernels and, on CUDA, cuDNN and the captured step's time
-    at batch 1. A cuDNN that torch cannot use (another one earlier on the library path) is named, not raised:
+    """One line for the serving log: the KV pool, attention, pointwise kernels and, on CUDA, cuDNN and the captured
+    step's time at batch 1. A cuDNN that torch cannot use (another one earlier on the library path) is named, not raised:
     attention then silently runs slower kernels, which is what this line is for."""
     cache = engine.cache
     parts = [f"KV pool {cache.capacity} tokens ({cache.nbytes() / 2**30:.2f} GiB) for {engine.max_slots} slots of up "

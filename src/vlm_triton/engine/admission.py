@@ -1,0 +1,66 @@
+"""Which waiting requests the engine admits next, and with which KV rows.
+
+`Admission` owns the queue of waiting requests (arrival order) and the KV pool's allocator (kv_pool.py). `pop()`
+takes the next prefill from the head of the queue while decode slots are free, the step's token budget holds
+(count x longest prompt <= prefill_tokens) and the pool has each request's run of rows, which it reserves: either a
+batch of whole prompts, or one prompt longer than the budget alone (the engine prefills it in chunks). The first
+request that does not fit stops the pop, and the ones behind it wait too (no overtaking). `free()` gives a
+request's rows back. Not thread-safe: the engine calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from vlm_triton.engine.kv_pool import RowPool
+from vlm_triton.engine.types import ActiveRequest
+from vlm_triton.errors import SetupError
+
+
+class Admission:
+    def __init__(self, pool: RowPool, *, max_slots: int, prefill_tokens: int, run_rows: int = 0) -> None:
+        """`run_rows` > 0: every request reserves that many rows (the default pool's fixed runs of max_seq_len, so
+        that a free slot always has its rows); 0: each reserves what it can reach (`ActiveRequest.kv_need`)."""
+        self.pool, self.max_slots, self.prefill_tokens, self.run_rows = pool, max_slots, prefill_tokens, run_rows
+        self.waiting: deque[ActiveRequest] = deque()
+        self.kv_waits = 0  # pops stopped because the pool had no run long enough for the head
+
+    @classmethod
+    def sized(cls, kv_cache_tokens: int, *, max_slots: int, max_seq_len: int, prefill_tokens: int) -> Admission:
+        """The engine's admission over a pool of `kv_cache_tokens` rows; 0: max_slots * max_seq_len rows handed out
+        in runs of max_seq_len (the slots of a fixed layout: a free slot always has its rows)."""
+        capacity = int(kv_cache_tokens) or max_slots * max_seq_len
+        if not max_seq_len <= capacity < 2**31 - 1:  # the attention kernels take int32 row offsets
+            raise SetupError(f"kv_cache_tokens {capacity} must be in [max_seq_len={max_seq_len}, 2**31 - 1): a "
+                             "request of max_seq_len tokens must fit")
+        return cls(RowPool(capacity), max_slots=max_slots, prefill_tokens=prefill_tokens,
+                   run_rows=0 if kv_cache_tokens else max_seq_len)
+
+    def pop(self, running: int) -> tuple[list[ActiveRequest], ActiveRequest | None]:
+        """(the next prefill batch, or a prompt to prefill in chunks) with `running` slots taken; rows reserved."""
+        batch: list[ActiveRequest] = []
+        longest = 0
+        while self.waiting and running + len(batch) < self.max_slots:
+            head = self.waiting[0]
+            n = max(longest, head.prompt_len)
+            chunked = not batch and n > self.prefill_tokens
+            if not chunked and n * (len(batch) + 1) > self.prefill_tokens:
+                break
+            rows = self.run_rows or head.kv_need
+            start = self.pool.reserve(rows)
+            if start is None:
+                self.kv_waits += 1
+                break
+            head.kv_start, head.kv_rows = start, rows
+            self.waiting.popleft()
+            if chunked:
+                return [], head
+            batch.append(head)
+            longest = n
+        return batch, None
+
+    def free(self, seq: ActiveRequest) -> None:
+        """Give seq's rows back (once; a request without rows is left alone)."""
+        if seq.kv_rows:
+            self.pool.release(seq.kv_start, seq.kv_rows)
+            seq.kv_start, seq.kv_rows = -1, 0
