@@ -8,7 +8,8 @@ goes in each (cores per process, Triton's per-model times, the llm stub's engine
 A variant is NAME or NAME:SETTING[,SETTING...]; a SETTING is SECTION.KEY=VALUE (deployment config), a tritonserver
 flag starting with -- , or NAME=VALUE with an upper-case NAME (an environment variable of tritonserver and its
 stubs). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
-OUT/variants.json and prints a table last.
+OUT/variants.json and prints a table last. `--timeline` marks every request's first-token path in the frontend, bls
+and llm (VLM_TRITON_TIMELINE_DIR) and prints its hops after each point (benchmarks/timeline.py).
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]
     del engine, encoder
     torch.cuda.empty_cache()
     return rows
+
+
+def first_token_path(directory: Path, start_ns: int, end_ns: int) -> dict[str, Any]:
+    """The hops of the requests the frontend received in [start_ns, end_ns] (benchmarks.timeline)."""
+    from benchmarks import timeline
+
+    time.sleep(0.5)  # the last requests' marks are written by then
+    return timeline.table(timeline.join(timeline.read_marks(directory)), start_ns, end_ns)
+
+
+def format_timeline(result: dict[str, Any] | None) -> list[str]:
+    from benchmarks import timeline
+
+    return timeline.format_table(result) if result else []
 
 
 def timing_line(parts: dict[str, dict[str, float]]) -> str:
@@ -149,6 +164,8 @@ def main() -> None:
     ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
                     help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
     ap.add_argument("--profile-s", type=float, default=8.0)
+    ap.add_argument("--timeline", action="store_true",
+                    help="mark each request's first-token path (VLM_TRITON_TIMELINE_DIR) and print its hops per point")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +203,9 @@ def main() -> None:
             log(f"variant {name}: skipped (deadline)")
             continue
         config, flags, env = split_settings(sets)
+        timeline_dir = (args.out / f"timeline-{n}-{name}").resolve()
+        if args.timeline:
+            env = {"VLM_TRITON_TIMELINE_DIR": str(timeline_dir), **env}
         os.environ.clear()
         os.environ.update({**base_env, **env})
         cfg = base_cfg.replace(**overrides(config))
@@ -211,6 +231,7 @@ def main() -> None:
                     if args.profile:
                         prof_dir.mkdir(parents=True, exist_ok=True)
                     profiles = start_profiles(stack, args.profile, prof_dir, args.profile_s)
+                    window = time.monotonic_ns()
                     r = asyncio.run(run_load(stack.base_url, body, c, requests_for(c, wname),
                                              min(args.time_cap_s, deadline - time.time()), stream=True,
                                              request_timeout_s=90))
@@ -227,6 +248,8 @@ def main() -> None:
                                 log("  " + line)
                     time.sleep(STEP_STATS_S + 0.2)
                     r["llm_timing"], _ = llm_timing_lines(log_file, offset)
+                    if args.timeline:
+                        r["timeline"] = first_token_path(timeline_dir, window, time.monotonic_ns())
                     r.update(variant=name, settings=sets, stack=n, workload=wname)
                     rows.append(r)
                     save()
@@ -236,6 +259,8 @@ def main() -> None:
                     log("  " + summary_line(r["observed"]))
                     for line in r["llm_timing"]:
                         log("  " + line.strip()[-400:])
+                    for line in format_timeline(r.get("timeline")):
+                        log("  " + line)
         except Exception as exc:  # noqa: BLE001 - a stack that fails is a row too
             rows.append({"variant": name, "settings": sets, "stack": n, "error": f"{type(exc).__name__}: {exc}"})
             log(f"stack {n} ({name}): {rows[-1]['error']}")

@@ -19,6 +19,7 @@ from openai_frontend.errors import APIError, error_body
 from openai_frontend.protocol import Usage
 from openai_frontend.sse import DONE, ChunkEncoder, until_disconnect
 from openai_frontend.state import FrontendState
+from vlm_triton import timeline
 
 logger = logging.getLogger("openai_frontend")
 
@@ -30,12 +31,14 @@ class Generation:
         self.endpoint = endpoint
         self.metrics = state.metrics
         self.started = time.perf_counter()
+        timeline.mark("frontend.receive", spec.request_id)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._engine_chunks: AsyncIterator[GenerationChunk] = state.engine.chat(spec)
         self._first: GenerationChunk | None = None
         self._first_text_seen = False
+        self._first_sse = False
 
     @classmethod
     async def start(cls, request: Request, state: FrontendState, spec: GenerationRequest, endpoint: str) -> Generation:
@@ -101,6 +104,9 @@ class Generation:
             try:
                 async for chunk in chunks:
                     if chunk.text:
+                        if not self._first_sse:
+                            self._first_sse = True
+                            timeline.mark("frontend.sse", self.spec.request_id)
                         yield encoder.delta(chunk.text)
             except Exception as exc:  # the status line is sent already: report the error in-band
                 if not isinstance(exc, APIError):

@@ -32,6 +32,7 @@ from openai_frontend.engine.base import (
     ModelInfo,
     SamplingOptions,
 )
+from vlm_triton import timeline
 from vlm_triton.contracts import BLS
 
 logger = logging.getLogger("openai_frontend.triton")
@@ -150,15 +151,19 @@ class TritonGrpcEngine(Engine):
                 "parameters": {"triton_enable_empty_final_response": True},
             }
 
+        timeline.mark("frontend.send", request.request_id)
         responses = self._get_client().stream_infer(
             one_request(), stream_timeout=self._stream_timeout_s, headers=STREAM_HEADERS
         )
-        finished = saw_finish = False
+        finished = saw_finish = saw_first = False
         try:
             async for result, error in responses:
                 if error is not None:
                     raise map_error(error.status(), error.message() or str(error))
                 chunk, final = parse_result(result)
+                if not saw_first:
+                    saw_first = True
+                    timeline.mark("frontend.first", request.request_id)
                 if chunk is not None:
                     saw_finish = saw_finish or chunk.finish_reason is not None
                     yield chunk

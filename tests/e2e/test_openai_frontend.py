@@ -75,6 +75,30 @@ def test_streaming_with_usage_equals_non_streaming(client) -> None:
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
 
 
+def test_timeline_marks_the_first_token_path_in_order(client, stack, timeline_dir) -> None:
+    """VLM_TRITON_TIMELINE_DIR (set for this session's stack and frontend): a streamed image request leaves every
+    mark of its first token's path, joined across the frontend, bls and llm processes, in causal order."""
+    from benchmarks.timeline import PATH, join, read_marks, table
+
+    image = img(f"file://{stack.media_dir / 'square.jpg'}")
+    chunks = list(ask(client, [image, {"type": "text", "text": "Hi"}], stream=True, max_tokens=4,
+                      extra_body={"ignore_eos": True}))
+    request_id = chunks[0].id
+    deadline = time.monotonic() + 10
+    events: dict[str, int] = {}
+    while time.monotonic() < deadline and len(events) < len(PATH):
+        events = join(read_marks(timeline_dir)).get(request_id, {})
+        time.sleep(0.1)
+    assert sorted(events) == sorted(e for e, _ in PATH), events
+    causal = ["frontend.receive", "frontend.send", "bls.execute", "bls.preprocessed", "bls.encoded", "bls.llm_call",
+              "llm.execute", "llm.prefill", "llm.token", "llm.send", "bls.llm_first", "bls.sent", "frontend.sse"]
+    assert [events[e] for e in causal] == sorted(events[e] for e in causal)
+    assert events["llm.send"] <= events["llm.sent"] and events["bls.llm_first"] <= events["frontend.first"]
+    assert events["frontend.first"] <= events["frontend.sse"]
+    one = table({request_id: events})
+    assert one["requests"] == 1 and len(one["hops"]) == len(PATH) - 1
+
+
 def test_max_tokens_gives_length_and_stop_sequences_cut(client) -> None:
     r = ask(client, "Talk.", max_tokens=7, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 7

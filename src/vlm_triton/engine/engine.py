@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vlm_triton import timeline
 from vlm_triton.engine.admission import Admission
 from vlm_triton.engine.attention import flash_supported
 from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -257,6 +258,7 @@ class LLMEngine:
         first = len(self._active)
         self.decode.changed = True
         for k, seq in enumerate(seqs):
+            timeline.mark("llm.prefill", seq.request_id)
             seq.slot = first + k
             self._active.append(seq)
         try:
@@ -275,6 +277,8 @@ class LLMEngine:
         assert seq is not None
         t = time.perf_counter()
         start, end = self._chunk_done, min(seq.prompt_len, self._chunk_done + self.prefill_tokens)
+        if start == 0:
+            timeline.mark("llm.prefill", seq.request_id)
         events: list[TokenEvent] = []
         try:
             hidden = self.prefill([seq], start=start, end=end)
@@ -299,6 +303,8 @@ class LLMEngine:
         for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
         events = self._accept(seqs, self.penalties.sample(logits, seqs, seqs[0].slot).tolist())
+        for seq in seqs:
+            timeline.mark("llm.token", seq.request_id)
         self.prefill_requests += len(seqs)
         return events
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton import timeline
 from vlm_triton.errors import InvalidRequest, StageStalled
 from vlm_triton.pipeline.orchestrator import (
     Chunk,
@@ -157,6 +158,7 @@ class TritonStages(StageClient):
             model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)]
         )
         response = check_response(await request.async_exec(), "preprocess")
+        timeline.mark("bls.preprocessed")
         pixels = _out(response, "pixel_values")
         extra_ids = _out(response, "prompt_table_extra_ids")
         tgt_sizes = _out(response, "tgt_sizes")
@@ -180,6 +182,7 @@ class TritonStages(StageClient):
         # (docs/benchmarks.md, item 7). Triton copies the embeddings to host memory for us.
         table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype,
                                    host=not self.gpu_prompt_table)
+        timeline.mark("bls.encoded")
         return torch_output("prompt_embedding_table", table)
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
@@ -216,8 +219,10 @@ class TritonStages(StageClient):
         finished = False
         try:
             trace(f"llm exec {request_id}")
+            timeline.mark("bls.llm_call", detail=request_id)
             iterator = await request.async_exec(decoupled=True)  # returns with the llm's first response
             trace(f"llm iterator {request_id}")
+            timeline.mark("bls.llm_first")
             async for batch in _response_batches(iterator):
                 new_ids: list[int] = []
                 for response in batch:
@@ -337,6 +342,9 @@ class TritonPythonModel:
 
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
+        timeline.bind(request.request_id())
+        timeline.mark("bls.execute")
+        sent = False
         try:
             messages = get_text(request, "messages")
             if messages is None:
@@ -354,6 +362,9 @@ class TritonPythonModel:
                             sender.send(pb_utils.InferenceResponse(error=cancelled), flags=FINAL)
                             return
                     sender.send(_response(chunk, requested), flags=FINAL if chunk.finish_reason else 0)
+                    if not sent:
+                        sent = True
+                        timeline.mark("bls.sent")
             finally:
                 await chunks.aclose()
         except Exception as exc:  # noqa: BLE001 - the error goes to this request's client

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton import timeline
 from vlm_triton.engine.engine import LLMEngine
 from vlm_triton.engine.observe import describe
 from vlm_triton.engine.outbox import Delivery, Outbox
@@ -163,6 +164,7 @@ class TritonPythonModel:
             )
             self._by_client.setdefault(client_id, set()).add(internal_id)
             self._active_gauge.set(len(self._active))
+        timeline.mark("llm.execute", internal_id)
         try:
             self.engine.add_request(generation)
         except Exception:
@@ -210,6 +212,9 @@ class TritonPythonModel:
     def _deliver_one(self, delivery: Delivery) -> None:
         active = self._active.get(delivery.request_id)
         if active is not None:
+            first = not active.tokens and bool(delivery.tokens)
+            if first:
+                timeline.mark("llm.send", delivery.request_id)
             active.tokens.extend(delivery.tokens)
             if delivery.final is not None:
                 self._forget(delivery.request_id)
@@ -220,6 +225,8 @@ class TritonPythonModel:
                 if now - active.sent < self.stream_interval_s:
                     return  # a running request makes a token every step: a later round sends these
                 active.sender.send(active.response(active.held))
+                if first:
+                    timeline.mark("llm.sent", delivery.request_id)
                 active.held, active.sent = [], now
                 if now - active.polled >= CANCEL_POLL_S:
                     active.polled = now
