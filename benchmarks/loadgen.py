@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +28,7 @@ from benchmarks.baselines import summarize
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream: bool,
                rec: dict[str, Any]) -> None:
     rec["sent"] = time.perf_counter()
+    rec["sent_ns"] = time.monotonic_ns()  # the clock of vlm_triton.timeline's marks
     times: list[float] = rec["times"]
     if not stream:
         r = await client.post(url, json=body)
@@ -53,12 +56,26 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream
                 rec["completion_tokens"] = int(obj["usage"].get("completion_tokens", 0))
             for choice in obj.get("choices") or ():
                 if (choice.get("delta") or {}).get("content"):
+                    if not times:
+                        rec["id"], rec["first_ns"] = obj.get("id"), time.monotonic_ns()
                     times.append(now)
     rec["end"] = time.perf_counter()
 
 
+def write_client_marks(records: list[dict[str, Any]], directory: Path) -> None:
+    """The client's ends of each streamed request's first-token path, as `vlm_triton.timeline` lines (client.send,
+    client.first) under the response id, which is the frontend's request id: benchmarks/timeline.py joins them."""
+    lines = [f"{r['sent_ns']} {r['id']} client.send\n{r['first_ns']} {r['id']} client.first\n"
+             for r in records if r.get("id") and "first_ns" in r]
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"client-{os.getpid()}.tl", "a") as f:
+        f.writelines(lines)
+
+
 async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
-                   stream: bool = True, request_timeout_s: float = 300.0) -> dict[str, Any]:
+                   stream: bool = True, request_timeout_s: float = 300.0, timeline_dir: Path | None = None
+                   ) -> dict[str, Any]:
+    """`timeline_dir`: also write the client's marks of each streamed request there (write_client_marks)."""
     url = base_url.rstrip("/") + "/chat/completions"
     body = {**body, "stream": stream}
     if stream:
@@ -86,6 +103,8 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
         wall = time.perf_counter() - t0
     ok = [r for r in records if "error" not in r]
     errors = [r["error"] for r in records if "error" in r]
+    if timeline_dir is not None and stream:
+        write_client_marks(ok, Path(timeline_dir))
     sent = {str(i): r["sent"] for i, r in enumerate(ok)}
     if stream:
         times = {str(i): r["times"] for i, r in enumerate(ok)}

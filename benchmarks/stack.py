@@ -64,10 +64,12 @@ class Stack:
     base_url: str = ""
 
     log_dir: Path | None = None
+    frontend_args: tuple[str, ...] = ()  # more `python -m openai_frontend` flags (e.g. --loop asyncio)
 
     @classmethod
     def start(cls, cfg: DeploymentConfig, work: Path, gpu: bool, *, pools: bool = True, verbose: bool = False,
-              log_dir: Path | None = None, server_args: tuple[str, ...] = ()) -> Stack:
+              log_dir: Path | None = None, server_args: tuple[str, ...] = (),
+              frontend_args: tuple[str, ...] = ()) -> Stack:
         """Start tritonserver (not waiting for it): loading overlaps whatever the caller does next.
 
         Every stub dumps its threads into work/stacks-<model>-<pid>.txt on SIGUSR1 (VLM_TRITON_DUMP_DIR, read by
@@ -86,7 +88,7 @@ class Stack:
         server = TritonServer(repo, ports=TritonPorts.any_free(),
                               log_file=log_dir / "tritonserver.log", extra_args=extra)
         server.start()
-        return cls(server, work, cfg, log_dir=log_dir)
+        return cls(server, work, cfg, log_dir=log_dir, frontend_args=frontend_args)
 
     def set_verbose(self, level: int) -> None:
         req = urllib.request.Request(f"http://{self.server.http_url}/v2/logging", method="POST",
@@ -182,7 +184,7 @@ class Stack:
         port = free_port()
         self.frontend = start_frontend(self.server.grpc_url, SERVED_NAME, port=port,
                                        log_file=(self.log_dir or self.work) / "frontend.log",
-                                       extra_args=("--max-inflight", "512"))
+                                       extra_args=("--max-inflight", "512", *self.frontend_args))
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return time.perf_counter() - t
 

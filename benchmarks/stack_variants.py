@@ -7,7 +7,7 @@ goes in each (cores per process, Triton's per-model times, the llm stub's engine
 
 A variant is NAME or NAME:SETTING[,SETTING...]; a SETTING is SECTION.KEY=VALUE (deployment config), a tritonserver
 flag starting with -- , or NAME=VALUE with an upper-case NAME (an environment variable of tritonserver and its
-stubs). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
+stubs), or frontend.FLAG=VALUE (a flag of `python -m openai_frontend`, e.g. frontend.loop=asyncio). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
 OUT/variants.json and prints a table last. `--timeline` marks every request's first-token path in the frontend, bls
 and llm (VLM_TRITON_TIMELINE_DIR) and prints its hops after each point (benchmarks/timeline.py).
 """
@@ -32,18 +32,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[str, str]]:
-    """-> (config assignments, tritonserver flags, environment)."""
-    config, flags, env = [], [], {}
+def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[str, str], tuple[str, ...]]:
+    """-> (config assignments, tritonserver flags, environment, frontend flags)."""
+    config, flags, env, frontend = [], [], {}, []
     for s in sets:
         key, _, value = s.partition("=")
         if s.startswith("--"):
             flags.append(s)
+        elif key.startswith("frontend."):
+            frontend += [f"--{key.removeprefix('frontend.').replace('_', '-')}", value]
         elif "." not in key and key.isupper():
             env[key] = value
         else:
             config.append(s)
-    return config, tuple(flags), env
+    return config, tuple(flags), env, tuple(frontend)
 
 
 def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]], cap_s: float,
@@ -202,7 +204,7 @@ def main() -> None:
         if time.time() > deadline - 60:
             log(f"variant {name}: skipped (deadline)")
             continue
-        config, flags, env = split_settings(sets)
+        config, flags, env, frontend_flags = split_settings(sets)
         timeline_dir = (args.out / f"timeline-{n}-{name}").resolve()
         if args.timeline:
             env = {"VLM_TRITON_TIMELINE_DIR": str(timeline_dir), **env}
@@ -211,7 +213,7 @@ def main() -> None:
         cfg = base_cfg.replace(**overrides(config))
         work = args.work / f"stack-{n}"
         t0 = time.perf_counter()
-        stack = Stack.start(cfg, work, args.device.startswith("cuda"), server_args=flags)
+        stack = Stack.start(cfg, work, args.device.startswith("cuda"), server_args=flags, frontend_args=frontend_flags)
         try:
             stack.wait(max(30.0, deadline - time.time() - 30))  # tritonserver ready, then the frontend
             log(f"stack {n} ({name} {sets}) ready after {time.perf_counter() - t0:.0f} s")
@@ -234,7 +236,8 @@ def main() -> None:
                     window = time.monotonic_ns()
                     r = asyncio.run(run_load(stack.base_url, body, c, requests_for(c, wname),
                                              min(args.time_cap_s, deadline - time.time()), stream=True,
-                                             request_timeout_s=90))
+                                             request_timeout_s=90,
+                                             timeline_dir=timeline_dir if args.timeline else None))
                     r["observed"] = before.delta(Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url))
                     for proc, path in profiles:
                         try:

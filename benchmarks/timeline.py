@@ -2,8 +2,9 @@
 
     python -m benchmarks.timeline DIR [--from NS --to NS]
 
-DIR holds the `<pid>.tl` files that the frontend, the bls and the llm wrote with VLM_TRITON_TIMELINE_DIR=DIR
-(`benchmarks.stack_variants --timeline` sets it and prints this table after each load point). Each request's marks
+DIR holds the `<pid>.tl` files that the frontend, the bls and the llm wrote with VLM_TRITON_TIMELINE_DIR=DIR, and
+the load generator's `client-<pid>.tl` (`loadgen.run_load(timeline_dir=DIR)`): `benchmarks.stack_variants
+--timeline` sets both and prints this table after each load point. Each request's marks
 are put in the order of the first token's path; a hop is the time from one mark to the next mark the request has
 (`bls.encoded` only for requests with images). Prints p50 / p90 / mean ms per hop over the requests that the
 frontend received within [--from, --to] (CLOCK_MONOTONIC ns; default: all).
@@ -19,6 +20,7 @@ from typing import Any
 
 # The first token's path, in order: where each mark is made
 PATH = (
+    ("client.send", "load generator: the HTTP request is sent"),
     ("frontend.receive", "frontend: the chat request is parsed"),
     ("frontend.send", "frontend: the gRPC stream to the bls starts"),
     ("bls.execute", "bls: execute() starts serving it"),
@@ -34,6 +36,7 @@ PATH = (
     ("bls.sent", "bls: the first chunk was sent"),
     ("frontend.first", "frontend: the first gRPC response arrived"),
     ("frontend.sse", "frontend: the first text delta is written"),
+    ("client.first", "load generator: the first text delta arrived (its TTFT ends)"),
 )
 ORDER = {event: k for k, (event, _) in enumerate(PATH)}
 
@@ -43,7 +46,7 @@ def read_marks(directory: Path) -> Iterable[tuple[int, str, str, str]]:
     for path in sorted(Path(directory).glob("*.tl")):
         for line in path.read_text(errors="replace").splitlines():
             parts = line.split(" ", 3)
-            if len(parts) < 3 or not parts[0].isdigit():
+            if len(parts) < 3 or not parts[0].lstrip("-").isdigit():
                 continue
             yield int(parts[0]), parts[1], parts[2], parts[3] if len(parts) > 3 else ""
 
@@ -90,8 +93,8 @@ def table(requests: dict[str, dict[str, int]], start_ns: int | None = None, end_
     for ev in chosen:
         for name, ms in hops(ev):
             per_hop.setdefault(name, []).append(ms)
-        last = max((e for e in ev if e in ORDER), key=ORDER.__getitem__)
-        totals.append((ev[last] - ev["frontend.receive"]) / 1e6)
+        present = sorted((e for e in ev if e in ORDER), key=ORDER.__getitem__)
+        totals.append((ev[present[-1]] - ev[present[0]]) / 1e6)
     order = {f"{a} -> {b}": (ORDER[a], ORDER[b]) for a in ORDER for b in ORDER}
     rows = [{"hop": name, **_stats(values)} for name, values in sorted(per_hop.items(), key=lambda kv: order[kv[0]])]
     return {"requests": len(chosen), "hops": rows, "total": _stats(totals) if totals else None}
@@ -110,7 +113,7 @@ def format_table(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['hop']} | {row['n']} | {row['p50']:.2f} | {row['p90']:.2f} | {row['mean']:.2f} |")
     if result["total"]:
         t = result["total"]
-        lines.append(f"| receive -> last mark | {t['n']} | {t['p50']:.2f} | {t['p90']:.2f} | {t['mean']:.2f} |")
+        lines.append(f"| first mark -> last mark | {t['n']} | {t['p50']:.2f} | {t['p90']:.2f} | {t['mean']:.2f} |")
     return lines
 
 

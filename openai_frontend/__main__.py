@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ import uvicorn
 
 from openai_frontend.app import create_app
 from openai_frontend.engine.triton_grpc import TritonGrpcEngine
-from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Settings
+from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
 from vlm_triton.errors import SetupError
 
 
@@ -60,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="deadline of one Triton request (default: none)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--loop", default="auto", choices=LOOPS,
+                   help="event loop (default: %(default)s = uvloop when installed, else asyncio)")
+    p.add_argument("--http", default="auto", choices=HTTP_PARSERS,
+                   help="HTTP/1.1 parser (default: %(default)s = httptools when installed, else h11)")
     a = p.parse_args(argv)
     try:
         return Settings(
@@ -75,10 +80,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             retry_after_s=a.retry_after,
             max_body_bytes=a.max_body_bytes,
             log_level=a.log_level,
+            loop=a.loop,
+            http=a.http,
         )
     except ValueError as exc:
         p.error(str(exc))
         raise  # unreachable: p.error exits
+
+
+def server_implementations(settings: Settings) -> tuple[str, str]:
+    """(event loop, HTTP parser) for uvicorn: 'auto' resolved the way uvicorn resolves it (the C implementation when
+    it can be imported), so the log names what runs. Asking for one that is not installed is a SetupError."""
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
+    loop = settings.loop if settings.loop != "auto" else ("uvloop" if installed["uvloop"] else "asyncio")
+    http = settings.http if settings.http != "auto" else ("httptools" if installed["httptools"] else "h11")
+    for name in (loop, http):
+        if name in installed and not installed[name]:
+            raise SetupError(f"{name} is not installed: pip install {name}, or pass --loop asyncio / --http h11")
+    return loop, http
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        server_implementations(settings)
         sock = bind(settings.host, settings.port)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,14 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = TritonGrpcEngine(
         settings.triton_url, settings.model_name, settings.bls_model, stream_timeout_s=settings.triton_timeout_s
     )
-    config = uvicorn.Config(create_app(engine, settings), log_level=settings.log_level, timeout_graceful_shutdown=5)
+    loop, http = server_implementations(settings)
+    config = uvicorn.Config(create_app(engine, settings), log_level=settings.log_level, timeout_graceful_shutdown=5,
+                            loop=loop, http=http)
     logging.getLogger("openai_frontend").info(
-        "serving %s on http://%s:%d (Triton %s, BLS model %s)",
+        "serving %s on http://%s:%d (Triton %s, BLS model %s; %s loop, %s parser)",
         settings.model_name,
         settings.host,
         settings.port,
         settings.triton_url,
         settings.bls_model,
+        loop,
+        http,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 DEFAULT_PORT = 9997
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # base64 images are large
 API_KEY_ENV = "VLM_TRITON_API_KEY"
+LOOPS = ("auto", "asyncio", "uvloop")  # uvicorn's event loop choices; auto = uvloop when installed
+HTTP_PARSERS = ("auto", "h11", "httptools")  # uvicorn's HTTP/1.1 parsers; auto = httptools when installed
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,16 @@ class Settings:
     retry_after_s: int = 1
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "info"
+    # the HTTP server: uvloop and httptools (dependencies of the package) are C implementations of what asyncio and
+    # h11 do in Python; each request's parsing and each streamed chunk cost less with them (docs/benchmarks.md)
+    loop: str = "auto"
+    http: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.http not in HTTP_PARSERS:
+            raise ValueError(f"http must be one of {', '.join(HTTP_PARSERS)}, got {self.http!r}")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_body_bytes < 1024:

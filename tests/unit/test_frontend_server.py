@@ -21,6 +21,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from openai_frontend import Settings, create_app
+from openai_frontend.__main__ import parse_args, server_implementations
 from openai_frontend.engine.fake import FakeEngine
 
 MODEL = "fake-vlm"
@@ -33,8 +34,10 @@ def serving(engine: FakeEngine, **settings: Any) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(engine, Settings(port=port, **settings))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    config = Settings(port=port, **settings)
+    loop, http = server_implementations(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning", timeout_graceful_shutdown=2,
+                                           loop=loop, http=http))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -161,3 +164,29 @@ def test_non_streaming_client_disconnect_cancels_the_engine_request() -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/chat/completions", json={"messages": long_prompt}, timeout=0.5)
         assert engine.cancelled.wait(5), "the engine did not see the request cancelled"
+
+
+@pytest.mark.parametrize("loop,http", [("asyncio", "h11"), ("uvloop", "httptools")])
+def test_streaming_on_each_event_loop_and_http_parser(loop: str, http: str) -> None:
+    """The C implementations (the default when installed) and the pure-Python ones serve the same stream."""
+    engine = FakeEngine(MODEL)
+    with serving(engine, loop=loop, http=http) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True, max_tokens=5,
+                                                     stream_options={"include_usage": True}))
+        whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_loop_and_http_flags_resolve_auto_to_what_is_installed() -> None:
+    settings = parse_args(["--model-name", "m"])
+    assert (settings.loop, settings.http) == ("auto", "auto")
+    assert server_implementations(settings) == ("uvloop", "httptools")  # both are dependencies of the package
+    chosen = parse_args(["--model-name", "m", "--loop", "asyncio", "--http", "h11"])
+    assert server_implementations(chosen) == ("asyncio", "h11")
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", "m", "--loop", "trio"])
+    with pytest.raises(ValueError, match="http must be one of"):
+        Settings(http="h2")

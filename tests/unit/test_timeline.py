@@ -85,5 +85,11 @@ def test_join_orders_hops_along_the_path(tmp_path: Path) -> None:
     assert whole["requests"] == 2 and whole["total"]["n"] == 2
     only_a = report.table(requests, start_ns=0, end_ns=50 * ms)
     assert only_a["requests"] == 1 and only_a["total"]["p50"] == 41.0
+    (tmp_path / "client-9.tl").write_text(f"{-2 * ms} A client.send\n{43 * ms} A client.first\n")
+    with_client = report.join(report.read_marks(tmp_path))["A"]
+    assert report.hops(with_client)[0] == ("client.send -> frontend.receive", 2.0)
+    assert report.hops(with_client)[-1] == ("frontend.sse -> client.first", 2.0)
+    assert report.table({"A": with_client})["total"]["p50"] == 45.0
     lines = report.format_table(only_a)
+    assert lines[-1].startswith("| first mark -> last mark | 1 | 41.00 |")
     assert any(ln.startswith("| llm.token -> llm.send | 1 | 5.00 |") for ln in lines)
