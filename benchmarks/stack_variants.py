@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
                     help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
     ap.add_argument("--profile-s", type=float, default=8.0)
+    ap.add_argument("--client-procs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                    help="load generator processes per point; a list (1,4) runs each point once per value")
     ap.add_argument("--timeline", action="store_true",
                     help="mark each request's first-token path (VLM_TRITON_TIMELINE_DIR) and print its hops per point")
     args = ap.parse_args()
@@ -223,7 +225,7 @@ def main() -> None:
             for wname, concurrency in points.items():
                 body = chat_body(ws[wname], SERVED_NAME, True)
                 asyncio.run(run_load(stack.base_url, body, 2, 4, args.time_cap_s, stream=True, request_timeout_s=60))
-                for c in concurrency:
+                for c, procs in ((c, p) for c in concurrency for p in args.client_procs):
                     if time.time() > deadline - 15:
                         break
                     time.sleep(STEP_STATS_S + 0.2)  # the next timing line covers this point only
@@ -237,7 +239,7 @@ def main() -> None:
                     r = asyncio.run(run_load(stack.base_url, body, c, requests_for(c, wname),
                                              min(args.time_cap_s, deadline - time.time()), stream=True,
                                              request_timeout_s=90,
-                                             timeline_dir=timeline_dir if args.timeline else None))
+                                             timeline_dir=timeline_dir if args.timeline else None, procs=procs))
                     r["observed"] = before.delta(Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url))
                     for proc, path in profiles:
                         try:
@@ -253,10 +255,10 @@ def main() -> None:
                     r["llm_timing"], _ = llm_timing_lines(log_file, offset)
                     if args.timeline:
                         r["timeline"] = first_token_path(timeline_dir, window, time.monotonic_ns())
-                    r.update(variant=name, settings=sets, stack=n, workload=wname)
+                    r.update(variant=name, settings=sets, stack=n, workload=wname, client_procs=procs)
                     rows.append(r)
                     save()
-                    log(f"stack {n} ({name}) {wname} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 "
+                    log(f"stack {n} ({name}) {wname} c={c} client procs {procs}: {r['output_tok_s']:.0f} tok/s, TTFT p50 "
                         f"{r['ttft_ms']['p50']:.1f}, TPOT p50 {r['tpot_ms']['p50']:.2f}, errors {r['errors']}, "
                         f"chunks/token {r.get('chunks_per_token') or 0:.2f}")
                     log("  " + summary_line(r["observed"]))
@@ -272,13 +274,14 @@ def main() -> None:
             stack.stop()
     os.environ.clear()
     os.environ.update(base_env)
-    print("\n| variant | workload | c | out tok/s | TTFT p50 ms | TPOT p50 / p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | workload | c | client procs | out tok/s | TTFT p50 ms | TPOT p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | | | failed: {r['error'][:80]} | | | |")
+            print(f"| {r['variant']} | | | | failed: {r['error'][:80]} | | | |")
             continue
-        print(f"| {r['variant']} | {r['workload']} | {r['concurrency']} | {r['output_tok_s']:,.0f} | "
+        print(f"| {r['variant']} | {r['workload']} | {r['concurrency']} | {r.get('client_procs', 1)} | "
+              f"{r['output_tok_s']:,.0f} | "
               f"{r['ttft_ms']['p50']:.1f} | {r['tpot_ms']['p50']:.2f} / {r['tpot_ms']['p99']:.2f} | "
               f"{r.get('errors', 0)} |")
 

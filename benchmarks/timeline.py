@@ -21,7 +21,8 @@ from typing import Any
 # The first token's path, in order: where each mark is made
 PATH = (
     ("client.send", "load generator: the HTTP request is sent"),
-    ("frontend.receive", "frontend: the chat request is parsed"),
+    ("frontend.http", "frontend: the HTTP request reaches the app (its guard middleware)"),
+    ("frontend.receive", "frontend: the body is read and validated, the generation starts"),
     ("frontend.send", "frontend: the gRPC stream to the bls starts"),
     ("bls.execute", "bls: execute() starts serving it"),
     ("bls.preprocessed", "bls: the preprocess call returned"),

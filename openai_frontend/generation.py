@@ -18,6 +18,7 @@ from openai_frontend.engine.base import EngineError, GenerationChunk, Generation
 from openai_frontend.errors import APIError, error_body
 from openai_frontend.protocol import Usage
 from openai_frontend.sse import DONE, ChunkEncoder, until_disconnect
+from openai_frontend.middleware import ARRIVED_NS
 from openai_frontend.state import FrontendState
 from vlm_triton import timeline
 
@@ -31,7 +32,9 @@ class Generation:
         self.endpoint = endpoint
         self.metrics = state.metrics
         self.started = time.perf_counter()
-        timeline.mark("frontend.receive", spec.request_id)
+        if timeline.enabled():
+            timeline.mark("frontend.http", spec.request_id, at_ns=request.scope.get(ARRIVED_NS))
+            timeline.mark("frontend.receive", spec.request_id)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None

@@ -15,7 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from openai_frontend.errors import RequestTooLarge, error_response
 from openai_frontend.metrics import Metrics
 from openai_frontend.settings import Settings
+from vlm_triton import timeline
 
+ARRIVED_NS = "vlm_arrived_ns"  # scope key: when the guard first saw the request (only with a timeline)
 GENERATION_ENDPOINTS: dict[str, str] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
@@ -31,6 +33,8 @@ class FrontendGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if timeline.enabled():  # the request's first moment in the app, marked once its id exists (Generation)
+            scope[ARRIVED_NS] = time.monotonic_ns()
         path: str = scope["path"]
         headers = Headers(scope=scope)
         if self._bearer is not None and (path == "/v1" or path.startswith("/v1/")) and not self._key_ok(headers):

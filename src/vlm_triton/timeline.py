@@ -38,13 +38,15 @@ def _write(line: str) -> None:
     os.write(_fd, line.encode())  # one O_APPEND write per line: lines of threads never interleave
 
 
-def mark(event: str, request_id: str | None = None, detail: str = "") -> None:
-    """Record `event` now for `request_id` (default: the request bound to this context; nothing when none is)."""
+def mark(event: str, request_id: str | None = None, detail: str = "", at_ns: int | None = None) -> None:
+    """Record `event` for `request_id` (default: the request bound to this context; nothing when none is), at
+    `at_ns` (time.monotonic_ns(); default now: for a time taken before the request's id was known)."""
     if _DIR is None:
         return
     rid = request_id if request_id is not None else _current.get()
     if rid:
-        _write(f"{time.monotonic_ns()} {rid} {event}{' ' + detail if detail else ''}\n")
+        when = time.monotonic_ns() if at_ns is None else at_ns
+        _write(f"{when} {rid} {event}{' ' + detail if detail else ''}\n")
 
 
 def bind(request_id: str) -> None:

@@ -93,3 +93,10 @@ def test_join_orders_hops_along_the_path(tmp_path: Path) -> None:
     lines = report.format_table(only_a)
     assert lines[-1].startswith("| first mark -> last mark | 1 | 41.00 |")
     assert any(ln.startswith("| llm.token -> llm.send | 1 | 5.00 |") for ln in lines)
+
+
+def test_client_processes_share_concurrency_and_requests() -> None:
+    from benchmarks.loadgen import split
+
+    assert split(64, 4) == [16, 16, 16, 16]
+    assert split(10, 4) == [3, 3, 2, 2] and sum(split(193, 4)) == 193
