@@ -75,12 +75,15 @@ def write_client_marks(records: list[dict[str, Any]], directory: Path) -> None:
 
 
 async def _records(url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
-                   stream: bool, request_timeout_s: float) -> tuple[list[dict[str, Any]], float, float]:
+                   stream: bool, request_timeout_s: float, start_at: float | None = None
+                   ) -> tuple[list[dict[str, Any]], float, float]:
     """One process's closed loop: (records, start, end) in perf_counter seconds (CLOCK_MONOTONIC on Linux, one clock
-    for every process of the host)."""
+    for every process of the host). `start_at` (perf_counter): sleep until then, so that processes start together."""
     records: list[dict[str, Any]] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout_s)) as client:
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         t0 = time.perf_counter()
         counter = iter(range(n_requests))
 
@@ -99,8 +102,19 @@ async def _records(url: str, body: dict[str, Any], concurrency: int, n_requests:
         return records, t0, time.perf_counter()
 
 
+STREAMS_PER_PROC = 4
+MAX_AUTO_PROCS = 8
+START_DELAY_S = 3.0  # spawned client processes import httpx and open their pools before the common start
+
+
 def _records_in_process(*args: Any) -> tuple[list[dict[str, Any]], float, float]:
     return asyncio.run(_records(*args))
+
+
+def auto_procs(concurrency: int) -> int:
+    """Client processes for a point: one per 4 streams, at most 8. One process's event loop, parsing every SSE chunk
+    of 64 streams, delayed each request's send by ~60 ms on an H100 host (docs/benchmarks.md, item 33)."""
+    return min(MAX_AUTO_PROCS, max(1, -(-concurrency // STREAMS_PER_PROC)))
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -110,28 +124,32 @@ def split(total: int, parts: int) -> list[int]:
 
 async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
                    stream: bool = True, request_timeout_s: float = 300.0, timeline_dir: Path | None = None,
-                   procs: int = 1) -> dict[str, Any]:
+                   procs: int | None = 1) -> dict[str, Any]:
     """`timeline_dir`: also write the client's marks of each streamed request there (write_client_marks).
     `procs` > 1: the concurrency (and the requests) shared by that many client processes, so that one Python event
     loop parsing every SSE chunk of every stream is not what limits the measurement; the records are merged and the
-    wall time runs from the first process's start to the last one's end."""
+    wall time runs from their common start to the last one's end. None: `auto_procs(concurrency)`."""
     url = base_url.rstrip("/") + "/chat/completions"
     body = {**body, "stream": stream}
     if stream:
         body.setdefault("stream_options", {"include_usage": True})
     else:
         body.pop("stream_options", None)
-    procs = max(1, min(procs, concurrency))
+    procs = max(1, min(auto_procs(concurrency) if procs is None else procs, concurrency))
+    skew = 0.0
     if procs == 1:
         records, start, end = await _records(url, body, concurrency, n_requests, time_cap_s, stream, request_timeout_s)
     else:
         loop = asyncio.get_running_loop()
+        start_at = time.perf_counter() + START_DELAY_S
         with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = await asyncio.gather(*(
-                loop.run_in_executor(pool, _records_in_process, url, body, c, n, time_cap_s, stream, request_timeout_s)
+                loop.run_in_executor(pool, _records_in_process, url, body, c, n, time_cap_s, stream, request_timeout_s,
+                                     start_at)
                 for c, n in zip(split(concurrency, procs), split(n_requests, procs))))
         records = [r for part in parts for r in part[0]]
         start, end = min(p[1] for p in parts), max(p[2] for p in parts)
+        skew = max(p[1] for p in parts) - start  # > 0: a process was not ready at the common start
     wall = end - start
     ok = [r for r in records if "error" not in r]
     errors = [r["error"] for r in records if "error" in r]
@@ -156,6 +174,8 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     out["req_s"] = len(ok) / wall if wall else None
     out["stream"] = stream
     out["first_errors"] = errors[:3]
+    out["client_procs"] = procs
+    out["client_start_skew_s"] = skew
     return out
 
 
@@ -170,7 +190,8 @@ def main() -> None:
     ap.add_argument("--image", action="append", default=[], help="image URL (file://, http(s)://, data:)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-stream", action="store_true")
-    ap.add_argument("--procs", type=int, default=1, help="client processes sharing the concurrency")
+    ap.add_argument("--procs", type=int, default=None,
+                    help="client processes sharing the concurrency (default: one per 4 streams, at most 8)")
     args = ap.parse_args()
     content: Any = args.prompt
     if args.image:

@@ -162,9 +162,9 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
                 continue
             n = 2 if meta["smoke"] else requests_for(c, name)
             r = observed(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=True,
-                         request_timeout_s=90)
+                         request_timeout_s=90, procs=meta.get("client_procs"))
             runs.setdefault(name, []).append(r)
-            log(f"stack {name} c={c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']}, TPOT p50 "
+            log(f"stack {name} c={c} ({r['client_procs']} client procs): {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']}, TPOT p50 "
                 f"{r['tpot_ms']['p50']}, errors {r['errors']} {r['first_errors']}, {r['requests']} req, "
                 f"{r['wall_s']:.1f} s, chunks/token {r.get('chunks_per_token'):.2f}")
     for c in meta["non_stream_concurrency"]:
@@ -173,7 +173,7 @@ def stack_sweeps(stack: Any, ws: dict[str, Any], meta: dict[str, Any], deadline:
         n = 2 if meta["smoke"] else requests_for(c, "W2")
         body = chat_body(ws["W2"], SERVED_NAME, False)
         r = observed(stack.base_url, body, c, n, min(cap, deadline - time.time()), stream=False,
-                     request_timeout_s=90)
+                     request_timeout_s=90, procs=meta.get("client_procs"))
         non_stream.append(r)
         log(f"stack W2 non-streaming c={c}: {r['output_tok_s']:.0f} tok/s, errors {r['errors']}")
     return {"runs": runs, "non_stream_W2": non_stream, "perf_analyzer_W2": perf_analyzer_view(stack, ws, meta, deadline)}
@@ -242,6 +242,8 @@ def main() -> None:
                     help="override the stack's deployment config (repeatable), e.g. triton.bls_instances=2")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     ap.add_argument("--stack-workloads", default="W2,W1,W3")
+    ap.add_argument("--client-procs", default="auto",
+                    help="load generator processes per stack point (auto: one per 4 streams, at most 8; item 33)")
     ap.add_argument("--no-pools", action="store_true", help="stack without the CUDA / pinned memory-pool flags")
     ap.add_argument("--no-fallback", action="store_true", help="no second stack (graphs and pools off) on a failure")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -290,6 +292,7 @@ def main() -> None:
         "checkpoint": str(ckpt), "device": args.device, "dtype": "bfloat16" if args.device != "cpu" else "float32",
         "deadline": deadline, "smoke": args.smoke, "concurrency": conc, "max_slots": args.max_slots,
         "max_seq_len": args.max_seq_len, "time_cap_s": args.time_cap_s,
+        "client_procs": None if args.client_procs == "auto" else int(args.client_procs),
         "prefill_tokens": deployment_of(args, ckpt, media).max_step_tokens,  # the bare engine's = the stack's
         "engine_workloads": ["W2", "W1", "W3"], "stack_workloads": args.stack_workloads.split(","),
         "non_stream_concurrency": [1, 2] if args.smoke else [c for c in (16, 64) if c in conc],

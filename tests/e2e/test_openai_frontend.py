@@ -100,6 +100,26 @@ def test_timeline_marks_the_first_token_path_in_order(client, stack, timeline_di
     assert one["requests"] == 1 and len(one["hops"]) == len(server_marks) - 1
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_load_generator_counts_and_marks_each_request(frontend, timeline_dir, procs) -> None:
+    """The benchmarks' load generator against the real stack, in one process and shared by two: every request and
+    token counted, and its client marks join the server's on the same request id, before and after them."""
+    import asyncio
+
+    from benchmarks.loadgen import run_load
+    from benchmarks.timeline import join, read_marks
+
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4,
+            "ignore_eos": True, "temperature": 0}
+    out = asyncio.run(run_load(frontend, body, 2, 4, 120, request_timeout_s=60, timeline_dir=timeline_dir,
+                               procs=procs))
+    assert (out["requests"], out["errors"], out["usage_output_tokens"], out["client_procs"]) == (4, 0, 16, procs)
+    assert out["ttft_ms"]["p50"] > 0 and out["output_tok_s"] > 0
+    clients = [ev for ev in join(read_marks(timeline_dir)).values() if "client.send" in ev]
+    assert len(clients) >= 4 * procs  # this test's requests so far, and the earlier parameter's
+    assert all(ev["client.send"] <= ev["frontend.http"] <= ev["frontend.sse"] <= ev["client.first"] for ev in clients)
+
+
 def test_max_tokens_gives_length_and_stop_sequences_cut(client) -> None:
     r = ask(client, "Talk.", max_tokens=7, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 7
