@@ -127,3 +127,15 @@ def test_kv_cache_tokens_at_least_one_request() -> None:
     assert _cfg(engine={"kv_cache_tokens": 8192, "max_seq_len": 8192}).engine.kv_cache_tokens == 8192
     with pytest.raises(SetupError, match=r"engine.kv_cache_tokens must be 0 \(max_slots \* max_seq_len\) or >= "):
         _cfg(engine={"kv_cache_tokens": 4096, "max_seq_len": 8192})
+
+
+def test_default_step_budget_is_the_prompt_limit_but_at_least_8192() -> None:
+    from vlm_triton.deploy.config import DEFAULT_STEP_TOKENS, DeploymentConfig
+
+    def cfg(**engine: int) -> DeploymentConfig:
+        return DeploymentConfig.from_dict({"model": {"checkpoint": "/x"}, "engine": engine})
+
+    assert DEFAULT_STEP_TOKENS == 8192
+    assert cfg(max_seq_len=4096).max_step_tokens == 8192
+    assert cfg(max_seq_len=32768).max_step_tokens == 32767
+    assert cfg(max_seq_len=4096, max_num_tokens=2048).max_step_tokens == 2048

@@ -19,6 +19,9 @@ from vlm_triton.errors import SetupError
 Profile = Literal["torch", "trtllm"]
 # Vision requests are split in multiples of this many tiles: InternVideo2.5's HiCo merges 4 consecutive frames.
 TILE_GROUP = 4
+# The torch engine's least default prefill budget per step: on an H100, W2 at c=16 ran 13% faster than with the prompt
+# limit (4,095) as the budget, by fewer and larger prefill steps between decode steps (docs/benchmarks.md, item 35).
+DEFAULT_STEP_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ class EngineSection:
     pipeline_parallel: int = 1  # LLM layer stages (world size = tensor_parallel * pipeline_parallel)
     weight_only: str = ""  # "" | int8 | int4: weight-only quantization of the LLM (convert_checkpoint.py)
     max_input_len: int = 0  # prompt tokens per request, images included; 0: max_seq_len - 1
-    # tokens per engine step (torch: one prefill batch, count x longest prompt; a longer prompt goes alone);
-    # 0: max_input_len
+    # tokens per engine step (torch: one prefill batch, count x longest prompt; a longer prompt goes in chunks);
+    # 0: max(max_input_len, 8192) on the torch profile, max_input_len on trtllm
     max_num_tokens: int = 0
     batch_scheduler_policy: str = "guaranteed_no_evict"  # | max_utilization
     vision_gpu: int = 0  # the GPU the vision plan runs on
@@ -172,8 +175,9 @@ class DeploymentConfig:
 
     @property
     def max_step_tokens(self) -> int:
-        """Tokens one engine step may prefill (engine.max_num_tokens, default the prompt limit)."""
-        return self.engine.max_num_tokens or self.max_prompt_tokens
+        """Tokens one torch engine step may prefill: engine.max_num_tokens, by default the prompt limit but at least
+        DEFAULT_STEP_TOKENS (TensorRT-LLM's default max_num_tokens; docs/benchmarks.md, item 35)."""
+        return self.engine.max_num_tokens or max(self.max_prompt_tokens, DEFAULT_STEP_TOKENS)
 
     @property
     def world_size(self) -> int:
