@@ -29,12 +29,11 @@ from benchmarks.baselines import summarize
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream: bool,
                rec: dict[str, Any]) -> None:
-    rec["sent"] = time.perf_counter()
-    rec["sent_ns"] = time.monotonic_ns()  # the clock of vlm_triton.timeline's marks
+    rec["sent"] = time.monotonic()
     times: list[float] = rec["times"]
     if not stream:
         r = await client.post(url, json=body)
-        now = time.perf_counter()
+        now = time.monotonic()
         if r.status_code != 200:
             rec["error"] = f"HTTP {r.status_code}: {r.text[:200]}"
             return
@@ -52,23 +51,23 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream
             data = line[6:]
             if data == "[DONE]":
                 break
-            now = time.perf_counter()
+            now = time.monotonic()
             obj = json.loads(data)
             if obj.get("usage"):
                 rec["completion_tokens"] = int(obj["usage"].get("completion_tokens", 0))
             for choice in obj.get("choices") or ():
                 if (choice.get("delta") or {}).get("content"):
                     if not times:
-                        rec["id"], rec["first_ns"] = obj.get("id"), time.monotonic_ns()
+                        rec["id"] = obj.get("id")
                     times.append(now)
-    rec["end"] = time.perf_counter()
+    rec["end"] = time.monotonic()
 
 
 def write_client_marks(records: list[dict[str, Any]], directory: Path) -> None:
     """The client's ends of each streamed request's first-token path, as `vlm_triton.timeline` lines (client.send,
     client.first) under the response id, which is the frontend's request id: benchmarks/timeline.py joins them."""
-    lines = [f"{r['sent_ns']} {r['id']} client.send\n{r['first_ns']} {r['id']} client.first\n"
-             for r in records if r.get("id") and "first_ns" in r]
+    lines = [f"{round(r['sent'] * 1e9)} {r['id']} client.send\n{round(r['times'][0] * 1e9)} {r['id']} client.first\n"
+             for r in records if r.get("id") and r["times"]]
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f"client-{os.getpid()}.tl", "a") as f:
         f.writelines(lines)
@@ -77,19 +76,20 @@ def write_client_marks(records: list[dict[str, Any]], directory: Path) -> None:
 async def _records(url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
                    stream: bool, request_timeout_s: float, start_at: float | None = None
                    ) -> tuple[list[dict[str, Any]], float, float]:
-    """One process's closed loop: (records, start, end) in perf_counter seconds (CLOCK_MONOTONIC on Linux, one clock
-    for every process of the host). `start_at` (perf_counter): sleep until then, so that processes start together."""
+    """One process's closed loop: (records, start, end) in time.monotonic() seconds (CLOCK_MONOTONIC: one clock for
+    every process of the host, and the clock of vlm_triton.timeline's marks). `start_at` (the same clock): sleep
+    until then, so that processes start together."""
     records: list[dict[str, Any]] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout_s)) as client:
         if start_at is not None:
-            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        t0 = time.perf_counter()
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        t0 = time.monotonic()
         counter = iter(range(n_requests))
 
         async def worker() -> None:
             for _ in counter:
-                if time.perf_counter() - t0 > time_cap_s:
+                if time.monotonic() - t0 > time_cap_s:
                     return
                 rec: dict[str, Any] = {"times": []}
                 records.append(rec)
@@ -99,7 +99,7 @@ async def _records(url: str, body: dict[str, Any], concurrency: int, n_requests:
                     rec["error"] = f"{type(exc).__name__}: {exc}"
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return records, t0, time.perf_counter()
+        return records, t0, time.monotonic()
 
 
 STREAMS_PER_PROC = 4
@@ -141,7 +141,7 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
         records, start, end = await _records(url, body, concurrency, n_requests, time_cap_s, stream, request_timeout_s)
     else:
         loop = asyncio.get_running_loop()
-        start_at = time.perf_counter() + START_DELAY_S
+        start_at = time.monotonic() + START_DELAY_S
         with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = await asyncio.gather(*(
                 loop.run_in_executor(pool, _records_in_process, url, body, c, n, time_cap_s, stream, request_timeout_s,

@@ -65,15 +65,12 @@ def join(marks: Iterable[tuple[int, str, str, str]]) -> dict[str, dict[str, int]
             events[event] = ns
     requests: dict[str, dict[str, int]] = {}
     for rid, events in by_id.items():
-        owner = llm_owner.get(rid.split("#", 1)[0])
-        if owner is not None:  # an llm request: its marks belong to the frontend request that made it
-            target = requests.setdefault(owner, {})
-            for event, ns in events.items():
-                target[event] = min(ns, target.get(event, ns))
-        elif "#" not in rid:
-            target = requests.setdefault(rid, {})
-            for event, ns in events.items():
-                target[event] = min(ns, target.get(event, ns))
+        owner = llm_owner.get(rid.split("#", 1)[0])  # an llm request: its marks belong to the request that made it
+        if owner is None and "#" in rid:
+            continue  # an llm request of no known bls call (e.g. a cancellation)
+        target = requests.setdefault(owner or rid, {})
+        for event, ns in events.items():
+            target[event] = min(ns, target.get(event, ns))
     return requests
 
 
@@ -96,8 +93,11 @@ def table(requests: dict[str, dict[str, int]], start_ns: int | None = None, end_
             per_hop.setdefault(name, []).append(ms)
         present = sorted((e for e in ev if e in ORDER), key=ORDER.__getitem__)
         totals.append((ev[present[-1]] - ev[present[0]]) / 1e6)
-    order = {f"{a} -> {b}": (ORDER[a], ORDER[b]) for a in ORDER for b in ORDER}
-    rows = [{"hop": name, **_stats(values)} for name, values in sorted(per_hop.items(), key=lambda kv: order[kv[0]])]
+    def path_order(hop: str) -> tuple[int, int]:
+        a, b = hop.split(" -> ")
+        return ORDER[a], ORDER[b]
+
+    rows = [{"hop": name, **_stats(per_hop[name])} for name in sorted(per_hop, key=path_order)]
     return {"requests": len(chosen), "hops": rows, "total": _stats(totals) if totals else None}
 
 

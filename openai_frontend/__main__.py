@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server_implementations(settings)
+        loop, http = server_implementations(settings)
         sock = bind(settings.host, settings.port)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -128,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = TritonGrpcEngine(
         settings.triton_url, settings.model_name, settings.bls_model, stream_timeout_s=settings.triton_timeout_s
     )
-    loop, http = server_implementations(settings)
     config = uvicorn.Config(create_app(engine, settings), log_level=settings.log_level, timeout_graceful_shutdown=5,
                             loop=loop, http=http)
     logging.getLogger("openai_frontend").info(
