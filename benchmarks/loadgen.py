@@ -24,7 +24,6 @@ from typing import Any
 
 import httpx
 
-from benchmarks.baselines import summarize
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream: bool,
@@ -159,6 +158,8 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     if stream:
         times = {str(i): r["times"] for i, r in enumerate(ok)}
         tokens = {str(i): r["completion_tokens"] for i, r in enumerate(ok) if r.get("completion_tokens")}
+        from benchmarks.baselines import summarize  # here: the spawned client processes need no torch
+
         out = summarize(sent, times, wall, concurrency, errors=len(errors), tokens=tokens)
         out["chunks_per_token"] = (sum(len(r["times"]) for r in ok) /
                                    max(1, sum(r.get("completion_tokens", 0) for r in ok)))

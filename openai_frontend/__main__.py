@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
+import importlib
 import logging
 import os
 import socket
@@ -88,10 +88,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         raise  # unreachable: p.error exits
 
 
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 def server_implementations(settings: Settings) -> tuple[str, str]:
     """(event loop, HTTP parser) for uvicorn: 'auto' resolved the way uvicorn resolves it (the C implementation when
-    it can be imported), so the log names what runs. Asking for one that is not installed is a SetupError."""
-    installed = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
+    it imports), so the log names what runs. Asking for one that does not import is a SetupError."""
+    installed = {name: _imports(name) for name in ("uvloop", "httptools")}
     loop = settings.loop if settings.loop != "auto" else ("uvloop" if installed["uvloop"] else "asyncio")
     http = settings.http if settings.http != "auto" else ("httptools" if installed["httptools"] else "h11")
     for name in (loop, http):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
+import threading
 import time
 
 _DIR = os.environ.get("VLM_TRITON_TIMELINE_DIR") or None
 _fd: int | None = None
 _fd_pid = 0
+_open_lock = threading.Lock()
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("vlm_timeline_request", default=None)
 
 
@@ -29,13 +32,19 @@ def enabled() -> bool:
 
 
 def _write(line: str) -> None:
-    global _fd, _fd_pid
-    pid = os.getpid()
-    if _fd is None or _fd_pid != pid:  # a forked child writes its own file
-        os.makedirs(_DIR, exist_ok=True)  # type: ignore[arg-type]
-        _fd = os.open(os.path.join(_DIR, f"{pid}.tl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # type: ignore[arg-type]
-        _fd_pid = pid
-    os.write(_fd, line.encode())  # one O_APPEND write per line: lines of threads never interleave
+    """Best effort: marks never fail a request. A write that fails (disk full, folder gone) turns marking off."""
+    global _fd, _fd_pid, _DIR
+    try:
+        pid = os.getpid()
+        with _open_lock:
+            if _fd is None or _fd_pid != pid:  # a forked child writes its own file
+                os.makedirs(_DIR, exist_ok=True)  # type: ignore[arg-type]
+                _fd = os.open(os.path.join(_DIR, f"{pid}.tl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # type: ignore[arg-type]
+                _fd_pid = pid
+        os.write(_fd, line.encode())  # one O_APPEND write per line: lines of threads never interleave
+    except OSError as exc:
+        print(f"vlm_triton.timeline: marking off after a failed write: {exc}", file=sys.stderr, flush=True)
+        _DIR = None
 
 
 def mark(event: str, request_id: str | None = None, detail: str = "", at_ns: int | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,21 +98,6 @@ def running_stack(checkpoint: Path, media_dir: Path, work: Path, served_name: st
         print(f"--- tritonserver log tail ({server.log_file}) ---\n{server.log_tail(40)}")
 
 
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """os.environ with `values` while processes are started (they keep what they inherited), restored after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="session")
 def timeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session stack and its frontend mark each request's first-token path here (vlm_triton.timeline)."""
@@ -124,7 +108,8 @@ def timeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(tiny_internvl3: Path, media_dir: Path, timeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Stack]:
     with contextlib.ExitStack() as scope:
-        with environment(VLM_TRITON_TIMELINE_DIR=str(timeline_dir)):
+        with pytest.MonkeyPatch.context() as env:  # the processes started here keep it; later ones do not get it
+            env.setenv("VLM_TRITON_TIMELINE_DIR", str(timeline_dir))
             running = scope.enter_context(running_stack(tiny_internvl3, media_dir, tmp_path_factory.mktemp("stack"),
                                                         SERVED_NAME))
         yield running
@@ -145,6 +130,7 @@ def running_frontend(stack: Stack, served_name: str, work: Path) -> Iterator[str
 @pytest.fixture(scope="session")
 def frontend(stack: Stack, timeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with contextlib.ExitStack() as scope:
-        with environment(VLM_TRITON_TIMELINE_DIR=str(timeline_dir)):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("VLM_TRITON_TIMELINE_DIR", str(timeline_dir))
             url = scope.enter_context(running_frontend(stack, SERVED_NAME, tmp_path_factory.mktemp("frontend")))
         yield url

@@ -176,7 +176,7 @@ class DeploymentConfig:
     @property
     def max_step_tokens(self) -> int:
         """Tokens one torch engine step may prefill: engine.max_num_tokens, by default the prompt limit but at least
-        DEFAULT_STEP_TOKENS (TensorRT-LLM's default max_num_tokens; docs/benchmarks.md, item 35)."""
+        DEFAULT_STEP_TOKENS (docs/benchmarks.md, item 35). The trtllm profile's default is max_input_len (trtllm/plan)."""
         return self.engine.max_num_tokens or max(self.max_prompt_tokens, DEFAULT_STEP_TOKENS)
 
     @property
@@ -225,7 +225,7 @@ class DeploymentConfig:
             (e.batch_scheduler_policy in ("guaranteed_no_evict", "max_utilization"),
              "engine.batch_scheduler_policy must be guaranteed_no_evict or max_utilization"),
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
-            (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: max_input_len)"),
+            (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: the default, at least max_input_len)"),
             (e.torch_threads >= 0, "engine.torch_threads must be >= 0 (0: auto)"),
             (e.kv_cache_tokens == 0 or e.kv_cache_tokens >= e.max_seq_len,
              f"engine.kv_cache_tokens must be 0 (max_slots * max_seq_len) or >= max_seq_len={e.max_seq_len}"),
