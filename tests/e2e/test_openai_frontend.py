@@ -91,11 +91,11 @@ def test_timeline_marks_the_first_token_path_in_order(client, stack, timeline_di
         events = join(read_marks(timeline_dir)).get(request_id, {})
         time.sleep(0.1)
     assert sorted(events) == server_marks, events
-    causal = ["frontend.http", "frontend.receive", "frontend.send", "bls.execute", "bls.preprocessed", "bls.encoded", "bls.llm_call",
-              "llm.execute", "llm.prefill", "llm.token", "llm.send", "bls.llm_first", "bls.sent", "frontend.sse"]
+    causal = ["frontend.http", "frontend.receive", "frontend.send", "bls.execute", "bls.preprocessed", "bls.encoded",
+              "bls.llm_call", "llm.execute", "llm.prefill", "llm.token", "llm.send", "bls.llm_first", "frontend.first", "frontend.sse"]
     assert [events[e] for e in causal] == sorted(events[e] for e in causal)
-    assert events["llm.send"] <= events["llm.sent"] and events["bls.llm_first"] <= events["frontend.first"]
-    assert events["frontend.first"] <= events["frontend.sse"]
+    # the ends of synchronous sends: the receiver may go on before the sender's call returns
+    assert events["llm.send"] <= events["llm.sent"] and events["bls.llm_first"] <= events["bls.sent"]
     one = table({request_id: events})
     assert one["requests"] == 1 and len(one["hops"]) == len(server_marks) - 1
 
