@@ -15,6 +15,9 @@ JPEG quality 90); `w1` is W1's own 1792x1344 file. Phases, in the order the Inte
       stack      reference step: stack_tiles (np.asarray + CHW transpose per tile)
     prompt     template, placeholder expansion, tokenizer.encode, image-token ids (tiny tokenizer of benchmarks/models)
     prepare    family.prepare end to end with PreprocessLimits(image_threads=N) (fetch, decode, tiles, prompt)
+    prep dev   the same with device_tiles=True (preprocess.image_resize = "device"): decoded planes and grids, no tiles
+    dev tiles  the other half of that path: the planes copied to --device and cut into the same tiles there
+               (`tiles_from_images`, checked equal to the host tiles), synchronised; "-" in a checkout without it
 
 `tiles` and `prepare` are what the server runs, per thread count (threads=1: the single-threaded path; N > 1:
 `multimodal.resample`, checked here to give the same bytes); resize/crops/thumbnail/stack time the single-threaded
@@ -127,7 +130,34 @@ def make_family(root: Path) -> Any:
     return open_family(make_model("tiny", root / "ckpt"))
 
 
-def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> list[dict[str, Any]]:
+def supports_device_tiles() -> bool:
+    from vlm_triton.families.base import PreprocessLimits
+
+    return "device_tiles" in PreprocessLimits.__dataclass_fields__
+
+
+def device_tiles_ms(family: Any, messages: Any, media: Any, limits: Any, reference: np.ndarray, device: str,
+                    reps: int) -> float:
+    """Median ms to copy a device-path request's planes to `device` and cut its tiles there (synchronised)."""
+    import torch
+
+    prepared = family.prepare(messages, media, replace(limits, device_tiles=True))
+    dev = torch.device(device)
+    grids = torch.from_numpy(prepared.image_grids)
+
+    def cut() -> torch.Tensor:
+        tiles = family.tiles_from_images(torch.from_numpy(prepared.pixel_values).to(dev), grids)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return tiles
+
+    if not np.array_equal(cut().cpu().numpy(), reference):
+        raise AssertionError(f"the tiles cut on {device} differ from the host's")
+    return median_ms(cut, reps)
+
+
+def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path, device: str = "cpu"
+        ) -> list[dict[str, Any]]:
     from vlm_triton.families.base import PreprocessLimits
     from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy, decode_image
     from vlm_triton.multimodal.tiling import num_tiles
@@ -174,15 +204,20 @@ def run(sizes: list[str], thread_counts: list[int], reps: int, root: Path) -> li
             lim = replace(limits, image_threads=threads) if supports_threads() else limits
             calls[("tiles_ms", threads)] = partial(call, img)
             calls[("prepare", threads)] = partial(family.prepare, messages, media, lim)
+            if supports_device_tiles():
+                calls[("prep_dev", threads)] = partial(family.prepare, messages, media, replace(lim, device_tiles=True))
         timed = interleaved_median_ms(calls, reps)
+        dev_ms = device_tiles_ms(family, messages, media, limits, reference, device, reps) \
+            if supports_device_tiles() else "-"
         rows += [{**common, "threads": t, "tiles_ms": timed[("tiles_ms", t)][0], "tiles_cpu": timed[("tiles_ms", t)][1],
-                  "prepare": timed[("prepare", t)][0]} for t in counts]
+                  "prepare": timed[("prepare", t)][0], "prep_dev": timed.get(("prep_dev", t), ("-",))[0],
+                  "dev_tiles": dev_ms} for t in counts]
     return rows
 
 
 COLUMNS = ("image", "tiles", "threads", "fetch", "decode", "tiles_ms", "tiles_cpu", "resize", "crops", "thumbnail",
-           "stack", "prompt", "prepare")
-HEADINGS = {"tiles_ms": "tiles (ms)", "tiles_cpu": "tiles CPU"}
+           "stack", "prompt", "prepare", "prep_dev", "dev_tiles")
+HEADINGS = {"tiles_ms": "tiles (ms)", "tiles_cpu": "tiles CPU", "prep_dev": "prep dev", "dev_tiles": "dev tiles"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -201,13 +236,18 @@ def main() -> None:
     ap.add_argument("--sizes", default="w1,4032x3024,1000x700,448x448")
     ap.add_argument("--workdir", type=Path, default=None, help="where images and the tiny checkpoint go")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--device", default=None, help="where `dev tiles` cuts tiles (default: cuda when there is one)")
     args = ap.parse_args()
     root = args.workdir or Path(tempfile.gettempdir()) / "vlm_triton_preprocess_micro"
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
     threads = [int(t) for t in args.threads.split(",")]
-    rows = run(args.sizes.split(","), threads, args.reps, root)
-    print(f"median ms over {args.reps} reps, os.cpu_count()={os.cpu_count()}, Pillow {Image.__version__}")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(args.sizes.split(","), threads, args.reps, root, device)
+    print(f"median ms over {args.reps} reps, os.cpu_count()={os.cpu_count()}, Pillow {Image.__version__}, "
+          f"dev tiles on {device}")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

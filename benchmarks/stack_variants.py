@@ -166,8 +166,9 @@ def main() -> None:
     ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
                     help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
     ap.add_argument("--profile-s", type=float, default=8.0)
-    ap.add_argument("--client-procs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
-                    help="load generator processes per point; a list (1,4) runs each point once per value")
+    ap.add_argument("--client-procs", type=lambda v: [None if x == "auto" else int(x) for x in v.split(",")],
+                    default=[None], help="load generator processes per point (auto: one per 4 streams, as "
+                    "benchmarks.run); a list (1,4) runs each point once per value")
     ap.add_argument("--timeline", action="store_true",
                     help="mark each request's first-token path (VLM_TRITON_TIMELINE_DIR) and print its hops per point")
     args = ap.parse_args()
@@ -255,10 +256,12 @@ def main() -> None:
                     r["llm_timing"], _ = llm_timing_lines(log_file, offset)
                     if args.timeline:
                         r["timeline"] = first_token_path(timeline_dir, window, time.monotonic_ns())
-                    r.update(variant=name, settings=sets, stack=n, workload=wname, client_procs=procs)
+                    r.update(variant=name, settings=sets, stack=n, workload=wname,
+                             client_procs=r.get("client_procs") or procs)
                     rows.append(r)
                     save()
-                    log(f"stack {n} ({name}) {wname} c={c} client procs {procs}: {r['output_tok_s']:.0f} tok/s, TTFT p50 "
+                    log(f"stack {n} ({name}) {wname} c={c} client procs {r['client_procs']}: "
+                        f"{r['output_tok_s']:.0f} tok/s, TTFT p50 "
                         f"{r['ttft_ms']['p50']:.1f}, TPOT p50 {r['tpot_ms']['p50']:.2f}, errors {r['errors']}, "
                         f"chunks/token {r.get('chunks_per_token') or 0:.2f}")
                     log("  " + summary_line(r["observed"]))

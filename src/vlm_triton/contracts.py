@@ -116,6 +116,9 @@ PREPROCESS = ModelContract(
         TensorSpec("prompt_table_extra_ids", "UINT64", (1, -1)),
         # (patch rows, patch cols) per tile for encoders that take variable-size tiles (MiniCPM-V); [0, 2] otherwise
         TensorSpec("tgt_sizes", "INT32", (-1, 2)),
+        # (width, height, cols, rows, thumbnail) per unit when pixel_values holds decoded images [N, 3, Hmax, Wmax]
+        # that the vision encoder cuts into tiles (preprocess.image_resize, torch profile); [0, 5] otherwise
+        TensorSpec("image_grids", "INT32", (-1, 5)),
         # always true: asks the llm for num_input_tokens (the ensemble's prompt_tokens; tensorrt_llm needs the flag)
         TensorSpec("return_num_input_tokens", "BOOL", (1, 1)),
     ),
@@ -128,6 +131,9 @@ VISION_ENCODER = ModelContract(
         TensorSpec("pixel_values", PIXEL, (3, -1, -1)),
         # only for variable-size tiles (torch profile); fixed-size TensorRT plans have pixel_values alone
         TensorSpec("tgt_sizes", "INT32", (2,), optional=True),
+        # only for decoded images cut into tiles by the encoder (torch profile); the output then has one item per
+        # tile, not per input item
+        TensorSpec("image_grids", "INT32", (5,), optional=True),
     ),
     outputs=(TensorSpec("image_embeds", EMBED, (-1, -1)),),
     batched=True,
@@ -140,6 +146,7 @@ VISION_TABLE = ModelContract(
     inputs=(
         TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
         TensorSpec("tgt_sizes", "INT32", (-1, 2), optional=True),
+        TensorSpec("image_grids", "INT32", (-1, 5), optional=True),
     ),
     outputs=(TensorSpec("prompt_embedding_table", EMBED, (1, -1, -1)),),
 )
@@ -257,9 +264,10 @@ class EnsembleStep:
 
 _TO_LLM = ("input_ids", "input_lengths", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size",
            "prompt_table_extra_ids", "return_num_input_tokens")
+UNIT_EXTRAS = ("tgt_sizes", "image_grids")  # per-unit tensors that travel with pixel_values to the vision encoder
 ENSEMBLE_STEPS: tuple[EnsembleStep, ...] = (
-    EnsembleStep("preprocess", {"messages": "messages"}, {n: n for n in (*_TO_LLM, "pixel_values", "tgt_sizes")}),
-    EnsembleStep("vision_table", {"pixel_values": "pixel_values", "tgt_sizes": "tgt_sizes"},
+    EnsembleStep("preprocess", {"messages": "messages"}, {n: n for n in (*_TO_LLM, "pixel_values", *UNIT_EXTRAS)}),
+    EnsembleStep("vision_table", {n: n for n in ("pixel_values", *UNIT_EXTRAS)},
                  {"prompt_embedding_table": "prompt_embedding_table"}),
     EnsembleStep("llm", {
         **{n: n for n in (*_TO_LLM, "prompt_embedding_table")},

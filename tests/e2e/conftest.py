@@ -110,8 +110,10 @@ def stack(tiny_internvl3: Path, media_dir: Path, timeline_dir: Path, tmp_path_fa
     with contextlib.ExitStack() as scope:
         with pytest.MonkeyPatch.context() as env:  # the processes started here keep it; later ones do not get it
             env.setenv("VLM_TRITON_TIMELINE_DIR", str(timeline_dir))
+            # the vision encoder cuts the tiles here (image_resize = device; the other stacks cut them in
+            # preprocess), so every image request of the session checks the device path against the reference
             running = scope.enter_context(running_stack(tiny_internvl3, media_dir, tmp_path_factory.mktemp("stack"),
-                                                        SERVED_NAME))
+                                                        SERVED_NAME, preprocess={"image_resize": "device"}))
         yield running
 
 

@@ -247,7 +247,7 @@ def test_preprocess_sends_bytes_for_torch_and_fp16_floats_for_trtllm(
     reference = preprocess_image(Image.open(media_dir / "w1.jpg"), max_num=12)  # the W1 image: 13 tiles
     torch_px, trt_px = sent["torch"]["pixel_values"], sent["trtllm"]["pixel_values"]
     assert torch_px.dtype == np.uint8 and torch_px.shape == reference.shape == (13, 3, 448, 448)
-    assert np.array_equal(internvl.float_pixels(types.SimpleNamespace(pixel_values=torch_px, tgt_sizes=None)),
+    assert np.array_equal(internvl.float_pixels(types.SimpleNamespace(pixel_values=torch_px, tgt_sizes=None, image_grids=None)),
                           reference)
     assert trt_px.dtype == np.float16 and np.array_equal(trt_px, reference.astype(np.float16))
     # KV-reuse content ids: from the bytes, the same in both profiles, one id per tile
@@ -269,7 +269,7 @@ def test_vision_encoder_normalises_the_bytes_of_every_request(
 
     model = adapters.vision_encoder.TritonPythonModel.__new__(adapters.vision_encoder.TritonPythonModel)
     model.family, model.encoder, model.device, model.dtype = family, encoder, torch.device("cpu"), torch.float32
-    model.lut, model.out_dtype = torch.from_numpy(family.pixel_lut()), torch.float32
+    model.lut, model.out_dtype, model.max_tiles = torch.from_numpy(family.pixel_lut()), torch.float32, 64
     requests = [{"pixel_values": FakeTensor("pixel_values", p.pixel_values),
                  **({} if p.tgt_sizes is None else {"tgt_sizes": FakeTensor("tgt_sizes", p.tgt_sizes)})}
                 for p in prepared]

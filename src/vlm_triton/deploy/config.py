@@ -19,6 +19,7 @@ from vlm_triton.errors import SetupError
 Profile = Literal["torch", "trtllm"]
 # Vision requests are split in multiples of this many tiles: InternVideo2.5's HiCo merges 4 consecutive frames.
 TILE_GROUP = 4
+IMAGE_RESIZE = ("auto", "host", "device")  # preprocess.image_resize
 # The torch engine's least default prefill budget per step: on an H100, W2 at c=16 ran 13% faster than with the prompt
 # limit (4,095) as the budget, by fewer and larger prefill steps between decode steps (docs/benchmarks.md, item 35).
 DEFAULT_STEP_TOKENS = 8192
@@ -86,6 +87,13 @@ class PreprocessSection:
     # shared by the preprocess instances, 1 to 4 (2 on a 16-core host with 4 instances, 1 on 2 cores);
     # 1: everything in the request's thread, the single-threaded reference path
     image_threads: int = 0
+    # where an image's tiles are cut (resize to the grid, crops, thumbnail), with the same bytes either way:
+    # "host" (Pillow, in preprocess), "device" (the vision_encoder, on its device, from the decoded image; torch
+    # profile, families that support it: InternVL), "auto" (device when the vision encoder runs on CUDA, the family
+    # supports it and the device path reproduces the installed Pillow; host otherwise). The default stays host: on
+    # an H100 the device path cut W1's TTFT at c=1 by 20% but lost 10-12% of W1's throughput at c=16 and c=64, not
+    # yet explained (docs/benchmarks.md, item 36)
+    image_resize: str = "host"
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,10 @@ class DeploymentConfig:
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.preprocess.image_threads >= 0,
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),
+            (self.preprocess.image_resize in IMAGE_RESIZE,
+             f"preprocess.image_resize must be one of {', '.join(IMAGE_RESIZE)}, got {self.preprocess.image_resize!r}"),
+            (self.preprocess.image_resize != "device" or self.model.profile == "torch",
+             "preprocess.image_resize = \"device\" needs the torch profile (a TensorRT vision plan takes tiles)"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,
              f"triton.vision_max_batch_size must be >= {TILE_GROUP} (tiles are sent in groups of {TILE_GROUP})"),
         ]

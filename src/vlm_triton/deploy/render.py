@@ -80,6 +80,26 @@ def ensemble_config(cfg: DeploymentConfig) -> pb.ModelConfig:
     return config
 
 
+def vision_preferred_batch_sizes(cfg: DeploymentConfig) -> list[int]:
+    """The vision encoder's preferred batch sizes: none when its items are tiles (Triton batches up to
+    vision_max_batch_size of them). When it cuts tiles from decoded images (preprocess.image_resize), an item is a
+    whole image of up to `per_image` tiles, and 32 queued W1 images would reach one execute as 416 tiles, every
+    request waiting for the last; preferring 1..k images, k * per_image <= vision_max_batch_size tiles, makes
+    Triton form batches of about that many tiles (it takes the largest preferred size it can form)."""
+    from vlm_triton.families.base import PreprocessLimits, device_tiles_for, device_tiles_wanted
+
+    if cfg.model.profile != "torch" or not device_tiles_wanted(cfg):
+        return []
+    from vlm_triton.families import open_family  # reads config.json only
+
+    family = open_family(cfg.model.checkpoint)
+    if not device_tiles_for(cfg, family):
+        return []
+    limits = PreprocessLimits.from_deployment(cfg)
+    per_image = max(1, family.visual_budget(limits).max_units // limits.max_images)
+    return list(range(1, max(1, cfg.triton.vision_max_batch_size // per_image) + 1))
+
+
 def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
     """Every model's config. Profile trtllm swaps `llm` and `vision_encoder` for TensorRT-LLM / TensorRT models."""
     t = cfg.triton
@@ -104,6 +124,7 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
     }
     vision = configs["vision_encoder"]
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
+    vision.dynamic_batching.preferred_batch_size.extend(vision_preferred_batch_sizes(cfg))
     if cfg.model.profile == "trtllm":
         from vlm_triton.deploy import render_trtllm
 

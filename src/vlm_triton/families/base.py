@@ -11,6 +11,7 @@ import torch
 
 from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.errors import SetupError
+from vlm_triton.multimodal.device_resize import matches_pillow
 from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.pixels import normalize_on_device
 from vlm_triton.multimodal.resample import default_image_threads
@@ -29,17 +30,46 @@ class PreprocessLimits:
     max_video_frames: int | None = None  # None: the family's default
     max_prompt_tokens: int = 8192
     image_threads: int = 1  # threads for a request's image work; the bytes are the same for every value
+    # send decoded images and their grids (`PreparedPrompt.image_grids`) for the vision encoder to cut into tiles on
+    # its device, instead of the tiles (families with `device_tiles`; requests with images only)
+    device_tiles: bool = False
 
     @classmethod
-    def from_deployment(cls, cfg: "DeploymentConfig") -> "PreprocessLimits":
-        """The limits of a deployment: what the preprocess enforces and the trtllm engines are sized for."""
+    def from_deployment(cls, cfg: "DeploymentConfig", family: "ModelFamily | None" = None) -> "PreprocessLimits":
+        """The limits of a deployment: what the preprocess enforces and the trtllm engines are sized for. With the
+        family, `device_tiles` follows preprocess.image_resize (`device_tiles_for`)."""
         return cls(
+            device_tiles=family is not None and device_tiles_for(cfg, family),
             max_images=cfg.limits.max_images,
             max_tiles_per_image=cfg.limits.max_tiles_per_image or None,
             max_video_frames=cfg.limits.max_video_frames or None,
             max_prompt_tokens=cfg.max_prompt_tokens,
             image_threads=cfg.preprocess.image_threads or default_image_threads(cfg.triton.preprocess_instances),
         )
+
+
+def device_tiles_wanted(cfg: "DeploymentConfig") -> bool:
+    """Whether preprocess.image_resize asks the vision encoder to cut the tiles, before the family is known:
+    "device", or "auto" with the torch profile on CUDA."""
+    mode = cfg.preprocess.image_resize
+    return mode == "device" or (mode == "auto" and cfg.model.profile == "torch" and cfg.device.startswith("cuda"))
+
+
+def device_tiles_for(cfg: "DeploymentConfig", family: "ModelFamily") -> bool:
+    """Whether the deployment's vision encoder cuts the tiles (preprocess.image_resize): "device" asks for it (an
+    error when the family cannot or the device path does not reproduce the installed Pillow), "auto" takes it when
+    the encoder runs on CUDA with the torch profile and the family and Pillow allow it, "host" never."""
+    if not device_tiles_wanted(cfg):
+        return False
+    if not family.device_tiles:
+        reason = f"the {family.name} family cuts its images on the host"
+    elif not matches_pillow():
+        reason = "the device resize does not reproduce the installed Pillow's bytes"
+    else:
+        return True
+    if cfg.preprocess.image_resize == "device":
+        raise SetupError(f"preprocess.image_resize = \"device\": {reason}")
+    return False
 
 
 @dataclass(frozen=True)
@@ -51,6 +81,9 @@ class PreparedPrompt:
     num_image_tokens: int  # rows of the prompt embedding table this prompt needs
     prompt_text: str  # the rendered prompt before image expansion (for logs and golden tests)
     tgt_sizes: np.ndarray | None = None  # int32 [N, 2] patch grid per tile, for variable-size-tile encoders
+    # int32 [N, 5] (width, height, cols, rows, thumbnail) per unit when pixel_values holds decoded images [N, 3,
+    # Hmax, Wmax] (zero padded) that the vision encoder cuts into tiles (`ModelFamily.tiles_from_images`)
+    image_grids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +117,7 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    device_tiles: ClassVar[bool] = False  # `tiles_from_images` cuts tiles on the encoder's device
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
@@ -119,12 +153,24 @@ class ModelFamily(ABC):
         device; `lut` is `pixel_lut()` as a tensor (cast to the encoder dtype, or float32 for the exact floats)."""
         return normalize_on_device(pixels, lut)
 
+    def tiles_from_images(self, images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """uint8 decoded images [N, 3, Hmax, Wmax] and their `image_grids` [N, 5] -> the uint8 tiles `prepare` would
+        have sent for them, on the images' device (families with `device_tiles`)."""
+        raise SetupError(f"the {self.name} family cuts its images on the host (preprocess.image_resize = \"host\")")
+
     def float_pixels(self, prepared: PreparedPrompt, dtype: type = np.float32) -> np.ndarray:
         """`prepared.pixel_values` normalised on the host: float32 bit-identical to the reference preprocessing, or
         those floats cast to `dtype` (the table is cast, once per entry, instead of every pixel)."""
         tgt_sizes = None if prepared.tgt_sizes is None else torch.from_numpy(prepared.tgt_sizes)
         lut = torch.from_numpy(self.pixel_lut().astype(dtype))
-        return self.normalize_pixels(torch.from_numpy(prepared.pixel_values), lut, tgt_sizes).numpy()
+        return self.normalize_pixels(self.unit_tiles(prepared), lut, tgt_sizes).numpy()
+
+    def unit_tiles(self, prepared: PreparedPrompt) -> torch.Tensor:
+        """The uint8 tiles of a prepared prompt, cut here when `prepare` left that to the vision encoder."""
+        pixels = torch.from_numpy(prepared.pixel_values)
+        if prepared.image_grids is None:
+            return pixels
+        return self.tiles_from_images(pixels, torch.from_numpy(prepared.image_grids))
 
     # --- vision_encoder stage ------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,7 +24,15 @@ from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
-from vlm_triton.multimodal.tiling import PendingTiles, imagenet_lut, num_tiles, start_images_tiles
+from vlm_triton.multimodal.pixels import image_planes
+from vlm_triton.multimodal.tiling import (
+    PendingTiles,
+    device_tiles,
+    image_grid,
+    imagenet_lut,
+    num_tiles,
+    start_images_tiles,
+)
 from vlm_triton.multimodal.video import VideoPolicy, sample_video
 from vlm_triton.prompt.internvl_template import (
     IMG_CONTEXT,
@@ -45,6 +53,7 @@ class InternVLFamily(ModelFamily):
     description = ("InternVL3 / InternVL2.5 / InternVL-Chat-V1.5 (architectures InternVLChatModel; LLM "
                    + ", ".join(sorted(LLM_LOADERS)) + ")")
     accepts_images: ClassVar[bool] = True
+    device_tiles: ClassVar[bool] = True  # requests with images only (video frames are tiled on the host)
     video_policy: ClassVar[VideoPolicy | None] = VideoPolicy(max_frames=8)  # None: no video_url parts
     vision_encoder_class: ClassVar[type[InternVLVisionEncoder]] = InternVLVisionEncoder
 
@@ -126,6 +135,10 @@ class InternVLFamily(ModelFamily):
         units: list[np.ndarray | PendingTiles] = []  # the tiles behind each `<image>` (an image's may still be made)
         counts: list[int] = []  # how many tiles each `<image>` has
         frames: list[int] = []
+        # the vision encoder cuts the tiles from the decoded images (same bytes), for requests with images only
+        on_device = limits.device_tiles and all(isinstance(p, ImagePart) for p in parts)
+        decoded: list[Any] = []
+        grids: list[tuple[int, ...]] = []
         for part in parts:
             if isinstance(part, VideoPart):
                 video = self._video_tiles(part, media, limits)
@@ -134,6 +147,11 @@ class InternVLFamily(ModelFamily):
                 counts.extend(t.shape[0] for t in video)
                 continue
             image = next(images)
+            if on_device:
+                grids.append(image_grid(*image.size, **tiling))
+                decoded.append(image)
+                counts.append(grids[-1][2] * grids[-1][3] + grids[-1][4])
+                continue
             units.append(start_images_tiles([image], threads=limits.image_threads, **tiling))
             counts.append(num_tiles(*image.size, **tiling))
         # with threads the tiles are made while the prompt is rendered and tokenized (which releases the GIL)
@@ -151,6 +169,9 @@ class InternVLFamily(ModelFamily):
         slots = ids == self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         num_image_tokens = int(slots.sum())
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)  # unique fake id per image token
+        if decoded:
+            return PreparedPrompt(ids.astype(np.int32), image_planes(decoded), num_image_tokens, prompt,
+                                  image_grids=np.asarray(grids, dtype=np.int32))
         tiles = [unit.result()[0] if isinstance(unit, PendingTiles) else unit for unit in units]
         if [t.shape[0] for t in tiles] != counts:
             raise RuntimeError(f"tiles per image {[t.shape[0] for t in tiles]} differ from the prompt's {counts}")
@@ -164,6 +185,13 @@ class InternVLFamily(ModelFamily):
 
     def pixel_lut(self) -> np.ndarray:
         return imagenet_lut()
+
+    def tiles_from_images(self, images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        rows = grids.reshape(-1, 5).tolist()
+        if len(rows) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(rows)} image grids")
+        tiles = [device_tiles(image, grid, image_size=self.image_size) for image, grid in zip(images, rows)]
+        return torch.cat(tiles) if tiles else images.new_zeros((0, 3, self.image_size, self.image_size))
 
     def max_tiles_per_image(self, limits: PreprocessLimits) -> int:
         """Tiles one image can become: max_num tiles, plus the thumbnail when there is more than one."""

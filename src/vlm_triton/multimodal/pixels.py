@@ -49,6 +49,18 @@ def rgb_planes(img: Image.Image) -> list[np.ndarray]:
     return [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(h, w) for band in "RGB"]
 
 
+def image_planes(images: Sequence[Image.Image]) -> np.ndarray:
+    """uint8 [N, 3, Hmax, Wmax]: each image's R, G, B planes (converted to RGB when it is not), zero padded to the
+    largest height and width; what preprocess sends when the vision encoder cuts the tiles."""
+    if not images:
+        return np.zeros((0, CHANNELS, 0, 0), dtype=np.uint8)
+    out = np.zeros((len(images), CHANNELS, max(i.height for i in images), max(i.width for i in images)), np.uint8)
+    for k, img in enumerate(images):
+        for c, plane in enumerate(rgb_planes(img if img.mode == "RGB" else img.convert("RGB"))):
+            out[k, c, : img.height, : img.width] = plane
+    return out
+
+
 class TileWriter:
     """Sink for rectangles of a (cols*S) x (rows*S) RGB image: writes their bytes into `out`, uint8 [cols*rows, 3,
     S, S], the image's row-major S x S tiles in CHW. Rectangles may cut across tiles; disjoint ones may be written

@@ -18,6 +18,8 @@ Small images are upscaled (a 300x200 image becomes 3x2 tiles + thumbnail). EXIF 
 
 `image_tiles(threads=N)` / `start_images_tiles` give the same bytes with the resizes split over N threads
 (`multimodal.resample`) and the tiles written without PIL crops; threads=1 is the path above, step by step.
+`device_tiles` gives them on a torch device from the decoded image (`multimodal.device_resize`) and its
+`image_grid` row, for the vision encoder to cut tiles where it runs.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from vlm_triton.multimodal.device_resize import resize_planes
 from vlm_triton.multimodal.pixels import TileWriter, normalize_bytes, normalize_lut, stack_tiles
 from vlm_triton.multimodal.resample import ResizeBatch, ResizeJob, start_resizes
 
@@ -215,6 +219,41 @@ def start_images_tiles(
             jobs.append(ResizeJob(img, (s, s), TileWriter(out[n:], cols=1)))
         outs.append(out)
     return PendingTiles(outs, start_resizes(jobs, threads=threads))
+
+
+GRID_FIELDS = ("width", "height", "cols", "rows", "thumbnail")  # one `image_grids` row
+
+
+def image_grid(
+    width: int,
+    height: int,
+    *,
+    min_num: int = 1,
+    max_num: int = DEFAULT_MAX_TILES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> tuple[int, int, int, int, int]:
+    """(width, height, cols, rows, thumbnail) of a width x height image: what `device_tiles` needs to cut the tiles
+    `image_tiles` makes; thumbnail is 1 when a thumbnail tile follows the grid."""
+    cols, rows = choose_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
+    return width, height, cols, rows, int(use_thumbnail and cols * rows != 1)
+
+
+def device_tiles(planes: torch.Tensor, grid: Sequence[int], *, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
+    """uint8 [3, H >= height, W >= width] planes of a decoded RGB image (padding beyond its size is ignored) and its
+    `image_grid` row -> uint8 [cols * rows (+ 1), 3, S, S] on the planes' device: the bytes of `image_tiles`."""
+    width, height, cols, rows, thumbnail = (int(v) for v in grid)
+    if planes.dim() != 3 or planes.shape[0] != 3 or planes.shape[1] < height or planes.shape[2] < width:
+        raise ValueError(f"planes {tuple(planes.shape)} do not hold a {width}x{height} RGB image")
+    if min(width, height, cols, rows) < 1:
+        raise ValueError(f"invalid image grid {tuple(grid)}")
+    s = image_size
+    image = planes[:, :height, :width]
+    grid_image = resize_planes(image, (s * cols, s * rows))  # [3, rows*S, cols*S]
+    tiles = grid_image.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
+    if thumbnail:
+        tiles = torch.cat([tiles, resize_planes(image, (s, s))[None]])
+    return tiles
 
 
 def preprocess_image(img: Image.Image, **tiling: Any) -> np.ndarray:

@@ -57,13 +57,14 @@ class Prepared:
 
     input_ids: np.ndarray  # int32 [L]
     pixel_values: Any  # [N, 3, ...] raw uint8 (torch) or FP16 normalised (trtllm); N == 0 for text-only prompts
-    num_tiles: int
+    num_tiles: int  # N: vision-encoder items (tiles, or decoded images the encoder cuts into tiles)
     end_id: int
     pad_id: int
     stop_words_list: np.ndarray  # int32 [2, K] in the tensorrt_llm format
     prompt_vocab_size: int
-    prompt_table_extra_ids: np.ndarray | None = None
-    tgt_sizes: Any = None  # patch grid per tile, only for encoders with variable-size tiles  # uint64 [L]: 0 for text, image-content ids (KV reuse)
+    prompt_table_extra_ids: np.ndarray | None = None  # uint64 [L]: 0 for text, image-content ids (KV reuse)
+    # per-item tensors that go with pixel_values to the vision encoder (contracts.UNIT_EXTRAS: tgt_sizes, image_grids)
+    unit_extras: tuple[Any, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:

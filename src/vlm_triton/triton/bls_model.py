@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton import timeline
+from vlm_triton.contracts import UNIT_EXTRAS
 from vlm_triton.errors import InvalidRequest, StageStalled
 from vlm_triton.pipeline.orchestrator import (
     Chunk,
@@ -49,7 +50,7 @@ from vlm_triton.triton.vision_client import prompt_table
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
-    "tgt_sizes",
+    *UNIT_EXTRAS,
 ]
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
@@ -161,7 +162,7 @@ class TritonStages(StageClient):
         timeline.mark("bls.preprocessed")
         pixels = _out(response, "pixel_values")
         extra_ids = _out(response, "prompt_table_extra_ids")
-        tgt_sizes = _out(response, "tgt_sizes")
+        extras = [_out(response, name) for name in UNIT_EXTRAS]
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy().reshape(-1),
             pixel_values=pixels,
@@ -171,7 +172,7 @@ class TritonStages(StageClient):
             stop_words_list=_out(response, "stop_words_list").as_numpy().reshape(2, -1),
             prompt_vocab_size=_int(response, "prompt_vocab_size"),
             prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy().reshape(-1),
-            tgt_sizes=tgt_sizes if tgt_sizes is not None and tgt_sizes.shape()[0] else None,
+            unit_extras=tuple(t for t in extras if t is not None and t.shape()[0]),  # empty: none for this request
         )
 
     async def encode_images(self, prepared: Prepared) -> Any:
@@ -180,7 +181,7 @@ class TritonStages(StageClient):
         # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also
         # delivers every decoupled llm response after the first, so each stream then stalls after one token
         # (docs/benchmarks.md, item 7). Triton copies the embeddings to host memory for us.
-        table = await prompt_table(prepared.pixel_values, prepared.tgt_sizes, self.vision_chunk, self.embed_dtype,
+        table = await prompt_table(prepared.pixel_values, prepared.unit_extras, self.vision_chunk, self.embed_dtype,
                                    host=not self.gpu_prompt_table)
         timeline.mark("bls.encoded")
         return torch_output("prompt_embedding_table", table)

@@ -36,8 +36,9 @@ def _scalar(value: int) -> np.ndarray:
     return np.array([[value]], dtype=np.int32)
 
 
-def _tgt_sizes(value: np.ndarray | None) -> np.ndarray:
-    return np.zeros((0, 2), dtype=np.int32) if value is None else np.ascontiguousarray(value, dtype=np.int32)
+def _per_unit(value: np.ndarray | None, width: int) -> np.ndarray:
+    """An optional per-unit int32 [N, width] tensor; [0, width] when the family has none."""
+    return np.zeros((0, width), dtype=np.int32) if value is None else np.ascontiguousarray(value, dtype=np.int32)
 
 
 class TritonPythonModel:
@@ -55,7 +56,7 @@ class TritonPythonModel:
                 timeout_s=lim.media_timeout_s,
             )
         )
-        self.limits = PreprocessLimits.from_deployment(cfg)
+        self.limits = PreprocessLimits.from_deployment(cfg, self.family)
         stop_ids = self.family.stop_token_ids(self.tokenizer)
         self.end_id = stop_ids[0]
         pad = self.tokenizer.pad_token_id
@@ -84,7 +85,8 @@ class TritonPythonModel:
             else:
                 pixels = self.family.float_pixels(prepared, dtype=self.pixel_dtype)
             if self.content_ids:  # the bytes identify the content as well as the floats, at a quarter of the size
-                extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=raw)
+                extra_ids = prompt_table_extra_ids(ids, vocab_size=self.family.vocab_size, pixel_values=raw,
+                                                   image_grids=prepared.image_grids)
             else:
                 extra_ids = np.zeros(ids.shape[0], dtype=np.uint64)
             return pb_utils.InferenceResponse(
@@ -97,7 +99,8 @@ class TritonPythonModel:
                     pb_utils.Tensor("stop_words_list", self.stop_words[None]),
                     pb_utils.Tensor("prompt_vocab_size", _scalar(prepared.num_image_tokens)),
                     pb_utils.Tensor("prompt_table_extra_ids", extra_ids.reshape(1, -1)),
-                    pb_utils.Tensor("tgt_sizes", _tgt_sizes(prepared.tgt_sizes)),
+                    pb_utils.Tensor("tgt_sizes", _per_unit(prepared.tgt_sizes, 2)),
+                    pb_utils.Tensor("image_grids", _per_unit(prepared.image_grids, 5)),
                     pb_utils.Tensor("return_num_input_tokens", np.ones((1, 1), dtype=np.bool_)),
                 ]
             )

@@ -9,6 +9,7 @@ stub; the `bls` stage needs that, see `bls_model.TritonStages.encode_images`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,10 +19,11 @@ from torch.utils.dlpack import from_dlpack
 from vlm_triton.triton.common import check_response, torch_output
 
 
-async def prompt_table(pixel_values: Any, tgt_sizes: Any | None, chunk: int, dtype: torch.dtype | None, *,
+async def prompt_table(pixel_values: Any, extras: Sequence[Any], chunk: int, dtype: torch.dtype | None, *,
                        host: bool = False) -> torch.Tensor:
-    """`pixel_values` [N > 0, 3, S, S] (and `tgt_sizes` [N, 2] or None) as Triton tensors -> [1, N * T, H]."""
-    inputs = [pixel_values] + ([] if tgt_sizes is None else [tgt_sizes])
+    """`pixel_values` [N > 0, 3, ...] and the per-item `extras` (tgt_sizes [N, 2], image_grids [N, 5]: the non-empty
+    ones) as Triton tensors -> [1, R, H], R the image rows of all items (N * T for tiles)."""
+    inputs = [pixel_values, *extras]
     num_tiles = int(pixel_values.shape()[0])
     if num_tiles <= chunk:
         embeds = await _encode(inputs, host)

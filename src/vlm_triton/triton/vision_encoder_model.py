@@ -1,7 +1,10 @@
 """Triton `vision_encoder`: raw uint8 pixel tiles [N, 3, S, S] -> image embeddings [N, T, H].
 
-Triton's dynamic batcher hands us tiles of several requests at once; they go through the encoder as one batch. The
-bytes are normalised on the encoder's device with the family's lookup table (`ModelFamily.normalize_pixels`).
+Triton's dynamic batcher hands us tiles of several requests at once; they go through the encoder together, in
+batches of at most `triton.vision_max_batch_size` tiles. The bytes are normalised on the encoder's device with the
+family's lookup table (`ModelFamily.normalize_pixels`). A request with `image_grids` sends decoded images instead,
+which the family cuts into its tiles here, on the device (`ModelFamily.tiles_from_images`, the same bytes as its
+preprocess would have sent); its response then has one item per tile.
 """
 
 from __future__ import annotations
@@ -33,17 +36,32 @@ class TritonPythonModel:
         # the table in the encoder dtype: casting each entry once equals casting every normalised float32 pixel
         self.lut = torch.from_numpy(self.family.pixel_lut()).to(self.device, self.dtype)
         self.out_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
+        self.max_tiles = cfg.triton.vision_max_batch_size  # per encoder forward
+
+    def _tiles(self, request: Any) -> torch.Tensor:
+        """The request's uint8 tiles: as sent (host memory), or cut on the device from its decoded images."""
+        pixels = get_torch(request, "pixel_values")
+        grids = get_torch(request, "image_grids")
+        if grids is None:
+            return pixels
+        return self.family.tiles_from_images(pixels.to(self.device, non_blocking=True), grids)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
-            batches = [get_torch(r, "pixel_values") for r in requests]
-            sizes = [int(b.shape[0]) for b in batches]
-            raw = torch.cat(batches).to(self.device, non_blocking=True)
-            grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
-            extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
             with torch.inference_mode():
-                pixels = self.family.normalize_pixels(raw, self.lut, *extra)
-                embeds = self.encoder(pixels, *extra).to(self.out_dtype)
+                batches = [self._tiles(r) for r in requests]
+                sizes = [int(b.shape[0]) for b in batches]
+                if all(b.device.type == "cpu" for b in batches):  # one copy to the device
+                    raw = torch.cat(batches).to(self.device, non_blocking=True)
+                else:
+                    raw = torch.cat([b.to(self.device, non_blocking=True) for b in batches])
+                grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
+                extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
+                embeds = torch.cat([
+                    self.encoder(self.family.normalize_pixels(part, self.lut, *part_extra), *part_extra)
+                    for part, *part_extra in zip(torch.split(raw, self.max_tiles),
+                                                 *(torch.split(e, self.max_tiles) for e in extra))
+                ]).to(self.out_dtype)
             return [
                 pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
                 for part in torch.split(embeds, sizes)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton.contracts import UNIT_EXTRAS
 from vlm_triton.triton.common import TRITON_TO_TORCH, error_response, load_deployment, load_family, torch_output
 from vlm_triton.triton.vision_client import prompt_table
 
@@ -29,11 +30,10 @@ class TritonPythonModel:
     async def _one(self, request: Any) -> Any:
         try:
             pixels = pb_utils.get_input_tensor_by_name(request, "pixel_values")
-            grids = pb_utils.get_input_tensor_by_name(request, "tgt_sizes")
-            if grids is not None and not grids.shape()[0]:
-                grids = None
+            extras = [pb_utils.get_input_tensor_by_name(request, name) for name in UNIT_EXTRAS]
+            extras = [t for t in extras if t is not None and t.shape()[0]]  # empty: none for this request
             if pixels.shape()[0]:
-                table = await prompt_table(pixels, grids, self.chunk, self.dtype)
+                table = await prompt_table(pixels, extras, self.chunk, self.dtype)
             else:
                 table = torch.zeros((1, 0, self.hidden), dtype=self.dtype)
             return pb_utils.InferenceResponse(output_tensors=[torch_output("prompt_embedding_table", table)])
