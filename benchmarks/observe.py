@@ -69,7 +69,9 @@ def triton_stats(grpc_url: str) -> dict[str, dict[str, float]]:
         get = lambda k, f: float(s.get(k, {}).get(f, 0))  # noqa: E731
         out[m["name"]] = {"count": get("success", "count"), "queue_ns": get("queue", "ns"),
                           "compute_ns": get("compute_input", "ns") + get("compute_infer", "ns")
-                          + get("compute_output", "ns")}
+                          + get("compute_output", "ns"), "infer_ns": get("compute_infer", "ns"),
+                          # executions of the model, and batch items (a request of N tiles is N) they took
+                          "executions": float(m.get("execution_count", 0)), "items": float(m.get("inference_count", 0))}
     return out
 
 
@@ -90,12 +92,17 @@ class Snapshot:
                  if c is not None and later.cpu.get(n) is not None and wall > 0}
         models = {}
         for name, s in later.stats.items():
-            before = self.stats.get(name, {"count": 0, "queue_ns": 0, "compute_ns": 0})
-            n = s["count"] - before["count"]
+            before = self.stats.get(name, {})
+            n = s["count"] - before.get("count", 0)
             if n > 0:
+                runs = s.get("executions", 0) - before.get("executions", 0)
                 models[name] = {"requests": int(n),
-                                "queue_ms": round((s["queue_ns"] - before["queue_ns"]) / n / 1e6, 3),
-                                "compute_ms": round((s["compute_ns"] - before["compute_ns"]) / n / 1e6, 3)}
+                                "queue_ms": round((s["queue_ns"] - before.get("queue_ns", 0)) / n / 1e6, 3),
+                                "compute_ms": round((s["compute_ns"] - before.get("compute_ns", 0)) / n / 1e6, 3),
+                                "infer_ms": round((s.get("infer_ns", 0) - before.get("infer_ns", 0)) / n / 1e6, 3),
+                                "executions": int(runs),
+                                "items_per_execution": round((s.get("items", 0) - before.get("items", 0)) / runs, 2)
+                                if runs > 0 else None}
         return {"wall_s": round(wall, 2), "cores": dict(sorted(cores.items(), key=lambda kv: -kv[1])),
                 "models": models}
 
@@ -103,5 +110,7 @@ class Snapshot:
 def summary_line(obs: dict[str, Any]) -> str:
     cores = ", ".join(f"{k} {v:.2f}" for k, v in list(obs["cores"].items())[:8])
     models = ", ".join(f"{k} {v['requests']}x q{v['queue_ms']:.2f}/c{v['compute_ms']:.2f} ms"
+                       + (f" ({v['executions']} runs of {v['items_per_execution']} items)"
+                          if v.get("items_per_execution") else "")
                        for k, v in obs["models"].items())
     return f"cores: {cores} | models: {models}"

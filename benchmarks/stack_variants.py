@@ -93,14 +93,15 @@ def timing_line(parts: dict[str, dict[str, float]]) -> str:
 
 
 def llm_timing_lines(log_file: Path, offset: int) -> tuple[list[str], int]:
-    """The llm stub's '[llm timing]' lines written since `offset`, and the new offset."""
+    """The stubs' timing lines ('[llm timing]', '[vision_encoder timing]') written since `offset`, and the new
+    offset."""
     try:
         with log_file.open("rb") as f:
             f.seek(offset)
             data = f.read()
     except OSError:
         return [], offset
-    lines = [ln for ln in data.decode(errors="replace").splitlines() if "[llm timing]" in ln]
+    lines = [ln for ln in data.decode(errors="replace").splitlines() if " timing] " in ln]
     return lines, offset + len(data)
 
 

@@ -145,9 +145,8 @@ def _cfg(**preprocess: str) -> DeploymentConfig:
 
 
 def test_image_resize_setting(internvl: ModelFamily, minicpmv: ModelFamily) -> None:
-    assert _cfg().preprocess.image_resize == "host"  # the default (docs/benchmarks.md, item 36)
-    assert not device_tiles_for(_cfg(), internvl)
-    assert not device_tiles_for(_cfg(image_resize="auto"), internvl)  # auto: the encoder runs on the CPU here
+    assert _cfg().preprocess.image_resize == "auto"
+    assert not device_tiles_for(_cfg(), internvl)  # auto: the encoder runs on the CPU here
     assert not device_tiles_for(_cfg(image_resize="host"), internvl)
     assert device_tiles_for(_cfg(image_resize="device"), internvl)
     assert PreprocessLimits.from_deployment(_cfg(image_resize="device"), internvl).device_tiles
@@ -159,8 +158,7 @@ def test_image_resize_setting(internvl: ModelFamily, minicpmv: ModelFamily) -> N
     with pytest.raises(SetupError, match="needs the torch profile"):
         DeploymentConfig.from_dict({"model": {"checkpoint": "/x", "profile": "trtllm"},
                                     "preprocess": {"image_resize": "device"}})
-    cuda = DeploymentConfig.from_dict({"model": {"checkpoint": "/x"}, "engine": {"device": "cuda"},
-                                       "preprocess": {"image_resize": "auto"}})
+    cuda = DeploymentConfig.from_dict({"model": {"checkpoint": "/x"}, "engine": {"device": "cuda"}})
     assert device_tiles_for(cuda, internvl) == matches_pillow()  # auto on CUDA: when the bytes are Pillow's
     assert not device_tiles_for(cuda, minicpmv)
 
@@ -204,6 +202,7 @@ def test_adapters_cut_the_tiles_in_the_vision_encoder(adapters: types.SimpleName
     model = adapters.vision_encoder.TritonPythonModel.__new__(adapters.vision_encoder.TritonPythonModel)
     model.family, model.encoder, model.device, model.dtype = internvl, encoder, torch.device("cpu"), torch.float32
     model.lut, model.out_dtype, model.max_tiles = torch.from_numpy(internvl.pixel_lut()), torch.float32, 8
+    model.timing = None
     host = {"pixel_values": FakeTensor("pixel_values", sent[False]["pixel_values"])}
     device = {"pixel_values": FakeTensor("pixel_values", sent[True]["pixel_values"]),
               "image_grids": FakeTensor("image_grids", sent[True]["image_grids"])}
@@ -216,20 +215,21 @@ def test_adapters_cut_the_tiles_in_the_vision_encoder(adapters: types.SimpleName
     assert torch.equal(torch.cat(seen), torch.cat([tiles, tiles]))
 
 
-def test_vision_encoder_prefers_batches_of_about_its_tile_budget(internvl: ModelFamily) -> None:
-    """Decoded images are whole items of up to 13 tiles: Triton is asked for batches of k images, k * 13 <= the tile
-    budget, instead of 32 images at once; tiles keep Triton's default batching."""
-    from vlm_triton.deploy.render import render_configs, vision_preferred_batch_sizes
+def test_vision_encoder_batches_about_its_tile_budget(internvl: ModelFamily) -> None:
+    """Decoded images are whole items of up to 13 tiles: the encoder's max batch is k images, k * 13 <= the tile
+    budget, and the bls and vision_table send at most k per request; tiles keep the tile budget."""
+    from vlm_triton.deploy.render import render_configs, vision_batch
 
     base = {"model": {"checkpoint": str(internvl.checkpoint.path)}, "engine": {"device": "cpu"}}
     device = DeploymentConfig.from_dict({**base, "preprocess": {"image_resize": "device"}})
     per_image = internvl.max_tiles_per_image(PreprocessLimits.from_deployment(device))
-    assert per_image == 13 and vision_preferred_batch_sizes(device) == [1, 2]
+    assert per_image == 13 and vision_batch(device) == (2, 2)
     wide = DeploymentConfig.from_dict({**base, "preprocess": {"image_resize": "device"},
                                        "triton": {"vision_max_batch_size": 64}})
-    assert vision_preferred_batch_sizes(wide) == [1, 2, 3, 4]
-    assert vision_preferred_batch_sizes(DeploymentConfig.from_dict(base)) == []  # host: tiles
-    batching = render_configs(device, Path("/d.json"))["vision_encoder"].dynamic_batching
-    assert list(batching.preferred_batch_size) == [1, 2]
-    assert not render_configs(DeploymentConfig.from_dict(base), Path("/d.json"))[
-        "vision_encoder"].dynamic_batching.preferred_batch_size
+    assert vision_batch(wide) == (4, 4)
+    host = DeploymentConfig.from_dict({**base, "triton": {"vision_max_batch_size": 30}})  # auto on the CPU: host
+    assert vision_batch(host) == (30, 28)  # tiles: whole groups of TILE_GROUP per request
+    for cfg, items, chunk in ((device, 2, "2"), (host, 30, "28")):
+        configs = render_configs(cfg, Path("/d.json"))
+        assert configs["vision_encoder"].max_batch_size == items
+        assert {configs[m].parameters["vision_chunk"].string_value for m in ("bls", "vision_table")} == {chunk}

@@ -270,6 +270,7 @@ def test_vision_encoder_normalises_the_bytes_of_every_request(
     model = adapters.vision_encoder.TritonPythonModel.__new__(adapters.vision_encoder.TritonPythonModel)
     model.family, model.encoder, model.device, model.dtype = family, encoder, torch.device("cpu"), torch.float32
     model.lut, model.out_dtype, model.max_tiles = torch.from_numpy(family.pixel_lut()), torch.float32, 64
+    model.timing = None
     requests = [{"pixel_values": FakeTensor("pixel_values", p.pixel_values),
                  **({} if p.tgt_sizes is None else {"tgt_sizes": FakeTensor("tgt_sizes", p.tgt_sizes)})}
                 for p in prepared]

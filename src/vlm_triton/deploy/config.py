@@ -89,11 +89,11 @@ class PreprocessSection:
     image_threads: int = 0
     # where an image's tiles are cut (resize to the grid, crops, thumbnail), with the same bytes either way:
     # "host" (Pillow, in preprocess), "device" (the vision_encoder, on its device, from the decoded image; torch
-    # profile, families that support it: InternVL), "auto" (device when the vision encoder runs on CUDA, the family
-    # supports it and the device path reproduces the installed Pillow; host otherwise). The default stays host: on
-    # an H100 the device path cut W1's TTFT at c=1 by 20% but lost 10-12% of W1's throughput at c=16 and c=64, not
-    # yet explained (docs/benchmarks.md, item 36)
-    image_resize: str = "host"
+    # profile, families that support it: InternVL), "auto" (device when the vision encoder runs on CUDA with the
+    # torch profile, the family supports it and the device path reproduces the installed Pillow; host otherwise).
+    # On an H100, device cut W1's TTFT by 15-19% at c=1 and c=16 and W3's by a third at c=16 (docs/benchmarks.md,
+    # item 36)
+    image_resize: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -80,35 +80,40 @@ def ensemble_config(cfg: DeploymentConfig) -> pb.ModelConfig:
     return config
 
 
-def vision_preferred_batch_sizes(cfg: DeploymentConfig) -> list[int]:
-    """The vision encoder's preferred batch sizes: none when its items are tiles (Triton batches up to
-    vision_max_batch_size of them). When it cuts tiles from decoded images (preprocess.image_resize), an item is a
-    whole image of up to `per_image` tiles, and 32 queued W1 images would reach one execute as 416 tiles, every
-    request waiting for the last; preferring 1..k images, k * per_image <= vision_max_batch_size tiles, makes
-    Triton form batches of about that many tiles (it takes the largest preferred size it can form)."""
+def vision_batch(cfg: DeploymentConfig) -> tuple[int, int]:
+    """(the vision_encoder's max_batch_size, items per vision_encoder request from the bls and vision_table).
+
+    Items are tiles: vision_max_batch_size, and requests of vision_chunk tiles (whole TILE_GROUPs). When the encoder
+    cuts tiles from decoded images (preprocess.image_resize), an item is a whole image of up to `per_image` tiles:
+    k = vision_max_batch_size // per_image images (at least 1) for both, so that an execute holds about as many
+    tiles as with tiles from the host. (Preferred batch sizes do not cap a batch: with them Triton still handed one
+    execute 29 W1 images, 377 tiles, every request waiting for the last; docs/benchmarks.md, item 36.)"""
     from vlm_triton.families.base import PreprocessLimits, device_tiles_for, device_tiles_wanted
 
+    tiles = (cfg.triton.vision_max_batch_size, cfg.vision_chunk)
     if cfg.model.profile != "torch" or not device_tiles_wanted(cfg):
-        return []
+        return tiles
     from vlm_triton.families import open_family  # reads config.json only
 
     family = open_family(cfg.model.checkpoint)
     if not device_tiles_for(cfg, family):
-        return []
+        return tiles
     limits = PreprocessLimits.from_deployment(cfg)
     per_image = max(1, family.visual_budget(limits).max_units // limits.max_images)
-    return list(range(1, max(1, cfg.triton.vision_max_batch_size // per_image) + 1))
+    images = max(1, cfg.triton.vision_max_batch_size // per_image)
+    return images, images
 
 
 def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
     """Every model's config. Profile trtllm swaps `llm` and `vision_encoder` for TensorRT-LLM / TensorRT models."""
     t = cfg.triton
+    vision_items, vision_chunk = vision_batch(cfg)
     configs = {
         "preprocess": _python_model(
             cfg, contracts.PREPROCESS, instances=t.preprocess_instances, deployment_file=deployment_file
         ),
         "vision_encoder": _python_model(
-            cfg, contracts.VISION_ENCODER, max_batch_size=t.vision_max_batch_size, deployment_file=deployment_file
+            cfg, contracts.VISION_ENCODER, max_batch_size=vision_items, deployment_file=deployment_file
         ),
         "vision_table": _python_model(cfg, contracts.VISION_TABLE, deployment_file=deployment_file),
         "llm": _python_model(
@@ -124,7 +129,8 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
     }
     vision = configs["vision_encoder"]
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
-    vision.dynamic_batching.preferred_batch_size.extend(vision_preferred_batch_sizes(cfg))
+    for name in ("bls", "vision_table"):  # their requests to the vision_encoder hold at most this many items
+        configs[name].parameters["vision_chunk"].string_value = str(vision_chunk)
     if cfg.model.profile == "trtllm":
         from vlm_triton.deploy import render_trtllm
 

@@ -27,6 +27,7 @@ class InternVideoFamily(InternVLFamily):
     name = "internvideo"
     description = "InternVideo2.5-Chat (InternVLChatModel with HiCo remote code modeling_internvl_chat_hico2; video)"
     accepts_images: ClassVar[bool] = False
+    device_tiles: ClassVar[bool] = False  # video frames only, tiled on the host
     video_policy: ClassVar[VideoPolicy | None] = VideoPolicy(max_frames=128, frame_multiple=FRAMES_PER_GROUP)
     vision_encoder_class: ClassVar[type[InternVLVisionEncoder]] = HiCoVisionEncoder
 

@@ -44,6 +44,7 @@ from vlm_triton.triton.common import (
     text_output,
     torch_output,
     trace,
+    vision_chunk,
 )
 from vlm_triton.triton.vision_client import prompt_table
 
@@ -328,7 +329,8 @@ class TritonPythonModel:
             log.warning("triton.bls_gpu_prompt_table = true: CUDA tensors reach the bls stub, which stalls llm streams "
                         "with Triton Python backends before r26.07 (python_backend#439); keep it false there")
         self.stages = TritonStages(
-            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=cfg.vision_chunk, tokenizer=tokenizer,
+            embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=vision_chunk(args, cfg),
+            tokenizer=tokenizer,
             gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
         )
 

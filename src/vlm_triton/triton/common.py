@@ -91,22 +91,34 @@ def apply_switch_interval() -> None:
         sys.setswitchinterval(float(value))
 
 
-def log_engine_timing(engine: Any, outbox_timing: Any, model_name: str) -> None:
-    """VLM_TRITON_STEP_STATS=N: log where the llm's engine loop and outbox spent their time every N seconds."""
+def step_stats_period() -> float | None:
+    """VLM_TRITON_STEP_STATS=N: the seconds between a stage's timing lines; None when unset (no timing)."""
     period = os.environ.get("VLM_TRITON_STEP_STATS")
-    if not period:
+    return float(period) if period else None
+
+
+def log_timing(sources: dict[str, Any], model_name: str) -> None:
+    """Every VLM_TRITON_STEP_STATS seconds, log what each `StepTiming` in `sources` (prefix -> timing) took since the
+    last line: `[<model> timing] part count x mean/max ms, ...`."""
+    period = step_stats_period()
+    if period is None:
         return
 
     def run() -> None:
         while True:
-            time.sleep(float(period))
-            parts = {**engine.timing.take(), **{f"outbox_{k}": v for k, v in outbox_timing.take().items()}}
+            time.sleep(period)
+            parts = {f"{prefix}{k}": v for prefix, timing in sources.items() for k, v in timing.take().items()}
             if parts:
                 summary = ", ".join(f"{k} {v['count']}x {v['mean_ms']:.3f}/{v['max_ms']:.1f} ms"
                                     for k, v in sorted(parts.items()))
                 print(f"[{model_name} timing] {summary}", file=sys.stderr, flush=True)
 
     threading.Thread(target=run, name="timing-log", daemon=True).start()
+
+
+def log_engine_timing(engine: Any, outbox_timing: Any, model_name: str) -> None:
+    """VLM_TRITON_STEP_STATS=N: log where the llm's engine loop and outbox spent their time every N seconds."""
+    log_timing({"": engine.timing, "outbox_": outbox_timing}, model_name)
 
 
 _TRACE_DIR = os.environ.get("VLM_TRITON_TRACE_DIR")
@@ -128,6 +140,13 @@ def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
     if cfg.triton.stub_keep_freed_memory:
         keep_freed_memory()
     return cfg
+
+
+def vision_chunk(args: dict[str, Any], cfg: DeploymentConfig) -> int:
+    """Items per vision_encoder request, as rendered into this model's config (`render.vision_batch`)."""
+    parameters = json.loads(args["model_config"]).get("parameters", {})
+    value = parameters.get("vision_chunk", {}).get("string_value")
+    return int(value) if value else cfg.vision_chunk
 
 
 def load_family(cfg: DeploymentConfig) -> "ModelFamily":

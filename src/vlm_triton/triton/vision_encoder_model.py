@@ -9,18 +9,22 @@ preprocess would have sent); its response then has one item per tile.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton.engine.observe import StepTiming
 from vlm_triton.triton.common import (
     TRITON_TO_TORCH,
     error_response,
     get_torch,
     load_deployment,
     load_family,
+    log_timing,
     set_torch_threads,
+    step_stats_period,
     torch_device_dtype,
     torch_output,
 )
@@ -37,6 +41,20 @@ class TritonPythonModel:
         self.lut = torch.from_numpy(self.family.pixel_lut()).to(self.device, self.dtype)
         self.out_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
         self.max_tiles = cfg.triton.vision_max_batch_size  # per encoder forward
+        # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
+        self.timing = StepTiming() if step_stats_period() is not None else None
+        if self.timing is not None:
+            log_timing({"": self.timing}, args["model_name"])
+
+    def _mark(self, part: str, since: float) -> float:
+        """With timing on: the device's work so far is done; add the time since `since` to `part`."""
+        if self.timing is None:
+            return since
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timing.add(part, now - since)
+        return now
 
     def _tiles(self, request: Any) -> torch.Tensor:
         """The request's uint8 tiles: as sent (host memory), or cut on the device from its decoded images."""
@@ -48,8 +66,10 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
+            start = t = time.perf_counter()
             with torch.inference_mode():
                 batches = [self._tiles(r) for r in requests]
+                t = self._mark("tiles", t)
                 sizes = [int(b.shape[0]) for b in batches]
                 if all(b.device.type == "cpu" for b in batches):  # one copy to the device
                     raw = torch.cat(batches).to(self.device, non_blocking=True)
@@ -62,6 +82,9 @@ class TritonPythonModel:
                     for part, *part_extra in zip(torch.split(raw, self.max_tiles),
                                                  *(torch.split(e, self.max_tiles) for e in extra))
                 ]).to(self.out_dtype)
+                t = self._mark("encode", t)
+            if self.timing is not None:
+                self.timing.add(f"batch_of_{len(requests)}_requests_{sum(sizes)}_tiles", t - start)
             return [
                 pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
                 for part in torch.split(embeds, sizes)

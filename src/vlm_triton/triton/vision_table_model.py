@@ -13,14 +13,21 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.contracts import UNIT_EXTRAS
-from vlm_triton.triton.common import TRITON_TO_TORCH, error_response, load_deployment, load_family, torch_output
+from vlm_triton.triton.common import (
+    TRITON_TO_TORCH,
+    error_response,
+    load_deployment,
+    load_family,
+    torch_output,
+    vision_chunk,
+)
 from vlm_triton.triton.vision_client import prompt_table
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
-        self.chunk = cfg.vision_chunk
+        self.chunk = vision_chunk(args, cfg)
         self.dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
         self.hidden = load_family(cfg).hidden_size  # the empty table keeps the llm's width
 
