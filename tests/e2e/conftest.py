@@ -81,7 +81,8 @@ def running_stack(checkpoint: Path, media_dir: Path, work: Path, served_name: st
         # The test HTTP media server listens on loopback, which deployments refuse by default.
         "limits": {"allowed_local_media_dirs": [str(media_dir)], "allow_private_networks": True,
                    "max_images": 4, "default_max_tokens": 16, "media_timeout_s": 3.0},
-        # 8 < 13 tiles: the 13-tile image cases also exercise the BLS's chunked vision requests (8 + 5).
+        # 8 < 13 tiles: a 13-tile image from a host-tiling stack goes as chunked vision requests (8 + 5); the
+        # session stack cuts tiles on the device, where this allows one image per request (8 // 13 -> 1).
         "triton": {"preprocess_instances": 1, "postprocess_instances": 1, "vision_max_batch_size": 8},
     }
     for name, values in sections.items():
