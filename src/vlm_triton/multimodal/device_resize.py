@@ -121,13 +121,15 @@ def resize_planes(planes: torch.Tensor, size: Size, *, rule: str | None = None) 
     passes = _passes((w_in, h_in), (w_out, h_out), PASS_ORDERS[rule])
     if not passes:
         return planes.clone()
-    x = planes.to(torch.float64)
-    for kind in passes:
-        if kind == "h":
-            x = _to_bytes(torch.matmul(x, _coefficients.get(w_in, w_out, x.device).T))
-        else:
-            x = _to_bytes(torch.matmul(_coefficients.get(h_in, h_out, x.device), x))
-    return x.to(torch.uint8)
+    weights = {kind: _coefficients.get(w_in, w_out, planes.device).T if kind == "h"
+               else _coefficients.get(h_in, h_out, planes.device) for kind in passes}
+    out = torch.empty((planes.shape[0], h_out, w_out), dtype=torch.uint8, device=planes.device)
+    for c, plane in enumerate(planes):  # a channel at a time: float64 copies of one plane, not three
+        x = plane.to(torch.float64)
+        for kind in passes:
+            x = _to_bytes(torch.matmul(x, weights[kind]) if kind == "h" else torch.matmul(weights[kind], x))
+        out[c] = x
+    return out
 
 
 # (input, output) sizes that exercise both pass orders, up- and downscaling, odd lengths and one-pixel lines
