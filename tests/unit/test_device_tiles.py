@@ -26,11 +26,11 @@ from vlm_triton.errors import SetupError
 from vlm_triton.families import ModelFamily
 from vlm_triton.families.base import PreprocessLimits, device_tiles_for
 from vlm_triton.multimodal import device_resize
-from vlm_triton.multimodal.device_resize import matches_pillow, pass_coefficients, resize_planes
+from vlm_triton.multimodal.device_resize import fast_float64, matches_pillow, pass_coefficients, resize_planes
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.multimodal.pixels import image_planes
 from vlm_triton.multimodal.resample import PASS_ORDERS, pass_order_rule
-from vlm_triton.multimodal.tiling import device_tiles, image_grid, image_tiles, num_tiles
+from vlm_triton.multimodal.tiling import device_cuttable, device_tiles, image_grid, image_tiles, num_tiles
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
@@ -114,22 +114,46 @@ def test_image_planes_pad_and_convert() -> None:
 
 
 # --- the family ----------------------------------------------------------------------------------------------------
+SIMILAR = {"p1.jpg": (1792, 1344), "p2.png": (1600, 1200), "p3.png": (1500, 1300)}  # padded: < 1.5x their pixels
+
+
+@pytest.fixture(scope="module")
+def similar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("device_tiles_media")
+    for seed, (name, (w, h)) in enumerate(SIMILAR.items()):
+        Image.fromarray(_noise(w, h, 50 + seed)).save(root / name)
+    return root
+
+
 def _prepare_on(family: ModelFamily, media_dir: Path, *names: str, device_tiles: bool) -> object:
     media = MediaFetcher(MediaPolicy(allowed_local_dirs=(media_dir,)))
     limits = PreprocessLimits(max_prompt_tokens=32768, device_tiles=device_tiles)
     return family.prepare(parse_messages(json.dumps(_message(media_dir, *names))), media, limits)
 
 
-def test_internvl_device_path_sends_planes_that_make_the_host_tiles(internvl: ModelFamily, media_dir: Path) -> None:
-    names = ("w1.jpg", "wide.png", "tall.png")
-    host = _prepare_on(internvl, media_dir, *names, device_tiles=False)
-    device = _prepare_on(internvl, media_dir, *names, device_tiles=True)
+def test_internvl_device_path_sends_planes_that_make_the_host_tiles(internvl: ModelFamily, similar_dir: Path) -> None:
+    names = ("p2.png", "p1.jpg", "p3.png")
+    host = _prepare_on(internvl, similar_dir, *names, device_tiles=False)
+    device = _prepare_on(internvl, similar_dir, *names, device_tiles=True)
     assert host.image_grids is None and np.array_equal(device.input_ids, host.input_ids)
     assert device.num_image_tokens == host.num_image_tokens
-    assert device.image_grids.tolist() == [list(image_grid(*Image.open(media_dir / n).size)) for n in names]
+    assert device.image_grids.tolist() == [list(image_grid(*SIMILAR[n])) for n in names]
     assert device.pixel_values.shape == (3, 3, 1344, 1792)  # padded to the largest height and width
     assert torch.equal(internvl.unit_tiles(device), torch.from_numpy(host.pixel_values))
     assert np.array_equal(internvl.float_pixels(device), internvl.float_pixels(host))
+
+
+def test_requests_the_device_cannot_take_are_tiled_on_the_host(internvl: ModelFamily, media_dir: Path) -> None:
+    """A wide and a tall image padded to one size would travel as two large squares: such a request (and one whose
+    resize needs pass matrices beyond the limit) gets the host's tiles."""
+    names = ("w1.jpg", "tall.png")  # padded 2 x 1792 x 1344 > 1.5 x (1792 x 1344 + 300 x 900)
+    device = _prepare_on(internvl, media_dir, *names, device_tiles=True)
+    host = _prepare_on(internvl, media_dir, *names, device_tiles=False)
+    assert device.image_grids is None and np.array_equal(device.pixel_values, host.pixel_values)
+    assert not device_cuttable([(64000, 1000, 12, 1, 1)])  # 64000 -> 5376 columns: 344M matrix entries
+    assert device_cuttable([(1792, 1344, 4, 3, 1)]) and not device_cuttable([])
+    with pytest.raises(ValueError, match="on the host"):
+        resize_planes(torch.zeros(1, 1, 64000, dtype=torch.uint8), (5376, 1))
 
 
 def test_device_path_needs_a_family_that_cuts_on_the_device(minicpmv: ModelFamily, media_dir: Path) -> None:
@@ -159,12 +183,22 @@ def test_image_resize_setting(internvl: ModelFamily, minicpmv: ModelFamily) -> N
         DeploymentConfig.from_dict({"model": {"checkpoint": "/x", "profile": "trtllm"},
                                     "preprocess": {"image_resize": "device"}})
     cuda = DeploymentConfig.from_dict({"model": {"checkpoint": "/x"}, "engine": {"device": "cuda"}})
-    assert device_tiles_for(cuda, internvl) == matches_pillow()  # auto on CUDA: when the bytes are Pillow's
+    # auto on CUDA: on GPUs with full-rate float64, when the bytes are Pillow's
+    assert device_tiles_for(cuda, internvl) == (fast_float64("cuda") and matches_pillow())
     assert not device_tiles_for(cuda, minicpmv)
 
 
-def test_content_ids_per_image(internvl: ModelFamily, media_dir: Path) -> None:
-    device = _prepare_on(internvl, media_dir, "wide.png", "tall.png", "wide.png", device_tiles=True)
+def test_auto_needs_full_rate_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, fast in (((9, 0), True), ((8, 0), True), ((10, 0), True), ((8, 9), False), ((8, 6), False),
+                             ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert fast_float64("cuda") == fast, capability
+    assert not fast_float64("cpu")
+
+
+def test_content_ids_per_image(internvl: ModelFamily, similar_dir: Path) -> None:
+    device = _prepare_on(internvl, similar_dir, "p2.png", "p3.png", "p2.png", device_tiles=True)
     extra = prompt_table_extra_ids(device.input_ids, vocab_size=internvl.vocab_size,
                                    pixel_values=device.pixel_values, image_grids=device.image_grids)
     image_rows = device.input_ids >= internvl.vocab_size
@@ -178,15 +212,15 @@ def test_content_ids_per_image(internvl: ModelFamily, media_dir: Path) -> None:
 
 # --- the adapters --------------------------------------------------------------------------------------------------
 def test_adapters_cut_the_tiles_in_the_vision_encoder(adapters: types.SimpleNamespace, internvl: ModelFamily,
-                                                      media_dir: Path) -> None:
+                                                      similar_dir: Path) -> None:
     from tests.unit.test_pixels import _outputs, _preprocess
 
-    messages = np.array([json.dumps(_message(media_dir, "w1.jpg", "tall.png")).encode()], dtype=np.object_)
+    messages = np.array([json.dumps(_message(similar_dir, "p1.jpg", "p3.png")).encode()], dtype=np.object_)
     sent = {}
     for on_device in (False, True):
         model = _preprocess(adapters, internvl, np.uint8)
         model.limits = PreprocessLimits(device_tiles=on_device)
-        model.media = MediaFetcher(MediaPolicy(allowed_local_dirs=(media_dir,)))
+        model.media = MediaFetcher(MediaPolicy(allowed_local_dirs=(similar_dir,)))
         (response,) = model.execute([{"messages": FakeTensor("messages", messages)}])
         sent[on_device] = _outputs(response)
     assert sent[False]["image_grids"].shape == (0, 5) and sent[True]["image_grids"].shape == (2, 5)
@@ -207,12 +241,20 @@ def test_adapters_cut_the_tiles_in_the_vision_encoder(adapters: types.SimpleName
     device = {"pixel_values": FakeTensor("pixel_values", sent[True]["pixel_values"]),
               "image_grids": FakeTensor("image_grids", sent[True]["image_grids"])}
     responses = model.execute([host, device])
-    assert [r.outputs[0].value.shape[0] for r in responses] == [17, 17]  # 13 + 4 tiles each
+    n = num_tiles(*SIMILAR["p1.jpg"]) + num_tiles(*SIMILAR["p3.png"])
+    assert [r.outputs[0].value.shape[0] for r in responses] == [n, n]
     assert torch.equal(responses[0].outputs[0].value, responses[1].outputs[0].value)
-    assert [p.shape[0] for p in seen] == [8, 8, 8, 8, 2]  # 34 tiles in forwards of at most max_tiles
+    assert [p.shape[0] for p in seen] == [8] * (2 * n // 8) + ([2 * n % 8] if 2 * n % 8 else [])  # <= max_tiles each
     tiles = torch.from_numpy(internvl.float_pixels(types.SimpleNamespace(
         pixel_values=sent[False]["pixel_values"], tgt_sizes=None, image_grids=None)))
     assert torch.equal(torch.cat(seen), torch.cat([tiles, tiles]))
+    # a request whose tiles cannot be made fails alone; the others in its batch are answered
+    bad = {"pixel_values": device["pixel_values"],
+           "image_grids": FakeTensor("image_grids", sent[True]["image_grids"] * np.array([1, 1, 1, 1, 5], np.int32))}
+    seen.clear()
+    responses = model.execute([bad, host])
+    assert responses[0].error is not None and "invalid image grid" in str(responses[0].error)
+    assert responses[1].error is None and torch.equal(responses[1].outputs[0].value, tiles[:, :, :2, 0].reshape(n, 3, 2))
 
 
 def test_vision_encoder_batches_about_its_tile_budget(internvl: ModelFamily) -> None:
@@ -233,3 +275,5 @@ def test_vision_encoder_batches_about_its_tile_budget(internvl: ModelFamily) -> 
         configs = render_configs(cfg, Path("/d.json"))
         assert configs["vision_encoder"].max_batch_size == items
         assert {configs[m].parameters["vision_chunk"].string_value for m in ("bls", "vision_table")} == {chunk}
+        # the decision reaches preprocess through its config, so no stage decides differently
+        assert configs["preprocess"].parameters["device_tiles"].string_value == ("1" if cfg is device else "0")

@@ -80,26 +80,34 @@ def ensemble_config(cfg: DeploymentConfig) -> pb.ModelConfig:
     return config
 
 
-def vision_batch(cfg: DeploymentConfig) -> tuple[int, int]:
-    """(the vision_encoder's max_batch_size, items per vision_encoder request from the bls and vision_table).
-
-    Items are tiles: vision_max_batch_size, and requests of vision_chunk tiles (whole TILE_GROUPs). When the encoder
-    cuts tiles from decoded images (preprocess.image_resize), an item is a whole image of up to `per_image` tiles:
-    k = vision_max_batch_size // per_image images (at least 1) for both, so that an execute holds about as many
-    tiles as with tiles from the host. (Preferred batch sizes do not cap a batch: with them Triton still handed one
-    execute 29 W1 images, 377 tiles, every request waiting for the last; docs/benchmarks.md, item 36.)"""
+def device_tile_budget(cfg: DeploymentConfig) -> int:
+    """Tiles per image when the vision encoder cuts the tiles from decoded images (preprocess.image_resize, decided
+    here once for every stage: preprocess reads it from its config); 0 when preprocess sends tiles."""
     from vlm_triton.families.base import PreprocessLimits, device_tiles_for, device_tiles_wanted
 
-    tiles = (cfg.triton.vision_max_batch_size, cfg.vision_chunk)
     if cfg.model.profile != "torch" or not device_tiles_wanted(cfg):
-        return tiles
+        return 0
     from vlm_triton.families import open_family  # reads config.json only
 
     family = open_family(cfg.model.checkpoint)
     if not device_tiles_for(cfg, family):
-        return tiles
+        return 0
     limits = PreprocessLimits.from_deployment(cfg)
-    per_image = max(1, family.visual_budget(limits).max_units // limits.max_images)
+    return max(1, family.visual_budget(limits).max_units // limits.max_images)
+
+
+def vision_batch(cfg: DeploymentConfig, per_image: int | None = None) -> tuple[int, int]:
+    """(the vision_encoder's max_batch_size, items per vision_encoder request from the bls and vision_table).
+
+    Items are tiles: vision_max_batch_size, and requests of vision_chunk tiles (whole TILE_GROUPs). When the encoder
+    cuts tiles from decoded images, an item is a whole image of up to `per_image` tiles (`device_tile_budget`):
+    k = vision_max_batch_size // per_image images (at least 1) for both, so that an execute holds about as many
+    tiles as with tiles from the host. (Preferred batch sizes do not cap a batch: with them Triton still handed one
+    execute 29 W1 images, 377 tiles, every request waiting for the last; docs/benchmarks.md, item 36.) Video frames
+    and requests that mix images and video still travel as tiles, then also k per request."""
+    per_image = device_tile_budget(cfg) if per_image is None else per_image
+    if not per_image:
+        return cfg.triton.vision_max_batch_size, cfg.vision_chunk
     images = max(1, cfg.triton.vision_max_batch_size // per_image)
     return images, images
 
@@ -107,7 +115,8 @@ def vision_batch(cfg: DeploymentConfig) -> tuple[int, int]:
 def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb.ModelConfig]:
     """Every model's config. Profile trtllm swaps `llm` and `vision_encoder` for TensorRT-LLM / TensorRT models."""
     t = cfg.triton
-    vision_items, vision_chunk = vision_batch(cfg)
+    per_image = device_tile_budget(cfg)
+    vision_items, vision_chunk = vision_batch(cfg, per_image)
     configs = {
         "preprocess": _python_model(
             cfg, contracts.PREPROCESS, instances=t.preprocess_instances, deployment_file=deployment_file
@@ -131,6 +140,7 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
     for name in ("bls", "vision_table"):  # their requests to the vision_encoder hold at most this many items
         configs[name].parameters["vision_chunk"].string_value = str(vision_chunk)
+    configs["preprocess"].parameters["device_tiles"].string_value = str(int(per_image > 0))
     if cfg.model.profile == "trtllm":
         from vlm_triton.deploy import render_trtllm
 

@@ -11,7 +11,7 @@ import torch
 
 from vlm_triton.checkpoints.checkpoint import Checkpoint
 from vlm_triton.errors import SetupError
-from vlm_triton.multimodal.device_resize import matches_pillow
+from vlm_triton.multimodal.device_resize import fast_float64, matches_pillow
 from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.pixels import normalize_on_device
 from vlm_triton.multimodal.resample import default_image_threads
@@ -50,9 +50,10 @@ class PreprocessLimits:
 
 def device_tiles_wanted(cfg: "DeploymentConfig") -> bool:
     """Whether preprocess.image_resize asks the vision encoder to cut the tiles, before the family is known:
-    "device", or "auto" with the torch profile on CUDA."""
+    "device", or "auto" with the torch profile on a CUDA GPU with full-rate float64 (`device_resize.fast_float64`)."""
     mode = cfg.preprocess.image_resize
-    return mode == "device" or (mode == "auto" and cfg.model.profile == "torch" and cfg.device.startswith("cuda"))
+    return mode == "device" or (mode == "auto" and cfg.model.profile == "torch" and cfg.device.startswith("cuda")
+                                and fast_float64(cfg.device))
 
 
 def device_tiles_for(cfg: "DeploymentConfig", family: "ModelFamily") -> bool:

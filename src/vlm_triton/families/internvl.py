@@ -27,6 +27,7 @@ from vlm_triton.multimodal.media import MediaFetcher
 from vlm_triton.multimodal.pixels import image_planes
 from vlm_triton.multimodal.tiling import (
     PendingTiles,
+    device_cuttable,
     device_tiles,
     image_grid,
     imagenet_lut,
@@ -154,6 +155,9 @@ class InternVLFamily(ModelFamily):
                 continue
             units.append(start_images_tiles([image], threads=limits.image_threads, **tiling))
             counts.append(num_tiles(*image.size, **tiling))
+        if decoded and not device_cuttable(grids, image_size=self.image_size):  # the same tiles, made here
+            units = [start_images_tiles([image], threads=limits.image_threads, **tiling) for image in decoded]
+            decoded = []
         # with threads the tiles are made while the prompt is rendered and tokenized (which releases the GIL)
         prompt = render_internvl_prompt(
             messages, template=self.config.get("template") or "internvl2_5",

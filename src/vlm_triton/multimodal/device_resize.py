@@ -47,10 +47,21 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
 
 
-@lru_cache(maxsize=64)
-def pass_coefficients(n_in: int, n_out: int) -> np.ndarray:
-    """float64 [n_out, n_in]: row i holds the 22-bit fixed-point BICUBIC coefficients of output pixel i (integers),
-    zero outside its support; Pillow's `precompute_coeffs` for the box 0..n_in and `normalize_coeffs_8bpc`."""
+# A pass's dense matrix holds n_out * n_in float64 entries; beyond this many (1 GiB) the image is cut on the host
+# instead (`fits`): e.g. 8192 -> 1792 is 14.7M entries, a 64000 x 1000 panorama's 64000 -> 5376 is 344M
+MAX_MATRIX_ENTRIES = 1 << 27
+
+
+def fits(in_size: Size, out_size: Size) -> bool:
+    """Whether resizing in_size -> out_size keeps every pass matrix within MAX_MATRIX_ENTRIES."""
+    (w_in, h_in), (w_out, h_out) = in_size, out_size
+    return w_in * w_out <= MAX_MATRIX_ENTRIES and h_in * h_out <= MAX_MATRIX_ENTRIES
+
+
+@lru_cache(maxsize=256)
+def _compact(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first input pixel int64 [n_out], fixed-point coefficients float64 [n_out, ksize], zero past each pixel's
+    support): Pillow's `precompute_coeffs` for the box 0..n_in and `normalize_coeffs_8bpc`. A few KB per size."""
     if n_in < 1 or n_out < 1:
         raise ValueError(f"resize lengths must be positive, got {n_in} -> {n_out}")
     scale = float(np.float32(n_in)) / n_out  # (double)(in1 - in0) / outSize, with in0 = 0 and in1 a C float
@@ -71,18 +82,31 @@ def pass_coefficients(n_in: int, n_out: int) -> np.ndarray:
         ww = ww + w[:, x]
     w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
     fixed = np.trunc(np.where(w < 0, -0.5 + w * _ONE, 0.5 + w * _ONE))  # (int)(±0.5 + k * 2**22)
-    out = np.zeros((n_out, n_in), dtype=np.float64)
-    rows, cols = np.nonzero(used)
-    out[rows, xmin[rows] + cols] = fixed[rows, cols]
+    return xmin, np.where(used, fixed, 0.0)
+
+
+def _dense(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """float64 [n_out, n_in] on `device`: row i holds output pixel i's fixed-point coefficients, zero elsewhere."""
+    xmin, fixed = _compact(n_in, n_out)
+    rows, taps = np.nonzero(fixed)
+    out = torch.zeros((n_out, n_in), dtype=torch.float64, device=device)
+    cols = torch.from_numpy(xmin[rows] + taps).to(device)
+    out[torch.from_numpy(rows).to(device), cols] = torch.from_numpy(fixed[rows, taps]).to(device)
     return out
 
 
-class _DeviceCache:
-    """The coefficient matrices already on a device (a resize of a large photo needs tens of MB of them)."""
+def pass_coefficients(n_in: int, n_out: int) -> np.ndarray:
+    """float64 [n_out, n_in]: the dense matrix of a pass (integers), for tests and inspection."""
+    return _dense(n_in, n_out, torch.device("cpu")).numpy()
 
-    def __init__(self, capacity: int = 16) -> None:
+
+class _DeviceCache:
+    """The pass matrices already on a device, least recently used first out, at most `max_bytes` in all (a large
+    photo's take tens of MB; a size is built again when it comes back)."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
         self._items: OrderedDict[tuple[int, int, str], torch.Tensor] = OrderedDict()
-        self._capacity, self._lock = capacity, Lock()
+        self._max_bytes, self._bytes, self._lock = max_bytes, 0, Lock()
 
     def get(self, n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
         key = (n_in, n_out, str(device))
@@ -91,11 +115,17 @@ class _DeviceCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        value = torch.from_numpy(pass_coefficients(n_in, n_out)).to(device)
+        value = _dense(n_in, n_out, device)
+        size = value.numel() * value.element_size()
+        if size > self._max_bytes:
+            return value  # used once, not kept
         with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
+            if key not in self._items:
+                self._items[key] = value
+                self._bytes += size
+            while self._bytes > self._max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
         return value
 
 
@@ -118,6 +148,9 @@ def resize_planes(planes: torch.Tensor, size: Size, *, rule: str | None = None) 
         raise RuntimeError("no known pass-order rule reproduces the installed Pillow")
     _, h_in, w_in = planes.shape
     w_out, h_out = int(size[0]), int(size[1])
+    if not fits((w_in, h_in), (w_out, h_out)):
+        raise ValueError(f"resizing {w_in}x{h_in} to {w_out}x{h_out} needs pass matrices over "
+                         f"{MAX_MATRIX_ENTRIES} entries: cut this image on the host")
     passes = _passes((w_in, h_in), (w_out, h_out), PASS_ORDERS[rule])
     if not passes:
         return planes.clone()
@@ -130,6 +163,17 @@ def resize_planes(planes: torch.Tensor, size: Size, *, rule: str | None = None) 
             x = _to_bytes(torch.matmul(x, weights[kind]) if kind == "h" else torch.matmul(weights[kind], x))
         out[c] = x
     return out
+
+
+FAST_FLOAT64 = {(8, 0), (9, 0), (10, 0)}  # compute capabilities with full-rate FP64: A100, H100/H200, B200
+
+
+def fast_float64(device: torch.device | str) -> bool:
+    """Whether `device` runs float64 matrix products at a useful rate (data-center GPUs; others run FP64 at 1/32 to
+    1/64 of FP32, where cutting tiles on the host is faster)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) in FAST_FLOAT64)
 
 
 # (input, output) sizes that exercise both pass orders, up- and downscaling, odd lengths and one-pixel lines

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm_triton.multimodal.device_resize import resize_planes
+from vlm_triton.multimodal.device_resize import fits, resize_planes
 from vlm_triton.multimodal.pixels import TileWriter, normalize_bytes, normalize_lut, stack_tiles
 from vlm_triton.multimodal.resample import ResizeBatch, ResizeJob, start_resizes
 
@@ -239,13 +239,30 @@ def image_grid(
     return width, height, cols, rows, int(use_thumbnail and cols * rows != 1)
 
 
+MAX_PADDING = 1.5  # decoded images travel zero padded to the largest height and width of their request
+
+
+def device_cuttable(grids: Sequence[Sequence[int]], *, image_size: int = DEFAULT_IMAGE_SIZE) -> bool:
+    """Whether a request's images (their `image_grid` rows) may go to the vision encoder as decoded planes: every
+    resize within `device_resize.fits`, and the padded planes at most MAX_PADDING times the images' own pixels (a
+    wide and a tall image together would otherwise travel as two large squares)."""
+    if not grids:
+        return False
+    s = image_size
+    for w, h, cols, rows, _ in grids:
+        if not (fits((w, h), (s * cols, s * rows)) and fits((w, h), (s, s))):
+            return False
+    padded = len(grids) * max(g[0] for g in grids) * max(g[1] for g in grids)
+    return padded <= MAX_PADDING * sum(g[0] * g[1] for g in grids)
+
+
 def device_tiles(planes: torch.Tensor, grid: Sequence[int], *, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
     """uint8 [3, H >= height, W >= width] planes of a decoded RGB image (padding beyond its size is ignored) and its
     `image_grid` row -> uint8 [cols * rows (+ 1), 3, S, S] on the planes' device: the bytes of `image_tiles`."""
     width, height, cols, rows, thumbnail = (int(v) for v in grid)
     if planes.dim() != 3 or planes.shape[0] != 3 or planes.shape[1] < height or planes.shape[2] < width:
         raise ValueError(f"planes {tuple(planes.shape)} do not hold a {width}x{height} RGB image")
-    if min(width, height, cols, rows) < 1:
+    if min(width, height, cols, rows) < 1 or thumbnail not in (0, 1):
         raise ValueError(f"invalid image grid {tuple(grid)}")
     s = image_size
     image = planes[:, :height, :width]

@@ -142,10 +142,14 @@ def load_deployment(args: dict[str, Any]) -> DeploymentConfig:
     return cfg
 
 
+def rendered_parameter(args: dict[str, Any], name: str) -> str | None:
+    """A value the renderer derived for this model and wrote into its config's parameters (None: absent)."""
+    return json.loads(args["model_config"]).get("parameters", {}).get(name, {}).get("string_value") or None
+
+
 def vision_chunk(args: dict[str, Any], cfg: DeploymentConfig) -> int:
     """Items per vision_encoder request, as rendered into this model's config (`render.vision_batch`)."""
-    parameters = json.loads(args["model_config"]).get("parameters", {})
-    value = parameters.get("vision_chunk", {}).get("string_value")
+    value = rendered_parameter(args, "vision_chunk")
     return int(value) if value else cfg.vision_chunk
 
 

@@ -4,6 +4,7 @@ What the llm takes is shaped as the llm takes it ([1, ...], see contracts.PREPRO
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.contracts import NUMPY_DTYPES
-from vlm_triton.triton.common import error_response, get_text, load_deployment, load_family
+from vlm_triton.triton.common import error_response, get_text, load_deployment, load_family, rendered_parameter
 from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
 
@@ -56,7 +57,10 @@ class TritonPythonModel:
                 timeout_s=lim.media_timeout_s,
             )
         )
-        self.limits = PreprocessLimits.from_deployment(cfg, self.family)
+        # where tiles are cut, as the renderer decided for every stage (render.device_tile_budget)
+        rendered = rendered_parameter(args, "device_tiles")
+        self.limits = (PreprocessLimits.from_deployment(cfg, self.family) if rendered is None
+                       else replace(PreprocessLimits.from_deployment(cfg), device_tiles=rendered == "1"))
         stop_ids = self.family.stop_token_ids(self.tokenizer)
         self.end_id = stop_ids[0]
         pad = self.tokenizer.pad_token_id

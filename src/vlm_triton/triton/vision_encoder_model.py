@@ -65,29 +65,42 @@ class TritonPythonModel:
         return self.family.tiles_from_images(pixels.to(self.device, non_blocking=True), grids)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        try:
-            start = t = time.perf_counter()
-            with torch.inference_mode():
-                batches = [self._tiles(r) for r in requests]
-                t = self._mark("tiles", t)
-                sizes = [int(b.shape[0]) for b in batches]
-                if all(b.device.type == "cpu" for b in batches):  # one copy to the device
-                    raw = torch.cat(batches).to(self.device, non_blocking=True)
-                else:
-                    raw = torch.cat([b.to(self.device, non_blocking=True) for b in batches])
-                grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
-                extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
-                embeds = torch.cat([
-                    self.encoder(self.family.normalize_pixels(part, self.lut, *part_extra), *part_extra)
-                    for part, *part_extra in zip(torch.split(raw, self.max_tiles),
-                                                 *(torch.split(e, self.max_tiles) for e in extra))
-                ]).to(self.out_dtype)
+        """One response per request; a request whose tiles cannot be made fails alone, an encoder error fails all."""
+        responses: list[Any] = [None] * len(requests)
+        batches, kept = [], []
+        start = t = time.perf_counter()
+        with torch.inference_mode():
+            for i, request in enumerate(requests):
+                try:
+                    batches.append(self._tiles(request))
+                    kept.append(i)
+                except Exception as exc:  # noqa: BLE001 - this request's error
+                    responses[i] = error_response(exc)
+            t = self._mark("tiles", t)
+            try:
+                embeds, sizes = self._encode(batches, [requests[i] for i in kept]) if kept else (None, [])
                 t = self._mark("encode", t)
-            if self.timing is not None:
-                self.timing.add(f"batch_of_{len(requests)}_requests_{sum(sizes)}_tiles", t - start)
-            return [
-                pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
-                for part in torch.split(embeds, sizes)
-            ]
-        except Exception as exc:  # noqa: BLE001
-            return [error_response(exc) for _ in requests]
+                for i, part in zip(kept, torch.split(embeds, sizes) if kept else ()):
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
+            except Exception as exc:  # noqa: BLE001
+                for i in kept:
+                    responses[i] = error_response(exc)
+        if self.timing is not None:
+            self.timing.add(f"batch_of_{len(requests)}_requests_{sum(sizes)}_tiles", t - start)
+        return responses
+
+    def _encode(self, batches: list[torch.Tensor], requests: list[Any]) -> tuple[torch.Tensor, list[int]]:
+        """The requests' tiles through the encoder, in forwards of at most max_tiles -> (embeddings, tiles each)."""
+        sizes = [int(b.shape[0]) for b in batches]
+        if all(b.device.type == "cpu" for b in batches):  # one copy to the device
+            raw = torch.cat(batches).to(self.device, non_blocking=True)
+        else:
+            raw = torch.cat([b.to(self.device, non_blocking=True) for b in batches])
+        grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
+        extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
+        embeds = torch.cat([
+            self.encoder(self.family.normalize_pixels(part, self.lut, *part_extra), *part_extra)
+            for part, *part_extra in zip(torch.split(raw, self.max_tiles),
+                                         *(torch.split(e, self.max_tiles) for e in extra))
+        ]).to(self.out_dtype)
+        return embeds, sizes
