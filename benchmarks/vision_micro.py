@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,16 @@ def compile_vision_encoder(encoder: torch.nn.Module, *, warm_tiles: list[int], d
         for n in sorted(set(warm_tiles), reverse=True):  # a batch > 1 first: the dynamic graph
             run(torch.zeros(n, 3, size, size, device=device, dtype=dtype))
     return run
+
+
+def build_encoder(preset: str, work: Path, device: torch.device) -> tuple[Any, torch.nn.Module, torch.dtype]:
+    """(family, its vision encoder in eval mode, dtype) of the preset's random-weight checkpoint on `device`:
+    bf16 on CUDA, float32 on the CPU."""
+    from vlm_triton.families import open_family
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    family = open_family(models.make_model(preset, work / f"ckpt-{preset}"))
+    return family, family.build_vision_encoder(dtype, device).eval(), dtype
 
 
 def _time(fn, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
@@ -60,13 +71,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ckpt = models.make_model(args.preset, args.work / f"ckpt-{args.preset}")
-    from vlm_triton.families import open_family
-
-    family = open_family(ckpt)
+    family, eager, dtype = build_encoder(args.preset, args.work, device)
     cfg = family.config
-    eager = family.build_vision_encoder(dtype, device).eval()
     peak = baselines.device_ceilings(device).get("matmul_flops") if device.type == "cuda" else None
     tiles = [int(t) for t in args.tiles.split(",")]
     modes = args.modes.split(",")

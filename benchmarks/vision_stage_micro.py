@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from benchmarks import models
+from benchmarks.vision_micro import build_encoder
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -45,14 +46,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    from vlm_triton.families import open_family
     from vlm_triton.multimodal.pixels import image_planes
     from vlm_triton.multimodal.tiling import image_grid, image_tiles
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    family = open_family(models.make_model(args.preset, args.work / f"ckpt-{args.preset}"))
-    encoder = family.build_vision_encoder(dtype, device).eval()
+    family, encoder, dtype = build_encoder(args.preset, args.work, device)
     lut = torch.from_numpy(family.pixel_lut()).to(device, dtype)
     w, h = (int(v) for v in args.size.lower().split("x"))
     rng = np.random.default_rng(0)

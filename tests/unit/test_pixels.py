@@ -247,8 +247,8 @@ def test_preprocess_sends_bytes_for_torch_and_fp16_floats_for_trtllm(
     reference = preprocess_image(Image.open(media_dir / "w1.jpg"), max_num=12)  # the W1 image: 13 tiles
     torch_px, trt_px = sent["torch"]["pixel_values"], sent["trtllm"]["pixel_values"]
     assert torch_px.dtype == np.uint8 and torch_px.shape == reference.shape == (13, 3, 448, 448)
-    assert np.array_equal(internvl.float_pixels(types.SimpleNamespace(pixel_values=torch_px, tgt_sizes=None, image_grids=None)),
-                          reference)
+    sent_tiles = types.SimpleNamespace(pixel_values=torch_px, tgt_sizes=None, image_grids=None)
+    assert np.array_equal(internvl.float_pixels(sent_tiles), reference)
     assert trt_px.dtype == np.float16 and np.array_equal(trt_px, reference.astype(np.float16))
     # KV-reuse content ids: from the bytes, the same in both profiles, one id per tile
     extra = sent["torch"]["prompt_table_extra_ids"]

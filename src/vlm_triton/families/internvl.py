@@ -29,6 +29,7 @@ from vlm_triton.multimodal.tiling import (
     PendingTiles,
     device_cuttable,
     device_tiles,
+    grid_tiles,
     image_grid,
     imagenet_lut,
     num_tiles,
@@ -151,7 +152,7 @@ class InternVLFamily(ModelFamily):
             if on_device:
                 grids.append(image_grid(*image.size, **tiling))
                 decoded.append(image)
-                counts.append(grids[-1][2] * grids[-1][3] + grids[-1][4])
+                counts.append(grid_tiles(grids[-1]))
                 continue
             units.append(start_images_tiles([image], threads=limits.image_threads, **tiling))
             counts.append(num_tiles(*image.size, **tiling))

@@ -103,9 +103,8 @@ def num_tiles(
     use_thumbnail: bool = True,
 ) -> int:
     """How many tiles `tile_image` returns for a width x height image (without touching pixels)."""
-    cols, rows = choose_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
-    n = cols * rows
-    return n + 1 if use_thumbnail and n != 1 else n
+    return grid_tiles(image_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size,
+                                 use_thumbnail=use_thumbnail))
 
 
 def tile_image(
@@ -240,6 +239,11 @@ def image_grid(
 
 
 MAX_PADDING = 1.5  # decoded images travel zero padded to the largest height and width of their request
+
+
+def grid_tiles(grid: Sequence[int]) -> int:
+    """Tiles of an `image_grid` row: the grid's, plus the thumbnail."""
+    return int(grid[2]) * int(grid[3]) + int(grid[4])
 
 
 def device_cuttable(grids: Sequence[Sequence[int]], *, image_size: int = DEFAULT_IMAGE_SIZE) -> bool:

@@ -67,7 +67,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request; a request whose tiles cannot be made fails alone, an encoder error fails all."""
         responses: list[Any] = [None] * len(requests)
-        batches, kept = [], []
+        batches, kept, sizes = [], [], []
         start = t = time.perf_counter()
         with torch.inference_mode():
             for i, request in enumerate(requests):
@@ -78,10 +78,11 @@ class TritonPythonModel:
                     responses[i] = error_response(exc)
             t = self._mark("tiles", t)
             try:
-                embeds, sizes = self._encode(batches, [requests[i] for i in kept]) if kept else (None, [])
-                t = self._mark("encode", t)
-                for i, part in zip(kept, torch.split(embeds, sizes) if kept else ()):
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
+                if kept:
+                    embeds, sizes = self._encode(batches, [requests[i] for i in kept])
+                    t = self._mark("encode", t)
+                    for i, part in zip(kept, torch.split(embeds, sizes)):
+                        responses[i] = pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
             except Exception as exc:  # noqa: BLE001
                 for i in kept:
                     responses[i] = error_response(exc)
