@@ -4,6 +4,10 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
     python -m benchmarks.engine_profile --preset internvl3-1b --out prof-out   # GPU, about a minute
     python -m benchmarks.engine_profile --variants auto,efficient,math,efficient+pointwise   # decode-step variants
 
+`--prefill 512,3400,8000` instead times prefill steps of one prompt of each length (engine.step() with the packed
+prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of one
+eagerly run prefill step of the largest length (the same kernels the graph replays).
+
 `--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
 pointwise ops compiled, vlm_triton/engine/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
 four requests stay equal to the first variant's.
@@ -32,7 +36,7 @@ def fill(engine, n: int, prompt_len: int, max_new: int) -> None:
         ids = torch.randint(0, 1000, (prompt_len,), dtype=torch.int32).numpy()
         engine.add_request(GenerationRequest(request_id=f"p{time.monotonic_ns()}-{i}", input_ids=ids,
                                              max_new_tokens=max_new, temperature=0.0, end_id=-1))
-    while engine.admission.waiting:
+    while len(engine.admission):
         engine.step()
 
 
@@ -59,6 +63,60 @@ def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new
             if ev.token_id is not None:
                 out[ev.request_id].append(ev.token_id)
     return [out[f"g{i}"] for i in range(len(lengths))]
+
+
+def prefill_flops(backbone: torch.nn.Module, tokens: int) -> float:
+    """FLOPs of one prompt of `tokens` through the backbone: its linear layers, and causal attention (QK^T and PV over
+    half of the square each)."""
+    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    cfg = backbone.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2.0 * linear * tokens + 2.0 * cfg.num_hidden_layers * tokens * tokens * cfg.num_attention_heads * head_dim
+
+
+def prefill_step_ms(engine, tokens: int, reps: int) -> float:
+    """Median ms of the engine steps that serve one prompt of `tokens` tokens and its one output token."""
+    times = []
+    for i in range(reps):
+        ids = torch.randint(0, 1000, (tokens,), dtype=torch.int32).numpy()
+        engine.add_request(GenerationRequest(request_id=f"pf{tokens}-{i}", input_ids=ids, max_new_tokens=1,
+                                             temperature=0.0, end_id=-1))
+        sync(engine.device)
+        t = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        sync(engine.device)
+        times.append((time.perf_counter() - t) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def prefill_sweep(engine, lengths: list[int], out: Path, reps: int = 7) -> None:
+    from benchmarks.baselines import device_ceilings
+    from torch.profiler import ProfilerActivity, profile
+
+    peak = device_ceilings(engine.device).get("matmul_flops") or float("nan")
+    graphs = getattr(engine.prefill, "graphs", None)
+    print(f"\nprefill graphs: {graphs is not None}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print("| prompt tokens | step ms | TFLOP | TFLOP/s | of the matmul peak |\n|---|---|---|---|---|")
+    rows = []
+    for n in lengths:
+        prefill_step_ms(engine, n, 2)
+        ms = prefill_step_ms(engine, n, reps)
+        flops = prefill_flops(engine.backbone, n)
+        rows.append({"tokens": n, "step_ms": ms, "tflop": flops / 1e12, "tflops_s": flops / ms / 1e9})
+        print(f"| {n} | {ms:.2f} | {flops / 1e12:.2f} | {flops / ms / 1e9:.0f} | {flops / ms * 1e3 / peak:.0%} |",
+              flush=True)
+    n = max(lengths)
+    for name, use in (("graphs", graphs), ("eager", None)):
+        engine.prefill.graphs = use
+        prefill_step_ms(engine, n, 2)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            prefill_step_ms(engine, n, 3)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+        (out / f"prefill-{n}-{name}.txt").write_text(table)
+        print(f"\nprefill of {n} tokens ({name}), 3 steps:\n{table}", flush=True)
+    engine.prefill.graphs = graphs
+    (out / "prefill.json").write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
 
 
 def variant_sweep(engine, names: list[str], out: Path) -> None:
@@ -113,6 +171,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the step timing only (tiny preset)")
     ap.add_argument("--eager-pointwise", action="store_true", help="engine.compile_pointwise off")
+    ap.add_argument("--prefill", default="", help="comma list of prompt lengths: prefill steps instead")
     ap.add_argument("--variants", default="", help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +184,9 @@ def main() -> None:
                                 compile_pointwise=not args.variants and not args.eager_pointwise)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
+    if args.prefill:
+        prefill_sweep(engine, [int(n) for n in args.prefill.split(",")], args.out)
+        return
     if args.variants:
         variant_sweep(engine, args.variants.split(","), args.out)
         return

@@ -98,6 +98,13 @@ def test_timeline_marks_the_first_token_path_in_order(client, stack, timeline_di
     assert events["llm.send"] <= events["llm.sent"] and events["bls.llm_first"] <= events["bls.sent"]
     one = table({request_id: events})
     assert one["requests"] == 1 and len(one["hops"]) == len(server_marks) - 1
+    # a one-token answer: its first token leaves with the llm's final response, which marks it sent too
+    short = list(ask(client, "Hi", stream=True, max_tokens=1, extra_body={"ignore_eos": True}))[0].id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "llm.sent" not in join(read_marks(timeline_dir)).get(short, {}):
+        time.sleep(0.1)
+    marks = join(read_marks(timeline_dir)).get(short, {})
+    assert marks["llm.send"] <= marks["llm.sent"], marks
 
 
 @pytest.mark.parametrize("procs", [1, 2])

@@ -28,7 +28,7 @@ from vlm_triton.errors import SetupError
 def test_first_fit_and_coalescing() -> None:
     pool = RowPool(10)
     assert [pool.reserve(3), pool.reserve(3), pool.reserve(3)] == [0, 3, 6]
-    assert pool.reserve(2) is None and pool.free_rows == 1 and pool.largest_free() == 1
+    assert pool.reserve(2) is None and pool.free_rows == 1 and pool.free_runs() == [(9, 1)]
     pool.release(3, 3)
     assert pool.free_runs() == [(3, 3), (9, 1)]
     assert pool.reserve(4) is None  # 4 rows are free, but not in one run

@@ -4,7 +4,8 @@
 takes the next prefill from the head of the queue while decode slots are free, the step's token budget holds
 (count x longest prompt <= prefill_tokens) and the pool has each request's run of rows, which it reserves: either a
 batch of whole prompts, or one prompt longer than the budget alone (the engine prefills it in chunks). The first
-request that does not fit stops the pop, and the ones behind it wait too (no overtaking). `free()` gives a
+request that does not fit stops the pop, and the ones behind it wait too (no overtaking). `add()` queues a request,
+`take()` removes queued requests by id (cancels), `drain()` empties the queue (shutdown), and `free()` gives a
 request's rows back. Not thread-safe: the engine calls it under its lock.
 """
 
@@ -35,6 +36,26 @@ class Admission:
                              "request of max_seq_len tokens must fit")
         return cls(RowPool(capacity), max_slots=max_slots, prefill_tokens=prefill_tokens,
                    run_rows=0 if kv_cache_tokens else max_seq_len)
+
+    def __len__(self) -> int:
+        """Requests waiting."""
+        return len(self.waiting)
+
+    def add(self, seq: ActiveRequest) -> None:
+        self.waiting.append(seq)
+
+    def take(self, request_ids: set[str]) -> list[ActiveRequest]:
+        """Remove the waiting requests with these ids (arrival order); they hold no rows yet."""
+        taken = [s for s in self.waiting if s.request_id in request_ids]
+        if taken:
+            self.waiting = deque(s for s in self.waiting if s.request_id not in request_ids)
+        return taken
+
+    def drain(self) -> list[ActiveRequest]:
+        """Every waiting request (arrival order), leaving the queue empty."""
+        out = list(self.waiting)
+        self.waiting.clear()
+        return out
 
     def pop(self, running: int) -> tuple[list[ActiveRequest], ActiveRequest | None]:
         """(the next prefill batch, or a prompt to prefill in chunks) with `running` slots taken; rows reserved."""

@@ -39,7 +39,6 @@ class DecodeGraphs:
             with torch.no_grad():
                 engine.decode.ids.zero_()
                 engine.decode.pos.zero_()
-                engine.decode.starts.fill_(engine.cache.trash_row)
                 engine.decode.cu_k.fill_(engine.cache.trash_row)
                 side = torch.cuda.Stream(engine.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(engine.device))

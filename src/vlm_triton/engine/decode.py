@@ -40,11 +40,13 @@ class DecodeStep:
         slots, device = max_slots, cache.device
         self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
-        self.starts = torch.full((slots,), cache.trash_row, dtype=torch.long, device=device)
         self.kv_range = torch.arange(max_seq_len, device=device)
         self.cu_q = torch.arange(slots + 1, dtype=torch.int32, device=device)  # the varlen kernel's offsets
+        # each row's first cache row, int32 as the varlen kernel takes it (its offsets), also the rows' starts
         self.cu_k = torch.full((slots + 1,), cache.trash_row, dtype=torch.int32, device=device)
-        self.host = torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda")  # ids, pos, starts
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(2, slots, dtype=torch.long, pin_memory=pinned)  # ids, pos
+        self.host_starts = torch.zeros(slots, dtype=torch.int32, pin_memory=pinned)
         self.changed = True  # the running set changed since the last load: rebuild from the host
         self.last_tokens: torch.Tensor | None = None
 
@@ -52,16 +54,15 @@ class DecodeStep:
         """Inputs of the next step for `active` (batch rows 0..n-1); rows [n:bucket] are padding."""
         n = len(active)
         if self.changed or self.last_tokens is None:
-            host = self.host[:, :bucket]
-            host[:2].zero_()
-            host[2].fill_(self.cache.trash_row)
+            host, starts = self.host[:, :bucket], self.host_starts[:bucket]
+            host.zero_()
+            starts.fill_(self.cache.trash_row)
             host[0, :n] = torch.tensor([s.generated[-1] for s in active])
             host[1, :n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in active])
-            host[2, :n] = torch.tensor([s.kv_start for s in active])
+            starts[:n] = torch.tensor([s.kv_start for s in active])
             self.ids[:bucket, 0].copy_(host[0], non_blocking=True)
             self.pos[:bucket].copy_(host[1], non_blocking=True)
-            self.starts[:bucket].copy_(host[2], non_blocking=True)
-            self.cu_k[:bucket].copy_(self.starts[:bucket])
+            self.cu_k[:bucket].copy_(starts, non_blocking=True)
             self.changed = False
         else:  # the same requests in the same rows as the last step: advance them on the device
             self.ids[:n, 0].copy_(self.last_tokens)
@@ -69,7 +70,7 @@ class DecodeStep:
 
     def forward(self, bucket: int, kv_len: int) -> torch.Tensor:
         """Decode step over `ids[:bucket]`, `pos[:bucket]` -> logits [bucket, V]."""
-        pos, starts = self.pos[:bucket], self.starts[:bucket]
+        pos, starts = self.pos[:bucket], self.cu_k[:bucket]
         allowed = self.kv_range[:kv_len].view(1, 1, 1, -1) <= pos.view(-1, 1, 1, 1)
         rows = None
         if self.slot_attention and decode_reads_rows(starts.device, self.dtype, self.head_dim):

@@ -156,7 +156,7 @@ class LLMEngine:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in flight")
             self._inflight.add(seq.request_id)
             self._cancels.discard(seq.request_id)  # a stale cancel of an earlier request with this id
-            self.admission.waiting.append(seq)
+            self.admission.add(seq)
             self._cond.notify_all()
 
     def cancel(self, request_id: str) -> None:
@@ -171,7 +171,7 @@ class LLMEngine:
             return self._busy()
 
     def _busy(self) -> bool:
-        return bool(self.admission.waiting or self._active or self._cancels or self._chunking is not None)
+        return bool(len(self.admission) or self._active or self._cancels or self._chunking is not None)
 
     def active_slots(self) -> dict[str, int]:
         """request_id -> slot of the running requests."""
@@ -182,8 +182,7 @@ class LLMEngine:
         events: list[TokenEvent] = []
         with self._cond:
             cancels, self._cancels = self._cancels, set()
-            for seq in [s for s in self.admission.waiting if s.request_id in cancels]:
-                self.admission.waiting.remove(seq)
+            for seq in self.admission.take(cancels):
                 events.append(self._finish_event(seq, "cancelled"))
         for seq in sorted((s for s in self._active if s.request_id in cancels), key=lambda s: -s.slot):
             events.append(self._finish_event(seq, "cancelled"))
@@ -223,8 +222,7 @@ class LLMEngine:
             self.timing.add("step", time.perf_counter() - t)
             self._emit(callback, events)
         with self._cond:
-            waiting = list(self.admission.waiting)
-            self.admission.waiting.clear()
+            waiting = self.admission.drain()
         if self._chunking is not None:
             self.admission.free(self._chunking)
             waiting.insert(0, self._chunking)

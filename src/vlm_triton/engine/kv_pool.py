@@ -67,9 +67,6 @@ class RowPool:
             self._lengths.insert(i, n)
         self.free_rows += n
 
-    def largest_free(self) -> int:
-        return max(self._lengths, default=0)
-
     def free_runs(self) -> list[tuple[int, int]]:
         """(start, length) of every free run, by start (for tests and logs)."""
         return list(zip(self._starts, self._lengths))

@@ -219,6 +219,8 @@ class TritonPythonModel:
             if delivery.final is not None:
                 self._forget(delivery.request_id)
                 self._finish(active, delivery)
+                if first and delivery.final.finish_reason not in ("error", "cancelled"):  # a one-token answer: its
+                    timeline.mark("llm.sent", delivery.request_id)
             elif active.streaming and delivery.tokens:
                 active.held.extend(delivery.tokens)
                 now = time.monotonic()
