@@ -7,7 +7,8 @@ goes in each (cores per process, Triton's per-model times, the llm stub's engine
 
 A variant is NAME or NAME:SETTING[,SETTING...]; a SETTING is SECTION.KEY=VALUE (deployment config), a tritonserver
 flag starting with -- , or NAME=VALUE with an upper-case NAME (an environment variable of tritonserver and its
-stubs), or frontend.FLAG=VALUE (a flag of `python -m openai_frontend`, e.g. frontend.loop=asyncio). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
+stubs), or frontend.FLAG=VALUE (a flag of `python -m openai_frontend`, e.g. frontend.loop=asyncio; frontend.FLAG alone for a
+switch, e.g. frontend.no_freeze_heap). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
 OUT/variants.json and prints a table last. `--timeline` marks every request's first-token path in the frontend, bls
 and llm (VLM_TRITON_TIMELINE_DIR) and prints its hops after each point (benchmarks/timeline.py).
 """
@@ -36,11 +37,11 @@ def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[st
     """-> (config assignments, tritonserver flags, environment, frontend flags)."""
     config, flags, env, frontend = [], [], {}, []
     for s in sets:
-        key, _, value = s.partition("=")
+        key, eq, value = s.partition("=")
         if s.startswith("--"):
             flags.append(s)
-        elif key.startswith("frontend."):
-            frontend += [f"--{key.removeprefix('frontend.').replace('_', '-')}", value]
+        elif key.startswith("frontend."):  # frontend.FLAG=VALUE, or frontend.FLAG alone (a switch)
+            frontend += [f"--{key.removeprefix('frontend.').replace('_', '-')}", *([value] if eq else [])]
         elif "." not in key and key.isupper():
             env[key] = value
         else:

@@ -20,6 +20,7 @@ from openai_frontend.app import create_app
 from openai_frontend.engine.triton_grpc import TritonGrpcEngine
 from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
 from vlm_triton.errors import SetupError
+from vlm_triton.gc_heap import freeze_heap
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -65,6 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                    help="event loop (default: %(default)s = uvloop when installed, else asyncio)")
     p.add_argument("--http", default="auto", choices=HTTP_PARSERS,
                    help="HTTP/1.1 parser (default: %(default)s = httptools when installed, else h11)")
+    p.add_argument("--freeze-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the start-up heap out of Python's garbage collection (default: on)")
     a = p.parse_args(argv)
     try:
         return Settings(
@@ -82,6 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             log_level=a.log_level,
             loop=a.loop,
             http=a.http,
+            freeze_heap=a.freeze_heap,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -148,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop,
         http,
     )
+    if settings.freeze_heap:
+        freeze_heap()  # what start-up made lives as long as the process
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

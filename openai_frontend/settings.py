@@ -32,6 +32,9 @@ class Settings:
     # h11 do in Python; each request's parsing and each streamed chunk cost less with them (docs/benchmarks.md)
     loop: str = "auto"
     http: str = "auto"
+    # move the start-up objects out of Python's garbage collection once serving (vlm_triton/gc_heap.py): a full
+    # collection of them stops every stream of this process for tens of ms
+    freeze_heap: bool = True
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:

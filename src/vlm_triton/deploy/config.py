@@ -127,6 +127,10 @@ class TritonSection:
     # Stubs keep freed memory (glibc mmap/trim thresholds, triton/malloc.py) instead of faulting it in again at the
     # next request: the preprocess stub spent ~16 ms of system time per W1 request on page faults without it
     stub_keep_freed_memory: bool = True
+    # Stubs move their start-up objects (torch, transformers, the model code: ~370k) out of Python's garbage
+    # collection once initialized (gc.freeze, gc_heap.py): a full collection walked all of them under the GIL, which
+    # stopped the llm stub's engine loop for up to ~250 ms under load on an H100
+    stub_freeze_heap: bool = True
 
 
 @dataclass(frozen=True)

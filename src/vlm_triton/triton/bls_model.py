@@ -41,6 +41,7 @@ from vlm_triton.triton.common import (
     report_stall,
     requested_outputs,
     response_of,
+    stage_ready,
     text_output,
     torch_output,
     trace,
@@ -333,6 +334,7 @@ class TritonPythonModel:
             tokenizer=tokenizer,
             gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
         )
+        stage_ready(cfg, args["model_name"])
 
     def finalize(self) -> None:
         # The retained iterators go while the stub is whole: freed by the interpreter's teardown, after the stub's

@@ -21,6 +21,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import InvalidRequest, StageStalled
+from vlm_triton.gc_heap import GCPauses, freeze_heap
 from vlm_triton.triton.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -99,10 +100,12 @@ def step_stats_period() -> float | None:
 
 def log_timing(sources: dict[str, Any], model_name: str) -> None:
     """Every VLM_TRITON_STEP_STATS seconds, log what each `StepTiming` in `sources` (prefix -> timing) took since the
-    last line: `[<model> timing] part count x mean/max ms, ...`."""
+    last line, and this process's garbage collections (`gc_gen0..2`): `[<model> timing] part count x mean/max ms,
+    ...`."""
     period = step_stats_period()
     if period is None:
         return
+    sources = {**sources, "gc_": GCPauses.install()}
 
     def run() -> None:
         while True:
@@ -116,9 +119,15 @@ def log_timing(sources: dict[str, Any], model_name: str) -> None:
     threading.Thread(target=run, name="timing-log", daemon=True).start()
 
 
-def log_engine_timing(engine: Any, outbox_timing: Any, model_name: str) -> None:
-    """VLM_TRITON_STEP_STATS=N: log where the llm's engine loop and outbox spent their time every N seconds."""
-    log_timing({"": engine.timing, "outbox_": outbox_timing}, model_name)
+def stage_ready(cfg: DeploymentConfig, model_name: str, timing: dict[str, Any] | None = None) -> None:
+    """The end of every stage's initialize(): the stub's start-up heap frozen (`triton.stub_freeze_heap`, gc_heap.py)
+    and, with VLM_TRITON_STEP_STATS, its timing lines started (`timing`: prefix -> StepTiming, and the GC's pauses)."""
+    if cfg.triton.stub_freeze_heap:
+        frozen = freeze_heap()
+        if step_stats_period() is not None:
+            print(f"[{model_name}] {frozen} start-up objects frozen out of garbage collection", file=sys.stderr,
+                  flush=True)
+    log_timing(timing or {}, model_name)
 
 
 _TRACE_DIR = os.environ.get("VLM_TRITON_TRACE_DIR")

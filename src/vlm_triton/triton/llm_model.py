@@ -26,12 +26,12 @@ from vlm_triton.triton.common import (
     get_scalar,
     get_torch,
     load_deployment,
-    log,
     load_family,
-    log_engine_timing,
+    log,
     requested_outputs,
     response_of,
     set_torch_threads,
+    stage_ready,
     torch_device_dtype,
     trace,
 )
@@ -101,7 +101,7 @@ class TritonPythonModel:
         print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr,
               flush=True)
         self.engine.start(self.outbox.put)
-        log_engine_timing(self.engine, self.outbox.timing, args["model_name"])
+        stage_ready(cfg, args["model_name"], {"": self.engine.timing, "outbox_": self.outbox.timing})
 
     def finalize(self) -> None:
         self.engine.shutdown()

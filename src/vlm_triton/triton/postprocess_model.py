@@ -16,13 +16,16 @@ from vlm_triton.triton.common import (
     get_texts,
     load_deployment,
     load_family,
+    stage_ready,
     text_output,
 )
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        self.tokenizer = load_family(load_deployment(args)).load_tokenizer()
+        cfg = load_deployment(args)
+        self.tokenizer = load_family(cfg).load_tokenizer()
+        stage_ready(cfg, args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]

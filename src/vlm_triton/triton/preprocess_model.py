@@ -16,7 +16,14 @@ from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.contracts import NUMPY_DTYPES
-from vlm_triton.triton.common import error_response, get_text, load_deployment, load_family, rendered_parameter
+from vlm_triton.triton.common import (
+    error_response,
+    get_text,
+    load_deployment,
+    load_family,
+    rendered_parameter,
+    stage_ready,
+)
 from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
 
@@ -72,6 +79,7 @@ class TritonPythonModel:
         # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 tiles costs ~15 ms per
         # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
+        stage_ready(cfg, args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self.__scalar(r) for r in requests]

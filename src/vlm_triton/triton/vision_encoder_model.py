@@ -22,8 +22,8 @@ from vlm_triton.triton.common import (
     get_torch,
     load_deployment,
     load_family,
-    log_timing,
     set_torch_threads,
+    stage_ready,
     step_stats_period,
     torch_device_dtype,
     torch_output,
@@ -43,8 +43,7 @@ class TritonPythonModel:
         self.max_tiles = cfg.triton.vision_max_batch_size  # per encoder forward
         # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
         self.timing = StepTiming() if step_stats_period() is not None else None
-        if self.timing is not None:
-            log_timing({"": self.timing}, args["model_name"])
+        stage_ready(cfg, args["model_name"], None if self.timing is None else {"": self.timing})
 
     def _mark(self, part: str, since: float) -> float:
         """With timing on: the device's work so far is done; add the time since `since` to `part`."""

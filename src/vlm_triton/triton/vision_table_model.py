@@ -18,6 +18,7 @@ from vlm_triton.triton.common import (
     error_response,
     load_deployment,
     load_family,
+    stage_ready,
     torch_output,
     vision_chunk,
 )
@@ -30,6 +31,7 @@ class TritonPythonModel:
         self.chunk = vision_chunk(args, cfg)
         self.dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
         self.hidden = load_family(cfg).hidden_size  # the empty table keeps the llm's width
+        stage_ready(cfg, args["model_name"])
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))

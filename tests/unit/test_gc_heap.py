@@ -1,0 +1,102 @@
+"""The serving processes' garbage collector: start-up heap frozen (stubs by config, the frontend by flag), pauses
+timed by generation for the timing lines."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.stack_variants import split_settings
+from openai_frontend.__main__ import parse_args
+from tests.unit.fake_triton import adapters_with, fake_pb_utils
+from vlm_triton.deploy.config import DeploymentConfig
+from vlm_triton.engine.observe import StepTiming
+from vlm_triton.gc_heap import GCPauses, freeze_heap
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """Whatever a test freezes goes back to the collector afterwards (the test process must not keep it)."""
+    assert gc.get_freeze_count() == 0
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@pytest.fixture
+def pauses() -> Iterator[GCPauses]:
+    GCPauses.uninstall()
+    try:
+        yield GCPauses.install()
+    finally:
+        GCPauses.uninstall()
+
+
+def test_freeze_heap_moves_the_live_objects_out_of_collection(unfrozen: None) -> None:
+    alive = len(gc.get_objects())
+    frozen = freeze_heap()
+    assert frozen >= alive * 0.9 and gc.get_freeze_count() > 0  # frozen objects still die by refcount
+    assert len(gc.get_objects()) < alive * 0.1  # what collections still walk
+
+
+def test_pauses_are_timed_by_generation_and_taken_once(pauses: GCPauses) -> None:
+    assert GCPauses.install() is pauses and gc.callbacks.count(pauses._on_collect) == 1
+    gc.collect(0)
+    gc.collect(2)
+    gc.collect(2)
+    got = pauses.take()
+    assert got["gen0"]["count"] >= 1 and got["gen2"]["count"] >= 2
+    assert 0 < got["gen2"]["mean_ms"] <= got["gen2"]["max_ms"]
+    assert pauses.take() == {}
+    GCPauses.uninstall()
+    assert pauses._on_collect not in gc.callbacks
+
+
+def test_a_collection_inside_a_locked_timing_does_not_deadlock(pauses: GCPauses) -> None:
+    """Collections start inside any allocation, e.g. one made while StepTiming holds its lock; the recorder takes
+    no lock, so the thread finishes."""
+    timing = StepTiming()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)  # a gen-0 collection at almost every allocation
+
+    def work() -> None:
+        for i in range(2000):
+            timing.add(f"part{i % 50}", 0.001)
+
+    try:
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(20)
+    finally:
+        gc.set_threshold(*thresholds)
+    assert not thread.is_alive()
+    assert pauses.take()["gen0"]["count"] > 0
+
+
+@pytest.fixture
+def common(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    monkeypatch.delenv("VLM_TRITON_STEP_STATS", raising=False)
+    for (module,) in adapters_with(monkeypatch, fake_pb_utils(), "vlm_triton.triton.common"):
+        yield module
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_stage_ready_freezes_the_stub_heap_when_configured(common: types.ModuleType, unfrozen: None,
+                                                           freeze: bool) -> None:
+    cfg = DeploymentConfig.from_dict({"model": {"checkpoint": "/x"}, "triton": {"stub_freeze_heap": freeze}})
+    common.stage_ready(cfg, "stage")
+    assert (gc.get_freeze_count() > 0) is freeze
+
+
+def test_the_frontend_freezes_by_default_and_the_benchmarks_can_switch_it_off() -> None:
+    assert parse_args(["--model-name", "m"]).freeze_heap is True
+    assert parse_args(["--model-name", "m", "--no-freeze-heap"]).freeze_heap is False
+    config, flags, env, frontend = split_settings(["frontend.no_freeze_heap", "frontend.loop=asyncio",
+                                                   "triton.stub_freeze_heap=false", "--log-verbose=1", "X_Y=1"])
+    assert frontend == ("--no-freeze-heap", "--loop", "asyncio")
+    assert config == ["triton.stub_freeze_heap=false"] and flags == ("--log-verbose=1",) and env == {"X_Y": "1"}
