@@ -5,8 +5,9 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
     python -m benchmarks.engine_profile --variants auto,efficient,math,efficient+pointwise   # decode-step variants
 
 `--prefill 512,3400,8000` instead times prefill steps of one prompt of each length (engine.step() with the packed
-prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of one
-eagerly run prefill step of the largest length (the same kernels the graph replays).
+prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of the
+largest length's steps; `--prefill-pointwise` then does it again with the pointwise ops compiled in prefill too
+(engine/pointwise.py) and says whether greedy tokens stayed the same.
 
 `--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
 pointwise ops compiled, vlm_triton/engine/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
@@ -90,13 +91,13 @@ def prefill_step_ms(engine, tokens: int, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def prefill_sweep(engine, lengths: list[int], out: Path, reps: int = 7) -> None:
+def prefill_sweep(engine, lengths: list[int], out: Path, label: str, reps: int = 7) -> list[dict]:
     from benchmarks.baselines import device_ceilings
     from torch.profiler import ProfilerActivity, profile
 
     peak = device_ceilings(engine.device).get("matmul_flops") or float("nan")
     graphs = getattr(engine.prefill, "graphs", None)
-    print(f"\nprefill graphs: {graphs is not None}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"\n{label}: prefill graphs {graphs is not None}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
     print("| prompt tokens | step ms | TFLOP | TFLOP/s | of the matmul peak |\n|---|---|---|---|---|")
     rows = []
     for n in lengths:
@@ -107,16 +108,31 @@ def prefill_sweep(engine, lengths: list[int], out: Path, reps: int = 7) -> None:
         print(f"| {n} | {ms:.2f} | {flops / 1e12:.2f} | {flops / ms / 1e9:.0f} | {flops / ms * 1e3 / peak:.0%} |",
               flush=True)
     n = max(lengths)
-    for name, use in (("graphs", graphs), ("eager", None)):
-        engine.prefill.graphs = use
-        prefill_step_ms(engine, n, 2)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            prefill_step_ms(engine, n, 3)
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-        (out / f"prefill-{n}-{name}.txt").write_text(table)
-        print(f"\nprefill of {n} tokens ({name}), 3 steps:\n{table}", flush=True)
-    engine.prefill.graphs = graphs
-    (out / "prefill.json").write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill_step_ms(engine, n, 3)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    slug = label.replace(" ", "-")
+    (out / f"prefill-{n}-{slug}.txt").write_text(table)
+    print(f"\nprefill of {n} tokens ({label}), 3 steps, kernels:\n{table}", flush=True)
+    (out / f"prefill-{slug}.json").write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
+    return rows
+
+
+def prefill_pointwise_sweep(engine, lengths: list[int], out: Path) -> None:
+    """The prefill sweep as served, then with the pointwise ops compiled in prefill too; greedy tokens of both."""
+    from vlm_triton.engine.cuda_graphs import PrefillGraphs
+    from vlm_triton.engine.pointwise import compile_pointwise
+
+    before = greedy_tokens(engine)
+    compile_pointwise(engine.backbone, engine.device, prefill=True)
+    if getattr(engine.prefill, "graphs", None) is not None:
+        engine.prefill.graphs = None
+        torch.cuda.empty_cache()
+        engine.prefill.graphs = PrefillGraphs.capture(engine.prefill)
+    prefill_sweep(engine, lengths, out, "compiled pointwise in prefill")
+    after = greedy_tokens(engine)
+    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(before, after)]
+    print(f"greedy tokens equal before the first difference (of {len(before[0])} per prompt): {same}", flush=True)
 
 
 def variant_sweep(engine, names: list[str], out: Path) -> None:
@@ -172,6 +188,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the step timing only (tiny preset)")
     ap.add_argument("--eager-pointwise", action="store_true", help="engine.compile_pointwise off")
     ap.add_argument("--prefill", default="", help="comma list of prompt lengths: prefill steps instead")
+    ap.add_argument("--prefill-pointwise", action="store_true",
+                    help="with --prefill: again with the pointwise ops compiled in prefill too")
     ap.add_argument("--variants", default="", help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +203,10 @@ def main() -> None:
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
     if args.prefill:
-        prefill_sweep(engine, [int(n) for n in args.prefill.split(",")], args.out)
+        lengths = [int(n) for n in args.prefill.split(",")]
+        prefill_sweep(engine, lengths, args.out, "as served")
+        if args.prefill_pointwise and cuda:
+            prefill_pointwise_sweep(engine, lengths, args.out)
         return
     if args.variants:
         variant_sweep(engine, args.variants.split(","), args.out)

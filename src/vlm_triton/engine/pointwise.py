@@ -63,9 +63,10 @@ def _is_silu_mlp(module: nn.Module) -> bool:
             and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"))
 
 
-def compile_pointwise(backbone: nn.Module, device: torch.device) -> dict[str, int]:
-    """Patch `backbone` (on `device`, CUDA) to run its norms, MLP activation and RoPE as compiled kernels.
-    Returns how many of each were patched; patches nothing (and logs why) when compiling fails on this host."""
+def compile_pointwise(backbone: nn.Module, device: torch.device, prefill: bool = False) -> dict[str, int]:
+    """Patch `backbone` (on `device`, CUDA) to run its norms, MLP activation and RoPE as compiled kernels, in decode
+    steps only, or with `prefill` in every forward. Returns how many of each were patched; patches nothing (and logs
+    why) when compiling fails on this host."""
     import torch._inductor.config as inductor_config
 
     inductor_config.emulate_precision_casts = True  # keep eager's bf16 roundings inside fused kernels
@@ -84,25 +85,26 @@ def compile_pointwise(backbone: nn.Module, device: torch.device) -> dict[str, in
         return {"norms": 0, "mlps": 0, "rope_modules": 0}
     counts = {"norms": 0, "mlps": 0, "rope_modules": 0}
     models = set()
-    for module in backbone.modules():  # decode steps (one token per row) only: prefill keeps the eager modules
+    most = None if prefill else 1  # the most tokens per row that take the compiled kernels (None: any)
+    for module in backbone.modules():
         if _is_rms_norm(module):
             eps, eager = float(module.variance_epsilon), type(module).forward
             module.forward = types.MethodType(
-                lambda self, x, _eps=eps, _eager=eager: norm_fn(x, self.weight, _eps) if x.shape[-2] == 1
-                else _eager(self, x), module)
+                lambda self, x, _eps=eps, _eager=eager: norm_fn(x, self.weight, _eps)
+                if most is None or x.shape[-2] <= most else _eager(self, x), module)
             counts["norms"] += 1
         elif _is_silu_mlp(module):
             eager = type(module).forward
             module.forward = types.MethodType(
                 lambda self, x, _eager=eager: self.down_proj(act_fn(self.gate_proj(x), self.up_proj(x)))
-                if x.shape[-2] == 1 else _eager(self, x), module)
+                if most is None or x.shape[-2] <= most else _eager(self, x), module)
             counts["mlps"] += 1
         models.add(type(module).__module__)
     for name in ROPE_MODULES:
         mod: Any = sys.modules.get(name)
         if name in models and mod is not None and hasattr(mod, "apply_rotary_pos_emb"):
             original = _ORIGINAL_ROPE.setdefault(name, mod.apply_rotary_pos_emb)
-            mod.apply_rotary_pos_emb = _decode_only(rope_fn, original)
+            mod.apply_rotary_pos_emb = rope_fn if prefill else _decode_only(rope_fn, original)
             counts["rope_modules"] += 1
     return counts
 
