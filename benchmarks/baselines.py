@@ -120,7 +120,8 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
-                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_tokens: int = 8192,
+                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_pointwise: bool = True,
+                 prefill_tokens: int = 8192,
                  prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
@@ -129,7 +130,8 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
     pool = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}  # (engines before the pool lack it)
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
-                       compile_pointwise=compile_pointwise, prefill_tokens=prefill_tokens,
+                       compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,
+                       prefill_tokens=prefill_tokens,
                        prefill_graphs=prefill_graphs, **pool)
     encoder = family.build_vision_encoder(dtype, device)
     return family, engine, encoder

@@ -53,9 +53,11 @@ def test_cuda_graph_decode_matches_generate(prefill_tokens: int, kv_cache_tokens
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_compiled_pointwise_decode_matches_generate(kind: str) -> None:
-    """engine.compile_pointwise: norms, RoPE and SiLU*up as compiled kernels under the CUDA graphs; float32, so
-    greedy tokens must equal eager `generate` (computed before the engine patches the model)."""
+@pytest.mark.parametrize("prefill", [False, True])
+def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
+    """engine.compile_pointwise: norms, RoPE and SiLU*up as compiled kernels under the CUDA graphs, in decode steps
+    and with `prefill_pointwise` in the (graphed, packed) prefill too; float32, so greedy tokens must equal eager
+    `generate` (computed before the engine patches the model)."""
     from vlm_triton.engine.pointwise import restore_rotary
 
     model = _tiny(kind).to("cuda")
@@ -69,7 +71,8 @@ def test_compiled_pointwise_decode_matches_generate(kind: str) -> None:
         refs[r.request_id] = out[0, len(ids) :].tolist()
     try:
         engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
-                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True)
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
+                           prefill_pointwise=prefill)
         n_layers = model.config.num_hidden_layers
         assert engine.pointwise == {"norms": 2 * n_layers + 1, "mlps": n_layers, "rope_modules": 1}
         events = run_plan(engine, plan)

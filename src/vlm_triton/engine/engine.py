@@ -83,6 +83,7 @@ class LLMEngine:
         lm_head: nn.Module | None = None,
         min_kv_bucket: int = MIN_KV_BUCKET,
         compile_pointwise: bool = False,
+        prefill_pointwise: bool = False,
         prefill_tokens: int = 8192,
         prefill_graphs: bool = True,
         kv_cache_tokens: int = 0,
@@ -90,7 +91,8 @@ class LLMEngine:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
-        fuses norms, RoPE and the MLP activation into compiled kernels (engine/pointwise.py). `prefill_tokens` bounds
+        fuses norms, RoPE and the MLP activation of decode steps into compiled kernels (engine/pointwise.py), and
+        with `prefill_pointwise` those of prefill forwards too. `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
         0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout)."""
@@ -136,7 +138,7 @@ class LLMEngine:
         if compile_pointwise and self.device.type == "cuda":
             from vlm_triton.engine.pointwise import compile_pointwise as fuse
 
-            self.pointwise = fuse(self.backbone, self.device)
+            self.pointwise = fuse(self.backbone, self.device, prefill=prefill_pointwise)
             logger.info("compiled pointwise ops: %s", self.pointwise)
         self._graphs: DecodeGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":

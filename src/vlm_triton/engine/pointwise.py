@@ -1,10 +1,12 @@
-"""Fewer kernels per decode step: the pointwise parts of Qwen2/Llama-style decoders (RMSNorm, RoPE, SiLU-and-
-multiply) compiled with torch.compile into one Triton kernel each, GEMMs and attention left as they are, for
-decode steps (one token per row; prefill keeps the eager modules: on an H100 the compiled kernels made a
-3.4k-token prefill ~16 ms slower).
+"""Fewer kernels per step: the pointwise parts of Qwen2/Llama-style decoders (RMSNorm, RoPE, SiLU-and-multiply)
+compiled with torch.compile into one Triton kernel each, GEMMs and attention left as they are, for decode steps (one
+token per row) and, with `prefill`, for prefill forwards too.
 
 At batch 1 a decode step of InternVL3-1B's LLM is ~600 small kernels (benchmarks/engine_profile.py); eager RMSNorm
-alone is seven. Measured on an H100 (docs/benchmarks.md): the captured step 2.77 -> 1.73 ms at batch 1, KV 256.
+alone is seven. Measured on an H100 (docs/benchmarks.md): the captured step 2.77 -> 1.73 ms at batch 1, KV 256. In
+prefill the eager pointwise ops are memory passes over [tokens, hidden] and [tokens, intermediate] in float32 and
+bf16, as much GPU time as the GEMMs at 8k tokens; compiled (under the prefill graphs), a 3.4k-token prefill took
+15.2 -> 12.6 ms (item 38; before the prefill graphs, in eager prefill, they had made it ~16 ms slower).
 
 The same maths as the model's modules, with eager's bf16 roundings kept (`emulate_precision_casts`); reductions
 may still sum in another order, so bf16 logits differ in the last bits and greedy tokens of random-weight models

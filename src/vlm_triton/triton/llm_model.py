@@ -82,6 +82,7 @@ class TritonPythonModel:
             use_cuda_graphs=cfg.engine.cuda_graphs,
             prefill_graphs=cfg.engine.prefill_graphs,
             compile_pointwise=cfg.engine.compile_pointwise,
+            prefill_pointwise=cfg.engine.prefill_pointwise,
             prefill_tokens=cfg.max_step_tokens,
             kv_cache_tokens=cfg.engine.kv_cache_tokens,
         )
