@@ -120,7 +120,7 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
-                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_pointwise: bool = True,
+                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_pointwise: bool = False,
                  prefill_tokens: int = 8192,
                  prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine

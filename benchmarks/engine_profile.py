@@ -7,8 +7,8 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
 `--prefill 512,3400,8000` instead times prefill steps of one prompt of each length (engine.step() with the packed
 prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of the
 largest length's steps; `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only, then does it again with
-them compiled in prefill too (engine/pointwise.py, the default since item 38) and says whether greedy tokens stayed
-the same.
+them compiled in prefill too (engine/pointwise.py, `engine.prefill_pointwise`) and says whether greedy tokens
+stayed the same.
 
 `--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
 pointwise ops compiled, vlm_triton/engine/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
@@ -201,7 +201,7 @@ def main() -> None:
     t = time.perf_counter()
     _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len,
                                 compile_pointwise=not args.variants and not args.eager_pointwise,
-                                prefill_pointwise=not args.prefill_pointwise)
+                                prefill_pointwise=False)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
     if args.prefill:
