@@ -6,7 +6,8 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
 
 `--prefill 512,3400,8000` instead times prefill steps of one prompt of each length (engine.step() with the packed
 prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of the
-largest length's steps; `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only, then does it again with
+largest length's steps; `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only (eager everywhere with
+`--eager-pointwise`), then does it again with
 them compiled in prefill too (engine/pointwise.py, `engine.prefill_pointwise`) and says whether greedy tokens
 stayed the same.
 

@@ -56,9 +56,10 @@ def test_cuda_graph_decode_matches_generate(prefill_tokens: int, kv_cache_tokens
 @pytest.mark.parametrize("prefill", [False, True])
 def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
     """engine.compile_pointwise: norms, RoPE and SiLU*up as compiled kernels under the CUDA graphs, in decode steps
-    and with `prefill_pointwise` in the (graphed, packed) prefill too; float32, so greedy tokens must equal eager
-    `generate` (computed before the engine patches the model)."""
-    from vlm_triton.engine.pointwise import restore_rotary
+    and with `prefill` in the prefill too (patched directly: the engine compiles prefill only under its graphs,
+    which need FA2's fp16/bf16, and the bf16 graphed prefill is the next test); float32, so greedy tokens must equal
+    eager `generate` (computed before the engine patches the model)."""
+    from vlm_triton.engine.pointwise import compile_pointwise, restore_rotary
 
     model = _tiny(kind).to("cuda")
     plan = join_plan(40)
@@ -71,15 +72,39 @@ def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
         refs[r.request_id] = out[0, len(ids) :].tolist()
     try:
         engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
-                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
-                           prefill_pointwise=prefill)
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True)
         n_layers = model.config.num_hidden_layers
         assert engine.pointwise == {"norms": 2 * n_layers + 1, "mlps": n_layers, "rope_modules": 1}
+        if prefill:
+            compile_pointwise(engine.backbone, engine.device, prefill=True)
         events = run_plan(engine, plan)
     finally:
         restore_rotary()
     for r in requests:
         assert tokens(events[r.request_id]) == refs[r.request_id], r.request_id
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_pointwise_in_graphed_prefill_keeps_bf16_tokens() -> None:
+    """bf16, prefill replayed from CUDA graphs captured with the compiled pointwise kernels (`prefill_pointwise`):
+    the same greedy tokens as the engine whose prefill keeps the eager modules (the tiny model's logits are well
+    separated; the kernels differ only in summation order)."""
+    from vlm_triton.engine.pointwise import restore_rotary
+
+    model = _tiny("qwen2").to("cuda", torch.bfloat16)
+    results = []
+    try:
+        for prefill in (False, True):
+            engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                               vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
+                               prefill_pointwise=prefill)
+            assert getattr(engine.prefill, "graphs", None) is not None and engine.prefill_pointwise is prefill
+            results.append(run_plan(engine, join_plan(50)))
+            restore_rotary()  # the RoPE patch is the modeling module's: the next engine patches it afresh
+    finally:
+        restore_rotary()
+    eager, compiled = results
+    assert {k: tokens(v) for k, v in compiled.items()} == {k: tokens(v) for k, v in eager.items()}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -57,25 +57,34 @@ def test_pauses_are_timed_by_generation_and_taken_once(pauses: GCPauses) -> None
     assert pauses._on_collect not in gc.callbacks
 
 
-def test_a_collection_inside_a_locked_timing_does_not_deadlock(pauses: GCPauses) -> None:
-    """Collections start inside any allocation, e.g. one made while StepTiming holds its lock; the recorder takes
-    no lock, so the thread finishes."""
+def test_collections_during_take_and_during_locked_work_do_not_deadlock(pauses: GCPauses) -> None:
+    """Collections start inside any allocation: inside `take()` itself, and inside code that holds some lock (here
+    StepTiming's). With a collection at almost every allocation, one thread taking the pauses and one doing locked
+    work both finish (a recorder that took a lock in its callback would wait on itself)."""
     timing = StepTiming()
+    taken: list[dict[str, dict[str, float]]] = []
     thresholds = gc.get_threshold()
-    gc.set_threshold(1)  # a gen-0 collection at almost every allocation
+    gc.set_threshold(1)
 
     def work() -> None:
         for i in range(2000):
             timing.add(f"part{i % 50}", 0.001)
 
+    def take() -> None:
+        for _ in range(300):
+            taken.append(pauses.take())
+            _ = [[i] for i in range(20)]  # allocations between takes
+
     try:
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(20)
+        threads = [threading.Thread(target=f, daemon=True) for f in (work, take)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
     finally:
         gc.set_threshold(*thresholds)
-    assert not thread.is_alive()
-    assert pauses.take()["gen0"]["count"] > 0
+    assert not any(thread.is_alive() for thread in threads)
+    assert sum(t.get("gen0", {}).get("count", 0) for t in [*taken, pauses.take()]) > 0
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ CPU; the compiled path runs under CUDA graphs in test_engine's CUDA tests)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
@@ -69,3 +70,32 @@ def test_patched_model_generates_the_same_tokens(monkeypatch) -> None:
         pointwise.restore_rotary()
     assert counts == {"norms": 3, "mlps": 1, "rope_modules": 1}
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_prefill_flag_routes_prompt_forwards_to_the_compiled_functions(monkeypatch, prefill: bool) -> None:
+    """With torch.compile replaced by a wrapper that records the token dimension of what it is given: decode steps
+    (one token) always take the compiled functions, a 7-token prompt only with `prefill`; `generate` unchanged."""
+    from vlm_triton.engine import pointwise
+
+    torch.manual_seed(0)
+    model = qwen2.Qwen2ForCausalLM(_config()).eval()
+    ids = torch.randint(0, 50, (1, 7))
+    want = model.generate(ids, do_sample=False, max_new_tokens=3)
+    seen: dict[str, set[int]] = {}
+
+    def recording(fn, dynamic=True):
+        def run(*args, **kwargs):
+            seen.setdefault(fn.__name__, set()).add(int(args[0].shape[-2]))
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording)
+    try:
+        pointwise.compile_pointwise(model.model, torch.device("cpu"), prefill=prefill)
+        seen.clear()  # the warm-up calls of compile_pointwise itself
+        got = model.generate(ids, do_sample=False, max_new_tokens=3)
+    finally:
+        pointwise.restore_rotary()
+    assert torch.equal(got, want)
+    assert seen == {name: ({1, 7} if prefill else {1}) for name in ("rms_norm", "rotary", "silu_mul")}

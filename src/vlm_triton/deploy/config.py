@@ -47,8 +47,9 @@ class EngineSection:
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
-    # ... in prefill forwards too (with compile_pointwise): a 3.4k-token prefill 15.2 -> 12.6 ms on an H100 (bare
-    # engine). Off by default until its CUDA parity test and a stack A B have run on a GPU (docs/benchmarks.md, item 38)
+    # ... in prefill forwards too (with compile_pointwise, when the prefill runs from CUDA graphs): a 3.4k-token
+    # prefill 15.2 -> 12.6 ms on an H100 (bare engine). Off by default until its CUDA tests and a stack A B have run
+    # on a GPU (docs/benchmarks.md, item 38)
     prefill_pointwise: bool = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%

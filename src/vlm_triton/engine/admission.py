@@ -6,7 +6,8 @@ takes the next prefill from the head of the queue while decode slots are free, t
 batch of whole prompts, or one prompt longer than the budget alone (the engine prefills it in chunks). The first
 request that does not fit stops the pop, and the ones behind it wait too (no overtaking). `add()` queues a request,
 `take()` removes queued requests by id (cancels), `drain()` empties the queue (shutdown), and `free()` gives a
-request's rows back. Not thread-safe: the engine calls it under its lock.
+request's rows back. Not thread-safe: the engine calls `add`, `take`, `drain` and `pop` under its lock, and `free`
+only from its loop thread (the one thread that touches the pool).
 """
 
 from __future__ import annotations

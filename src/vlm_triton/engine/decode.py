@@ -49,11 +49,14 @@ class DecodeStep:
         self.host_starts = torch.zeros(slots, dtype=torch.int32, pin_memory=pinned)
         self.changed = True  # the running set changed since the last load: rebuild from the host
         self.last_tokens: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None  # the last host -> device copy of the pinned buffers
 
     def load(self, active: list[ActiveRequest], bucket: int) -> None:
         """Inputs of the next step for `active` (batch rows 0..n-1); rows [n:bucket] are padding."""
         n = len(active)
         if self.changed or self.last_tokens is None:
+            if self._copied is not None:  # a step sampled after it normally, but one that failed may not have
+                self._copied.synchronize()
             host, starts = self.host[:, :bucket], self.host_starts[:bucket]
             host.zero_()
             starts.fill_(self.cache.trash_row)
@@ -63,6 +66,9 @@ class DecodeStep:
             self.ids[:bucket, 0].copy_(host[0], non_blocking=True)
             self.pos[:bucket].copy_(host[1], non_blocking=True)
             self.cu_k[:bucket].copy_(starts, non_blocking=True)
+            if self.host.is_pinned():
+                self._copied = torch.cuda.Event()
+                self._copied.record()
             self.changed = False
         else:  # the same requests in the same rows as the last step: advance them on the device
             self.ids[:n, 0].copy_(self.last_tokens)

@@ -92,7 +92,7 @@ class LLMEngine:
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
         fuses norms, RoPE and the MLP activation of decode steps into compiled kernels (engine/pointwise.py), and
-        with `prefill_pointwise` those of prefill forwards too. `prefill_tokens` bounds
+        with `prefill_pointwise` those of prefill forwards too when the prefill runs from CUDA graphs. `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
         0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout)."""
@@ -134,17 +134,25 @@ class LLMEngine:
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
+        cuda = self.device.type == "cuda"
+        graph_prefill = (cuda and use_cuda_graphs and prefill_graphs and isinstance(self.prefill, PackedPrefill)
+                         and flash_supported(self.device, dtype, spec.head_dim))
         self.pointwise: dict[str, int] = {}
-        if compile_pointwise and self.device.type == "cuda":
+        self.prefill_pointwise = False  # the pointwise ops of prefill forwards are the compiled ones
+        if compile_pointwise and cuda:
             from vlm_triton.engine.pointwise import compile_pointwise as fuse
 
-            self.pointwise = fuse(self.backbone, self.device, prefill=prefill_pointwise)
-            logger.info("compiled pointwise ops: %s", self.pointwise)
+            # in prefill only under its graphs: called eagerly, the compiled functions' own overhead per call made
+            # a W1 prefill slower (docs/benchmarks.md, items 10 and 38)
+            self.prefill_pointwise = prefill_pointwise and graph_prefill
+            self.pointwise = fuse(self.backbone, self.device, prefill=self.prefill_pointwise)
+            self.prefill_pointwise = self.prefill_pointwise and sum(self.pointwise.values()) > 0
+            logger.info("compiled pointwise ops: %s%s", self.pointwise, " (prefill too)" if self.prefill_pointwise else "")
         self._graphs: DecodeGraphs | None = None
-        if use_cuda_graphs and self.device.type == "cuda":
+        if use_cuda_graphs and cuda:
             self._graphs = DecodeGraphs.capture(self)
-            flash = flash_supported(self.device, dtype, spec.head_dim)
-            if prefill_graphs and flash and isinstance(self.prefill, PackedPrefill):
+            if graph_prefill:
+                assert isinstance(self.prefill, PackedPrefill)
                 self.prefill.graphs = PrefillGraphs.capture(self.prefill)
 
     # --- public API -------------------------------------------------------------------------------------------------

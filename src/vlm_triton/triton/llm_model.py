@@ -220,7 +220,8 @@ class TritonPythonModel:
             if delivery.final is not None:
                 self._forget(delivery.request_id)
                 self._finish(active, delivery)
-                if first and delivery.final.finish_reason not in ("error", "cancelled"):  # a one-token answer: its
+                # the first token leaves now: a one-token streamed answer, or any non-streamed one
+                if (first or not active.streaming) and delivery.final.finish_reason not in ("error", "cancelled"):
                     timeline.mark("llm.sent", delivery.request_id)
             elif active.streaming and delivery.tokens:
                 active.held.extend(delivery.tokens)
