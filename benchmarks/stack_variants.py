@@ -56,10 +56,12 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]
 
     from benchmarks import baselines
     from benchmarks.run import requests_for
+    from vlm_triton.gc_heap import freeze_heap
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens,
                                                 prefill_graphs=prefill_graphs)
+    freeze_heap()  # as the stack's processes do (item 37)
     variant = "engine" if prefill_graphs else "engine-eager-prefill"
 
     def probe() -> Any:  # the engine loop's timing over each point
