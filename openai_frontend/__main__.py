@@ -21,6 +21,7 @@ from openai_frontend.engine.triton_grpc import TritonGrpcEngine
 from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
 from vlm_triton.errors import SetupError
 from vlm_triton.gc_heap import freeze_heap
+from vlm_triton.step_stats import log_timing
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if settings.freeze_heap:
         freeze_heap()  # what start-up made lives as long as the process
+    log_timing({}, "frontend")  # VLM_TRITON_STEP_STATS: this process's garbage collections
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

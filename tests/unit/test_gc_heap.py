@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import types
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from tests.unit.fake_triton import adapters_with, fake_pb_utils
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.gc_heap import GCPauses, freeze_heap
+from vlm_triton.step_stats import log_timing
 
 
 @pytest.fixture
@@ -109,3 +111,24 @@ def test_the_frontend_freezes_by_default_and_the_benchmarks_can_switch_it_off() 
                                                    "triton.stub_freeze_heap=false", "--log-verbose=1", "X_Y=1"])
     assert frontend == ("--no-freeze-heap", "--loop", "asyncio")
     assert config == ["triton.stub_freeze_heap=false"] and flags == ("--log-verbose=1",) and env == {"X_Y": "1"}
+
+
+def test_timing_lines_carry_the_collections(monkeypatch: pytest.MonkeyPatch, pauses: GCPauses,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """VLM_TRITON_STEP_STATS: the timing line has each source's parts and this process's collections (the frontend
+    logs only the latter); unset, nothing starts."""
+    monkeypatch.delenv("VLM_TRITON_STEP_STATS", raising=False)
+    assert log_timing({}, "frontend") is None
+    monkeypatch.setenv("VLM_TRITON_STEP_STATS", "0.05")
+    timing = StepTiming()
+    timing.add("step", 0.002)
+    stop = log_timing({"engine_": timing}, "stage")
+    assert stop is not None
+    try:
+        gc.collect(2)
+        time.sleep(0.5)  # ten periods: the collection's pause is in a line by now
+    finally:
+        stop.set()
+    time.sleep(0.2)  # a line being written finishes (reading the capture while a thread writes can lose it)
+    err = capfd.readouterr().err
+    assert "[stage timing]" in err and "engine_step 1x 2.000/2.0 ms" in err and "gc_gen2 " in err, err

@@ -21,7 +21,8 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import InvalidRequest, StageStalled
-from vlm_triton.gc_heap import GCPauses, freeze_heap
+from vlm_triton.gc_heap import freeze_heap
+from vlm_triton.step_stats import log_timing, step_stats_period
 from vlm_triton.triton.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -90,33 +91,6 @@ def apply_switch_interval() -> None:
     value = os.environ.get("VLM_TRITON_SWITCH_INTERVAL")
     if value:
         sys.setswitchinterval(float(value))
-
-
-def step_stats_period() -> float | None:
-    """VLM_TRITON_STEP_STATS=N: the seconds between a stage's timing lines; None when unset (no timing)."""
-    period = os.environ.get("VLM_TRITON_STEP_STATS")
-    return float(period) if period else None
-
-
-def log_timing(sources: dict[str, Any], model_name: str) -> None:
-    """Every VLM_TRITON_STEP_STATS seconds, log what each `StepTiming` in `sources` (prefix -> timing) took since the
-    last line, and this process's garbage collections (`gc_gen0..2`): `[<model> timing] part count x mean/max ms,
-    ...`."""
-    period = step_stats_period()
-    if period is None:
-        return
-    sources = {**sources, "gc_": GCPauses.install()}
-
-    def run() -> None:
-        while True:
-            time.sleep(period)
-            parts = {f"{prefix}{k}": v for prefix, timing in sources.items() for k, v in timing.take().items()}
-            if parts:
-                summary = ", ".join(f"{k} {v['count']}x {v['mean_ms']:.3f}/{v['max_ms']:.1f} ms"
-                                    for k, v in sorted(parts.items()))
-                print(f"[{model_name} timing] {summary}", file=sys.stderr, flush=True)
-
-    threading.Thread(target=run, name="timing-log", daemon=True).start()
 
 
 def stage_ready(cfg: DeploymentConfig, model_name: str, timing: dict[str, Any] | None = None) -> None:

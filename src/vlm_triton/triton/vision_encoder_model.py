@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.engine.observe import StepTiming
+from vlm_triton.step_stats import step_stats_period
 from vlm_triton.triton.common import (
     TRITON_TO_TORCH,
     error_response,
@@ -24,7 +25,6 @@ from vlm_triton.triton.common import (
     load_family,
     set_torch_threads,
     stage_ready,
-    step_stats_period,
     torch_device_dtype,
     torch_output,
 )
