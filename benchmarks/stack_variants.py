@@ -96,8 +96,8 @@ def timing_line(parts: dict[str, dict[str, float]]) -> str:
 
 
 def llm_timing_lines(log_file: Path, offset: int) -> tuple[list[str], int]:
-    """The stubs' timing lines ('[llm timing]', '[vision_encoder timing]') written since `offset`, and the new
-    offset."""
+    """The timing lines ('[llm timing]', '[vision_encoder timing]', '[frontend timing]', ...) written to `log_file`
+    since `offset`, and the new offset."""
     try:
         with log_file.open("rb") as f:
             f.seek(offset)
@@ -227,6 +227,7 @@ def main() -> None:
             server_pid = stack.server._process.pid
             frontend_pid = stack.frontend.pid if stack.frontend is not None else None
             log_file = stack.log_dir / "tritonserver.log"
+            frontend_log = stack.log_dir / "frontend.log"
             for wname, concurrency in points.items():
                 body = chat_body(ws[wname], SERVED_NAME, True)
                 asyncio.run(run_load(stack.base_url, body, 2, 4, args.time_cap_s, stream=True, request_timeout_s=60))
@@ -235,6 +236,7 @@ def main() -> None:
                         break
                     time.sleep(STEP_STATS_S + 0.2)  # the next timing line covers this point only
                     _, offset = llm_timing_lines(log_file, 0)
+                    _, frontend_offset = llm_timing_lines(frontend_log, 0)
                     before = Snapshot.take(server_pid, frontend_pid, stack.server.grpc_url)
                     prof_dir = args.out / f"profile-{n}-{name}-{wname}-c{c}"
                     if args.profile:
@@ -257,7 +259,8 @@ def main() -> None:
                             for line in summary[:25]:
                                 log("  " + line)
                     time.sleep(STEP_STATS_S + 0.2)
-                    r["llm_timing"], _ = llm_timing_lines(log_file, offset)
+                    r["llm_timing"] = (llm_timing_lines(log_file, offset)[0]
+                                       + llm_timing_lines(frontend_log, frontend_offset)[0])
                     if args.timeline:
                         r["timeline"] = first_token_path(timeline_dir, window, time.monotonic_ns())
                     r.update(variant=name, settings=sets, stack=n, workload=wname,
