@@ -122,7 +122,7 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
                  cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_pointwise: bool = False,
-                 prefill_tokens: int = 8192,
+                 fuse_projections: bool = False, prefill_tokens: int = 8192,
                  prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
@@ -132,6 +132,7 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
                        compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,
+                       fuse_projections=fuse_projections,
                        prefill_tokens=prefill_tokens,
                        prefill_graphs=prefill_graphs, **pool)
     encoder = family.build_vision_encoder(dtype, device)

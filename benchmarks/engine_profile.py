@@ -9,10 +9,10 @@ prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmu
 largest length's steps; `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only (eager everywhere with
 `--eager-pointwise`), then does it again with
 them compiled in prefill too (engine/pointwise.py, `engine.prefill_pointwise`) and says whether greedy tokens
-stayed the same.
+stayed the same; `--prefill-fused` then once more with each layer's projections fused (engine/fused_linear.py).
 
-`--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, and the
-pointwise ops compiled, vlm_triton/engine/pointwise.py): graph time per (batch, KV) bucket and whether greedy tokens of
+`--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, the
+pointwise ops compiled, vlm_triton/engine/pointwise.py, and the projections fused, engine/fused_linear.py): graph time per (batch, KV) bucket and whether greedy tokens of
 four requests stay equal to the first variant's.
 """
 
@@ -71,7 +71,9 @@ def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new
 def prefill_flops(backbone: torch.nn.Module, tokens: int) -> float:
     """FLOPs of one prompt of `tokens` through the backbone: its linear layers, and causal attention (QK^T and PV over
     half of the square each)."""
-    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    from vlm_triton.engine.fused_linear import _FusedMember
+
+    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, (torch.nn.Linear, _FusedMember)))
     cfg = backbone.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2.0 * linear * tokens + 2.0 * cfg.num_hidden_layers * tokens * tokens * cfg.num_attention_heads * head_dim
@@ -120,21 +122,26 @@ def prefill_sweep(engine, lengths: list[int], out: Path, label: str, reps: int =
     return rows
 
 
-def prefill_pointwise_sweep(engine, lengths: list[int], out: Path) -> None:
-    """The prefill sweep as served, then with the pointwise ops compiled in prefill too; greedy tokens of both."""
-    from vlm_triton.engine.cuda_graphs import PrefillGraphs
-    from vlm_triton.engine.pointwise import compile_pointwise
+def prefill_change_sweep(engine, lengths: list[int], out: Path, label: str, change) -> None:
+    """After a sweep: `change(engine)` (patches the model), the graphs captured again, the sweep once more; how
+    many greedy tokens stay equal."""
+    from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
     before = greedy_tokens(engine)
-    compile_pointwise(engine.backbone, engine.device, prefill=True)
+    change(engine)
+    if engine._graphs is not None:
+        engine._graphs = None
+        torch.cuda.empty_cache()
+        engine._graphs = DecodeGraphs.capture(engine)
     if getattr(engine.prefill, "graphs", None) is not None:
         engine.prefill.graphs = None
         torch.cuda.empty_cache()
         engine.prefill.graphs = PrefillGraphs.capture(engine.prefill)
-    prefill_sweep(engine, lengths, out, "compiled pointwise in prefill")
+    prefill_sweep(engine, lengths, out, label)
     after = greedy_tokens(engine)
     same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(before, after)]
-    print(f"greedy tokens equal before the first difference (of {len(before[0])} per prompt): {same}", flush=True)
+    print(f"{label}: greedy tokens equal before the first difference (of {len(before[0])} per prompt): {same}",
+          flush=True)
 
 
 def variant_sweep(engine, names: list[str], out: Path) -> None:
@@ -146,18 +153,23 @@ def variant_sweep(engine, names: list[str], out: Path) -> None:
     kvs = [k for k in (256, 1024, 4096) if k in engine.kv_buckets]
     full = engine.buckets, engine.kv_buckets
     engine.buckets, engine.kv_buckets = batches, sorted({*kvs, engine.max_seq_len})
-    rows, ref, pointwise = [], None, False
+    rows, ref, pointwise, fused = [], None, False, False
     print("\n| variant | capture s | " + " | ".join(f"b{b} kv{k}" for b in batches for k in kvs)
           + " | greedy tokens equal to the first variant |")
     print("|---|---|" + "---|" * (len(batches) * len(kvs) + 1))
     for name in names:
-        backend, _, extra = name.partition("+")
+        backend, *extras = name.split("+")
         try:
-            if extra == "pointwise" and not pointwise:
+            if "pointwise" in extras and not pointwise:
                 t = time.perf_counter()
                 counts = compile_pointwise(engine.backbone, engine.device)
                 pointwise = True
                 print(f"(pointwise compiled: {counts}, {time.perf_counter() - t:.1f} s)", flush=True)
+            if "fused" in extras and not fused:
+                from vlm_triton.engine.fused_linear import fuse_projections
+
+                print(f"(projections fused: {fuse_projections(engine.backbone)})", flush=True)
+                fused = True
             set_decode_backend(backend)
             engine._graphs = None
             torch.cuda.empty_cache()
@@ -192,7 +204,11 @@ def main() -> None:
     ap.add_argument("--prefill", default="", help="comma list of prompt lengths: prefill steps instead")
     ap.add_argument("--prefill-pointwise", action="store_true",
                     help="with --prefill: again with the pointwise ops compiled in prefill too")
-    ap.add_argument("--variants", default="", help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise]")
+    ap.add_argument("--prefill-fused", action="store_true",
+                    help="with --prefill: again (after --prefill-pointwise's) with the projections fused")
+    ap.add_argument("--variants", default="",
+                    help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise][+fused] (pointwise and fused stay "
+                         "on for the variants after the first that asks for them)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -209,7 +225,15 @@ def main() -> None:
         lengths = [int(n) for n in args.prefill.split(",")]
         prefill_sweep(engine, lengths, args.out, "as served")
         if args.prefill_pointwise and cuda:
-            prefill_pointwise_sweep(engine, lengths, args.out)
+            from vlm_triton.engine.pointwise import compile_pointwise
+
+            prefill_change_sweep(engine, lengths, args.out, "compiled pointwise in prefill",
+                                 lambda e: compile_pointwise(e.backbone, e.device, prefill=True))
+        if args.prefill_fused:
+            from vlm_triton.engine.fused_linear import fuse_projections
+
+            prefill_change_sweep(engine, lengths, args.out, "fused projections",
+                                 lambda e: fuse_projections(e.backbone))
         return
     if args.variants:
         variant_sweep(engine, args.variants.split(","), args.out)

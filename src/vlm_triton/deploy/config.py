@@ -51,6 +51,9 @@ class EngineSection:
     # prefill 15.2 -> 12.6 ms on an H100 (bare engine). Off by default until its CUDA tests and a stack A B have run
     # on a GPU (docs/benchmarks.md, item 38)
     prefill_pointwise: bool = False
+    # each layer's q/k/v projections as one GEMM, and gate/up as one (engine/fused_linear.py): fewer, wider kernels
+    # per step. Off by default until measured on a GPU (docs/benchmarks.md, item 39)
+    fuse_projections: bool = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)

@@ -84,6 +84,7 @@ class LLMEngine:
         min_kv_bucket: int = MIN_KV_BUCKET,
         compile_pointwise: bool = False,
         prefill_pointwise: bool = False,
+        fuse_projections: bool = False,
         prefill_tokens: int = 8192,
         prefill_graphs: bool = True,
         kv_cache_tokens: int = 0,
@@ -92,7 +93,9 @@ class LLMEngine:
         `lm_head` default to `model.model` / `model.get_output_embeddings()` (pass them for wrappers such as a VLM
         whose language model sits elsewhere). Ids >= vocab_size are image slots. `compile_pointwise` (CUDA only)
         fuses norms, RoPE and the MLP activation of decode steps into compiled kernels (engine/pointwise.py), and
-        with `prefill_pointwise` those of prefill forwards too when the prefill runs from CUDA graphs. `prefill_tokens` bounds
+        with `prefill_pointwise` those of prefill forwards too when the prefill runs from CUDA graphs.
+        `fuse_projections` computes each layer's q/k/v and gate/up projections as one GEMM each
+        (engine/fused_linear.py). `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
         0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout)."""
@@ -100,6 +103,12 @@ class LLMEngine:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
         self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
+        self.fused: dict[str, int] = {}
+        if fuse_projections:
+            from vlm_triton.engine.fused_linear import fuse_projections as fuse_linear
+
+            self.fused = fuse_linear(self.backbone)
+            logger.info("fused projections: %s", self.fused)
         model.eval()
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size

@@ -41,7 +41,8 @@ def describe(engine: LLMEngine) -> str:
     parts = [f"KV pool {cache.capacity} tokens ({cache.nbytes() / 2**30:.2f} GiB) for {engine.max_slots} slots of up "
              f"to {engine.max_seq_len}",
              f"attention {getattr(engine.backbone.config, '_attn_implementation', '?')}",
-             f"pointwise {engine.pointwise or 'eager'}{' (prefill too)' if engine.prefill_pointwise else ''}"]
+             f"pointwise {engine.pointwise or 'eager'}{' (prefill too)' if engine.prefill_pointwise else ''}",
+             f"fused projections {engine.fused or 'no'}"]
     if engine.device.type == "cuda":
         try:
             cudnn = f"cudnn {torch.backends.cudnn.version()}"

@@ -83,6 +83,7 @@ class TritonPythonModel:
             prefill_graphs=cfg.engine.prefill_graphs,
             compile_pointwise=cfg.engine.compile_pointwise,
             prefill_pointwise=cfg.engine.prefill_pointwise,
+            fuse_projections=cfg.engine.fuse_projections,
             prefill_tokens=cfg.max_step_tokens,
             kv_cache_tokens=cfg.engine.kv_cache_tokens,
         )
