@@ -108,6 +108,21 @@ def test_compiled_pointwise_in_graphed_prefill_keeps_bf16_tokens() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_projections_keep_bf16_tokens() -> None:
+    """bf16 under the decode and prefill graphs: each layer's q/k/v and gate/up as one GEMM (`fuse_projections`)
+    give the same greedy tokens as the separate GEMMs (two copies of the same tiny model: fusing patches it)."""
+    results = []
+    for fused in (False, True):
+        model = _tiny("qwen2").to("cuda", torch.bfloat16)
+        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, fuse_projections=fused)
+        assert bool(engine.fused) is fused and getattr(engine.prefill, "graphs", None) is not None
+        results.append(run_plan(engine, join_plan(60)))
+    separate, fused_run = results
+    assert {k: tokens(v) for k, v in fused_run.items()} == {k: tokens(v) for k, v in separate.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_decode_matches_masked_sdpa(dtype: torch.dtype) -> None:
     """The varlen decode kernel over the KV pool's rows (each row's span from its own offset, in any order) equals
