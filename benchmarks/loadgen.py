@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from vlm_triton.gc_heap import freeze_heap
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream: bool,
@@ -107,6 +108,7 @@ START_DELAY_S = 3.0  # spawned client processes import httpx and open their pool
 
 
 def _records_in_process(*args: Any) -> tuple[list[dict[str, Any]], float, float]:
+    freeze_heap()
     return asyncio.run(_records(*args))
 
 
@@ -123,11 +125,12 @@ def split(total: int, parts: int) -> list[int]:
 
 async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requests: int, time_cap_s: float,
                    stream: bool = True, request_timeout_s: float = 300.0, timeline_dir: Path | None = None,
-                   procs: int | None = 1) -> dict[str, Any]:
+                   procs: int | None = 1, freeze: bool = True) -> dict[str, Any]:
     """`timeline_dir`: also write the client's marks of each streamed request there (write_client_marks).
     `procs` > 1: the concurrency (and the requests) shared by that many client processes, so that one Python event
     loop parsing every SSE chunk of every stream is not what limits the measurement; the records are merged and the
-    wall time runs from their common start to the last one's end. None: `auto_procs(concurrency)`."""
+    wall time runs from their common start to the last one's end. None: `auto_procs(concurrency)`. `freeze`: the
+    measuring process's heap is frozen out of garbage collection first (spawned client processes always are)."""
     url = base_url.rstrip("/") + "/chat/completions"
     body = {**body, "stream": stream}
     if stream:
@@ -137,6 +140,10 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     procs = max(1, min(auto_procs(concurrency) if procs is None else procs, concurrency))
     skew = 0.0
     if procs == 1:
+        # this process may hold torch and transformers (the harness): a full collection of their objects during the
+        # point would stop every stream's clock here for ~0.2 s (docs/benchmarks.md, item 37)
+        if freeze:
+            freeze_heap()
         records, start, end = await _records(url, body, concurrency, n_requests, time_cap_s, stream, request_timeout_s)
     else:
         loop = asyncio.get_running_loop()
