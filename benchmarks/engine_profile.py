@@ -6,14 +6,14 @@ whole `engine.step()` at steady state, and the top kernels of a profiled step. P
 
 `--prefill 512,3400,8000` instead times prefill steps of one prompt of each length (engine.step() with the packed
 prefill graphs, as served), prints their TFLOP/s against the measured bf16 matmul peak, and the top kernels of the
-largest length's steps; `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only (eager everywhere with
-`--eager-pointwise`), then does it again with
-them compiled in prefill too (engine/pointwise.py, `engine.prefill_pointwise`) and says whether greedy tokens
-stayed the same; `--prefill-fused` then once more with each layer's projections fused (engine/fused_linear.py).
+largest length's steps. `--prefill-pointwise` starts from the pointwise ops compiled in decode steps only (eager
+everywhere with `--eager-pointwise`), then does it again with them compiled in prefill too (engine/pointwise.py,
+`engine.prefill_pointwise`) and says whether greedy tokens stayed the same; `--prefill-fused` then once more with
+each layer's projections fused (engine/fused_linear.py).
 
-`--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, the
-pointwise ops compiled, vlm_triton/engine/pointwise.py, and the projections fused, engine/fused_linear.py): graph time per (batch, KV) bucket and whether greedy tokens of
-four requests stay equal to the first variant's.
+`--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, the pointwise
+ops compiled, vlm_triton/engine/pointwise.py, and the projections fused, engine/fused_linear.py): graph time per
+(batch, KV) bucket and whether greedy tokens of four requests stay equal to the first variant's.
 """
 
 from __future__ import annotations

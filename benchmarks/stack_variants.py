@@ -7,8 +7,9 @@ goes in each (cores per process, Triton's per-model times, the llm stub's engine
 
 A variant is NAME or NAME:SETTING[,SETTING...]; a SETTING is SECTION.KEY=VALUE (deployment config), a tritonserver
 flag starting with -- , or NAME=VALUE with an upper-case NAME (an environment variable of tritonserver and its
-stubs), or frontend.FLAG=VALUE (a flag of `python -m openai_frontend`, e.g. frontend.loop=asyncio; frontend.FLAG alone for a
-switch, e.g. frontend.no_freeze_heap). `--rounds 2` runs the variant list twice (A B A B), so that drift between stacks shows. Writes
+stubs), or frontend.FLAG=VALUE (a flag of `python -m openai_frontend`, e.g. frontend.loop=asyncio; frontend.FLAG
+alone for a switch, e.g. frontend.no_freeze_heap). `--rounds 2` runs the variant list twice (A B A B), so that
+drift between stacks shows. Writes
 OUT/variants.json and prints a table last. `--timeline` marks every request's first-token path in the frontend, bls
 and llm (VLM_TRITON_TIMELINE_DIR) and prints its hops after each point (benchmarks/timeline.py).
 """

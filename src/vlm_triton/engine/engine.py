@@ -156,7 +156,8 @@ class LLMEngine:
             self.prefill_pointwise = prefill_pointwise and graph_prefill
             self.pointwise = fuse(self.backbone, self.device, prefill=self.prefill_pointwise)
             self.prefill_pointwise = self.prefill_pointwise and sum(self.pointwise.values()) > 0
-            logger.info("compiled pointwise ops: %s%s", self.pointwise, " (prefill too)" if self.prefill_pointwise else "")
+            logger.info("compiled pointwise ops: %s%s", self.pointwise,
+                        " (prefill too)" if self.prefill_pointwise else "")
         self._graphs: DecodeGraphs | None = None
         if use_cuda_graphs and cuda:
             self._graphs = DecodeGraphs.capture(self)

@@ -60,7 +60,8 @@ class _FusedMember(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fused rows [{self.start}, {self.stop})"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fused rows [{self.start}, {self.stop})")
 
 
 def _fuse(parent: nn.Module, names: tuple[str, ...]) -> bool:
