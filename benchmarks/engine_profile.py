@@ -122,10 +122,20 @@ def prefill_sweep(engine, lengths: list[int], out: Path, label: str, reps: int =
     return rows
 
 
+def recapture_prefill(engine) -> None:
+    """The prefill graphs captured again (after the model was patched: the old ones read replaced weights)."""
+    from vlm_triton.engine.cuda_graphs import PrefillGraphs
+
+    if getattr(engine.prefill, "graphs", None) is not None:
+        engine.prefill.graphs = None
+        torch.cuda.empty_cache()
+        engine.prefill.graphs = PrefillGraphs.capture(engine.prefill)
+
+
 def prefill_change_sweep(engine, lengths: list[int], out: Path, label: str, change) -> None:
-    """After a sweep: `change(engine)` (patches the model), the graphs captured again, the sweep once more; how
-    many greedy tokens stay equal."""
-    from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+    """After a sweep: `change(engine)` (patches the model), the graphs captured again (decode's too: the change
+    applies to decode steps as well), the sweep once more; how many greedy tokens stay equal."""
+    from vlm_triton.engine.cuda_graphs import DecodeGraphs
 
     before = greedy_tokens(engine)
     change(engine)
@@ -133,10 +143,7 @@ def prefill_change_sweep(engine, lengths: list[int], out: Path, label: str, chan
         engine._graphs = None
         torch.cuda.empty_cache()
         engine._graphs = DecodeGraphs.capture(engine)
-    if getattr(engine.prefill, "graphs", None) is not None:
-        engine.prefill.graphs = None
-        torch.cuda.empty_cache()
-        engine.prefill.graphs = PrefillGraphs.capture(engine.prefill)
+    recapture_prefill(engine)
     prefill_sweep(engine, lengths, out, label)
     after = greedy_tokens(engine)
     same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(before, after)]
@@ -170,6 +177,7 @@ def variant_sweep(engine, names: list[str], out: Path) -> None:
 
                 print(f"(projections fused: {fuse_projections(engine.backbone)})", flush=True)
                 fused = True
+                recapture_prefill(engine)  # greedy_tokens prefills: not from graphs of the replaced weights
             set_decode_backend(backend)
             engine._graphs = None
             torch.cuda.empty_cache()

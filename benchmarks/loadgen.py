@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -130,7 +131,8 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     `procs` > 1: the concurrency (and the requests) shared by that many client processes, so that one Python event
     loop parsing every SSE chunk of every stream is not what limits the measurement; the records are merged and the
     wall time runs from their common start to the last one's end. None: `auto_procs(concurrency)`. `freeze`: the
-    measuring process's heap is frozen out of garbage collection first (spawned client processes always are)."""
+    measuring process's heap is frozen out of garbage collection before its first point (spawned client processes
+    always are)."""
     url = base_url.rstrip("/") + "/chat/completions"
     body = {**body, "stream": stream}
     if stream:
@@ -142,7 +144,7 @@ async def run_load(base_url: str, body: dict[str, Any], concurrency: int, n_requ
     if procs == 1:
         # this process may hold torch and transformers (the harness): a full collection of their objects during the
         # point would stop every stream's clock here for ~0.2 s (docs/benchmarks.md, item 37)
-        if freeze:
+        if freeze and gc.get_freeze_count() == 0:  # once per process: later points find it frozen
             freeze_heap()
         records, start, end = await _records(url, body, concurrency, n_requests, time_cap_s, stream, request_timeout_s)
     else:

@@ -108,18 +108,56 @@ def test_compiled_pointwise_in_graphed_prefill_keeps_bf16_tokens() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_projections_keep_bf16_tokens() -> None:
+@pytest.mark.parametrize("pointwise", [False, True])  # True: with the compiled kernels, decode and prefill, which
+def test_fused_projections_keep_bf16_tokens(pointwise: bool) -> None:  # then take the fused outputs' strided slices
     """bf16 under the decode and prefill graphs: each layer's q/k/v and gate/up as one GEMM (`fuse_projections`)
-    give the same greedy tokens as the separate GEMMs (two copies of the same tiny model: fusing patches it)."""
+    give the same greedy tokens as the separate GEMMs (two copies of the same tiny model: fusing patches it; the
+    tiny model's logits are well separated)."""
+    from vlm_triton.engine.pointwise import restore_rotary
+
     results = []
-    for fused in (False, True):
-        model = _tiny("qwen2").to("cuda", torch.bfloat16)
-        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
-                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, fuse_projections=fused)
-        assert bool(engine.fused) is fused and getattr(engine.prefill, "graphs", None) is not None
-        results.append(run_plan(engine, join_plan(60)))
+    try:
+        for fused in (False, True):
+            model = _tiny("qwen2").to("cuda", torch.bfloat16)
+            engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
+                               vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, fuse_projections=fused,
+                               compile_pointwise=pointwise, prefill_pointwise=pointwise)
+            layers = model.config.num_hidden_layers
+            assert engine.fused == ({"qkv": layers, "gate_up": layers} if fused else {})
+            assert engine._graphs is not None and getattr(engine.prefill, "graphs", None) is not None
+            results.append(run_plan(engine, join_plan(60)))
+            restore_rotary()
+    finally:
+        restore_rotary()
     separate, fused_run = results
     assert {k: tokens(v) for k, v in fused_run.items()} == {k: tokens(v) for k, v in separate.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_projections_match_generate_in_float32() -> None:
+    """float32 (decode graphs, compiled pointwise): the engine with fused projections gives `generate`'s greedy
+    tokens, computed before fusing."""
+    from vlm_triton.engine.pointwise import restore_rotary
+
+    model = _tiny("qwen2").to("cuda")
+    plan = join_plan(70)
+    requests = [r for rs in plan.values() for r in rs]
+    refs = {}
+    for r in requests:
+        ids = list(r.input_ids)
+        out = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
+                             do_sample=False, max_new_tokens=r.max_new_tokens)
+        refs[r.request_id] = out[0, len(ids) :].tolist()
+    try:
+        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
+                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
+                           fuse_projections=True)
+        assert engine.fused["qkv"] == model.config.num_hidden_layers and engine._graphs is not None
+        events = run_plan(engine, plan)
+    finally:
+        restore_rotary()
+    for r in requests:
+        assert tokens(events[r.request_id]) == refs[r.request_id], r.request_id
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

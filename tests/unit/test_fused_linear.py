@@ -24,10 +24,31 @@ def test_outputs_names_and_weights_are_kept() -> None:
     assert isinstance(model.model.layers[0].self_attn.k_proj, _FusedMember)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
-    assert sum(p.numel() for p in model.parameters()) == params  # views of the fused weight, nothing doubled
+    assert sum(p.numel() for p in model.parameters()) == params
+    for layer in model.model.layers:  # every member's weight lives in its group's fused tensor: nothing doubled
+        for member in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
+            assert member.weight.untyped_storage().data_ptr() == member.group.weight.untyped_storage().data_ptr()
     with torch.no_grad():
         got = model.model(ids).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="cannot be moved"):
+        model.to(torch.float64)  # would leave the fused weights behind
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_transformers_layers_take_the_fused_path(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """In the installed transformers' attention and MLP the members are called in order on one tensor: a layer
+    makes 4 GEMMs (qkv, o, gate_up, down), not 7, and lets every fused output go."""
+    model = _tiny(kind)
+    fuse_projections(model.model)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(a[1].shape) or linear(*a, **k))
+    with torch.no_grad():
+        model.model(torch.randint(0, 300, (1, 6)))
+    assert len(calls) == 4 * model.config.num_hidden_layers, calls
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.group.output is None and layer.mlp.gate_proj.group.output is None
 
 
 def test_members_called_out_of_order_compute_their_own_slice_and_the_output_is_released() -> None:

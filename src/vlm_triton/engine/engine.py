@@ -103,12 +103,6 @@ class LLMEngine:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
         self.backbone, self.lm_head, self.hidden_size = spec.backbone, spec.lm_head, spec.hidden_size
-        self.fused: dict[str, int] = {}
-        if fuse_projections:
-            from vlm_triton.engine.fused_linear import fuse_projections as fuse_linear
-
-            self.fused = fuse_linear(self.backbone)
-            logger.info("fused projections: %s", self.fused)
         model.eval()
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
@@ -144,6 +138,16 @@ class LLMEngine:
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
         cuda = self.device.type == "cuda"
+        self.fused: dict[str, int] = {}
+        if fuse_projections:  # after the checks above: a model that cannot be served stays as it was
+            from vlm_triton.engine.fused_linear import fuse_projections as fuse_linear
+
+            self.fused = fuse_linear(self.backbone)
+            if cuda:
+                torch.cuda.empty_cache()  # the replaced weights' memory, for the other processes on this GPU
+            if not any(self.fused.values()):
+                logger.warning("fuse_projections: this model has no q/k/v or gate/up Linear layers to fuse")
+            logger.info("fused projections: %s", self.fused)
         graph_prefill = (cuda and use_cuda_graphs and prefill_graphs and isinstance(self.prefill, PackedPrefill)
                          and flash_supported(self.device, dtype, spec.head_dim))
         self.pointwise: dict[str, int] = {}

@@ -46,6 +46,10 @@ class _FusedMember(nn.Module):
         self.bias = None if group.bias is None else nn.Parameter(group.bias[start:stop], requires_grad=False)
         self.in_features, self.out_features = int(group.weight.shape[1]), stop - start
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "_FusedMember":
+        # .to() / .half() / .cuda() would give this member a new weight and leave the group's fused one behind
+        raise RuntimeError("fused projections cannot be moved or cast: move the model before fusing")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
         if self.first:
@@ -70,11 +74,13 @@ def _fuse(parent: nn.Module, names: tuple[str, ...]) -> bool:
         return False
     mods: list[nn.Linear] = linears  # type: ignore[assignment]
     has_bias = [m.bias is not None for m in mods]
-    if len({m.in_features for m in mods}) != 1 or len(set(has_bias)) != 1:
+    tensors = [m.weight for m in mods] + [m.bias for m in mods if m.bias is not None]
+    if (len({m.in_features for m in mods}) != 1 or len(set(has_bias)) != 1
+            or len({(t.dtype, t.device) for t in tensors}) != 1):
         return False
     with torch.no_grad():
-        weight = torch.cat([m.weight for m in mods]).contiguous()
-        bias = torch.cat([m.bias for m in mods]).contiguous() if has_bias[0] else None  # type: ignore[misc]
+        weight = torch.cat([m.weight for m in mods])
+        bias = torch.cat([m.bias for m in mods]) if has_bias[0] else None  # type: ignore[misc]
     group = _Group(weight, bias, len(mods))
     start = 0
     for i, (name, m) in enumerate(zip(names, mods)):
@@ -88,9 +94,11 @@ def fuse_projections(backbone: nn.Module) -> dict[str, int]:
     dtype); how many groups of each kind were fused. Layers whose projections are not plain `nn.Linear`s with one
     input width and the same bias setting are left as they are."""
     counts = {"qkv": 0, "gate_up": 0}
-    for module in list(backbone.modules()):
-        for attr, names in GROUPS:
-            parent: Any = getattr(module, attr, None)
-            if isinstance(parent, nn.Module) and _fuse(parent, names):
-                counts["qkv" if attr == "self_attn" else "gate_up"] += 1
+    # the groups first, then fuse: a list of the modules themselves would keep every replaced Linear alive to the
+    # end (a second copy of these weights at the peak); this way each layer's originals go as it is fused
+    groups = [(parent, attr, names) for module in backbone.modules() for attr, names in GROUPS
+              if isinstance(parent := getattr(module, attr, None), nn.Module)]
+    for parent, attr, names in groups:
+        if _fuse(parent, names):
+            counts["qkv" if attr == "self_attn" else "gate_up"] += 1
     return counts

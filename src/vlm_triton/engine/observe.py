@@ -42,7 +42,7 @@ def describe(engine: LLMEngine) -> str:
              f"to {engine.max_seq_len}",
              f"attention {getattr(engine.backbone.config, '_attn_implementation', '?')}",
              f"pointwise {engine.pointwise or 'eager'}{' (prefill too)' if engine.prefill_pointwise else ''}",
-             f"fused projections {engine.fused or 'no'}"]
+             f"fused projections {engine.fused if any(engine.fused.values()) else 'no'}"]
     if engine.device.type == "cuda":
         try:
             cudnn = f"cudnn {torch.backends.cudnn.version()}"
