@@ -71,9 +71,9 @@ def greedy_tokens(engine, lengths: tuple[int, ...] = (300, 700, 1500, 3000), new
 def prefill_flops(backbone: torch.nn.Module, tokens: int) -> float:
     """FLOPs of one prompt of `tokens` through the backbone: its linear layers, and causal attention (QK^T and PV over
     half of the square each)."""
-    from vlm_triton.engine.fused_linear import _FusedMember
+    from vlm_triton.engine.fused_linear import FusedMember
 
-    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, (torch.nn.Linear, _FusedMember)))
+    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, (torch.nn.Linear, FusedMember)))
     cfg = backbone.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2.0 * linear * tokens + 2.0 * cfg.num_hidden_layers * tokens * tokens * cfg.num_attention_heads * head_dim

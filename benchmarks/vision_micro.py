@@ -39,6 +39,15 @@ def compile_vision_encoder(encoder: torch.nn.Module, *, warm_tiles: list[int], d
     return run
 
 
+def encoder_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every vision micro-benchmark shares: the preset, its work folder, repeats, the device."""
+    ap.add_argument("--preset", default="internvl3-1b", choices=sorted(models.PRESETS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-work"))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
 def build_encoder(preset: str, work: Path, device: torch.device) -> tuple[Any, torch.nn.Module, torch.dtype]:
     """(family, its vision encoder in eval mode, dtype) of the preset's random-weight checkpoint on `device`:
     bf16 on CUDA, float32 on the CPU."""
@@ -62,13 +71,9 @@ def _time(fn, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="internvl3-1b", choices=sorted(models.PRESETS))
-    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-work"))
+    ap = encoder_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--tiles", default="1,4,13,52")
     ap.add_argument("--modes", default="eager,compile")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     family, eager, dtype = build_encoder(args.preset, args.work, device)

@@ -15,14 +15,12 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks import models
-from benchmarks.vision_micro import build_encoder
+from benchmarks.vision_micro import build_encoder, encoder_arguments
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -38,13 +36,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="internvl3-1b", choices=sorted(models.PRESETS))
-    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-work"))
+    ap = encoder_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--images", default="1,2,4")
     ap.add_argument("--size", default="1792x1344")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     from vlm_triton.multimodal.pixels import image_planes
     from vlm_triton.multimodal.tiling import image_grid, image_tiles

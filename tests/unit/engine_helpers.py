@@ -70,7 +70,8 @@ def greedy(request_id: str, ids: TokenIds, n: int, **kw: Any) -> GenerationReque
 @torch.no_grad()
 def hf_greedy(model: PreTrainedModel, ids: list[int], n: int, **kw: object) -> list[int]:
     # an explicit mask: without one generate masks out every prompt id equal to pad_token_id (0 here)
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    out = model.generate(torch.tensor([ids], device=model.device),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                          do_sample=False, max_new_tokens=n, **kw)
     return out[0, len(ids) :].tolist()
 

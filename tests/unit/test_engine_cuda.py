@@ -13,6 +13,7 @@ from tests.unit.engine_helpers import (
     VOCAB,
     _tiny,
     drain,
+    hf_greedy,
     join_plan,
     prompt,
     run_plan,
@@ -44,10 +45,7 @@ def test_cuda_graph_decode_matches_generate(prefill_tokens: int, kv_cache_tokens
     plan = join_plan(90)
     events = run_plan(engine, plan)
     for r in [r for rs in plan.values() for r in rs]:
-        ids = list(r.input_ids)
-        ref = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
-                             do_sample=False, max_new_tokens=r.max_new_tokens)
-        assert tokens(events[r.request_id]) == ref[0, len(ids) :].tolist(), r.request_id
+        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
     assert (engine.prefill_chunks > 0) == (prefill_tokens < max(len(r.input_ids) for rs in plan.values() for r in rs))
 
 
@@ -64,12 +62,7 @@ def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
     model = _tiny(kind).to("cuda")
     plan = join_plan(40)
     requests = [r for rs in plan.values() for r in rs]
-    refs = {}
-    for r in requests:
-        ids = list(r.input_ids)
-        out = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
-                             do_sample=False, max_new_tokens=r.max_new_tokens)
-        refs[r.request_id] = out[0, len(ids) :].tolist()
+    refs = {r.request_id: hf_greedy(model, list(r.input_ids), r.max_new_tokens) for r in requests}
     try:
         engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
                            vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True)
@@ -142,12 +135,7 @@ def test_fused_projections_match_generate_in_float32() -> None:
     model = _tiny("qwen2").to("cuda")
     plan = join_plan(70)
     requests = [r for rs in plan.values() for r in rs]
-    refs = {}
-    for r in requests:
-        ids = list(r.input_ids)
-        out = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), device="cuda"),
-                             do_sample=False, max_new_tokens=r.max_new_tokens)
-        refs[r.request_id] = out[0, len(ids) :].tolist()
+    refs = {r.request_id: hf_greedy(model, list(r.input_ids), r.max_new_tokens) for r in requests}
     try:
         engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
                            vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.unit.engine_helpers import _tiny, hf_greedy, join_plan, make_engine, run_plan, tokens
-from vlm_triton.engine.fused_linear import _FusedMember, fuse_projections
+from vlm_triton.engine.fused_linear import FusedMember, fuse_projections
 
 
 def test_outputs_names_and_weights_are_kept() -> None:
@@ -21,7 +21,7 @@ def test_outputs_names_and_weights_are_kept() -> None:
     counts = fuse_projections(model.model)
     layers = model.config.num_hidden_layers
     assert counts == {"qkv": layers, "gate_up": layers}
-    assert isinstance(model.model.layers[0].self_attn.k_proj, _FusedMember)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, FusedMember)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert sum(p.numel() for p in model.parameters()) == params

@@ -46,9 +46,9 @@ from torch import nn
 
 from vlm_triton import timeline
 from vlm_triton.engine.admission import Admission
-from vlm_triton.engine.attention import flash_supported
-from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
+from vlm_triton.engine.kernels import set_up_kernels
 from vlm_triton.engine.kv_cache import PooledKVCache
 from vlm_triton.engine.model_spec import ModelSpec
 from vlm_triton.engine.observe import StepTiming
@@ -137,37 +137,14 @@ class LLMEngine:
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
-        cuda = self.device.type == "cuda"
-        self.fused: dict[str, int] = {}
-        if fuse_projections:  # after the checks above: a model that cannot be served stays as it was
-            from vlm_triton.engine.fused_linear import fuse_projections as fuse_linear
-
-            self.fused = fuse_linear(self.backbone)
-            if cuda:
-                torch.cuda.empty_cache()  # the replaced weights' memory, for the other processes on this GPU
-            if not any(self.fused.values()):
-                logger.warning("fuse_projections: this model has no q/k/v or gate/up Linear layers to fuse")
-            logger.info("fused projections: %s", self.fused)
-        graph_prefill = (cuda and use_cuda_graphs and prefill_graphs and isinstance(self.prefill, PackedPrefill)
-                         and flash_supported(self.device, dtype, spec.head_dim))
-        self.pointwise: dict[str, int] = {}
-        self.prefill_pointwise = False  # the pointwise ops of prefill forwards are the compiled ones
-        if compile_pointwise and cuda:
-            from vlm_triton.engine.pointwise import compile_pointwise as fuse
-
-            # in prefill only under its graphs: called eagerly, the compiled functions' own overhead per call made
-            # a W1 prefill slower (docs/benchmarks.md, items 10 and 38)
-            self.prefill_pointwise = prefill_pointwise and graph_prefill
-            self.pointwise = fuse(self.backbone, self.device, prefill=self.prefill_pointwise)
-            self.prefill_pointwise = self.prefill_pointwise and sum(self.pointwise.values()) > 0
-            logger.info("compiled pointwise ops: %s%s", self.pointwise,
-                        " (prefill too)" if self.prefill_pointwise else "")
+        # the kernels last (kernels.py): after the checks above, so that a model that cannot be served stays unpatched
+        self.fused: dict[str, int] = {}  # fused projection groups by kind (fused_linear.py)
+        self.pointwise: dict[str, int] = {}  # compiled pointwise ops by kind (pointwise.py)
+        self.prefill_pointwise = False  # prefill forwards run the compiled pointwise ops too
         self._graphs: DecodeGraphs | None = None
-        if use_cuda_graphs and cuda:
-            self._graphs = DecodeGraphs.capture(self)
-            if graph_prefill:
-                assert isinstance(self.prefill, PackedPrefill)
-                self.prefill.graphs = PrefillGraphs.capture(self.prefill)
+        set_up_kernels(self, head_dim=spec.head_dim, use_cuda_graphs=use_cuda_graphs, prefill_graphs=prefill_graphs,
+                       compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,
+                       fuse_projections=fuse_projections)
 
     # --- public API -------------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:

@@ -4,7 +4,7 @@ gate and up projections as one (`engine.fuse_projections`).
 A decode step of a small model is a chain of small kernels (benchmarks/engine_profile.py): the three projections
 of a layer read the same input and each launch costs about as much as its work at batch 1–64. Here each group's
 weights (and biases) are concatenated once into one tensor on the device; the group's modules become
-`_FusedMember`s whose own `weight` / `bias` are views of it, so memory does not grow and `named_parameters()` and
+`FusedMember`s whose own `weight` / `bias` are views of it, so memory does not grow and `named_parameters()` and
 `state_dict()` keep their names and values. The first member of a group (q_proj, gate_proj: transformers' forwards
 call q, k, v and gate, up in this order, on the same tensor) computes the whole group's output in one GEMM; the
 others, called next with that same tensor, return their slices of it, and the last one releases it. Called with
@@ -38,7 +38,7 @@ class _Group:
         self.left = 0
 
 
-class _FusedMember(nn.Module):
+class FusedMember(nn.Module):
     def __init__(self, group: _Group, start: int, stop: int, first: bool) -> None:
         super().__init__()
         self.group, self.start, self.stop, self.first = group, start, stop, first
@@ -46,7 +46,7 @@ class _FusedMember(nn.Module):
         self.bias = None if group.bias is None else nn.Parameter(group.bias[start:stop], requires_grad=False)
         self.in_features, self.out_features = int(group.weight.shape[1]), stop - start
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "_FusedMember":
+    def _apply(self, fn: Any, recurse: bool = True) -> "FusedMember":
         # .to() / .half() / .cuda() would give this member a new weight and leave the group's fused one behind
         raise RuntimeError("fused projections cannot be moved or cast: move the model before fusing")
 
@@ -84,7 +84,7 @@ def _fuse(parent: nn.Module, names: tuple[str, ...]) -> bool:
     group = _Group(weight, bias, len(mods))
     start = 0
     for i, (name, m) in enumerate(zip(names, mods)):
-        setattr(parent, name, _FusedMember(group, start, start + m.out_features, first=i == 0))
+        setattr(parent, name, FusedMember(group, start, start + m.out_features, first=i == 0))
         start += m.out_features
     return True
 
