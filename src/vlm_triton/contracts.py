@@ -184,6 +184,14 @@ LLM = ModelContract(
     batched=True,
 )
 
+# --- with engine.vision_in_llm (torch profile) the llm also takes a request's vision units and encodes them itself:
+# preprocess's pixel_values, tgt_sizes and image_grids of one request, with the llm's batch dim in front ([1, N, ...])
+LLM_VISION_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1), optional=True, ragged=True),
+    TensorSpec("tgt_sizes", "INT32", (-1, 2), optional=True, ragged=True),
+    TensorSpec("image_grids", "INT32", (-1, 5), optional=True, ragged=True),
+)
+
 # --- postprocess: stateless incremental detokenization; the caller threads the state through -------------------
 POSTPROCESS = ModelContract(
     role="postprocess",

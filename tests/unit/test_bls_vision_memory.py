@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -67,3 +68,15 @@ def test_the_bls_asks_for_host_embeddings_unless_configured_otherwise(bls: types
             assert (memory.memory_type, memory.device_id) == ("TRITONSERVER_MEMORY_CPU", 0)
     assert table.name() == "prompt_embedding_table"
     assert table.value.dtype == torch.bfloat16 and table.shape() == [1, 10, 4]
+
+
+def test_with_vision_in_llm_the_bls_hands_the_units_to_the_llm(bls: types.ModuleType) -> None:
+    """No vision_encoder call: pixel_values and each unit extra go on with the llm's batch dim in front."""
+    FakeRequest.made = []
+    stages = bls.TritonStages(embed_dtype=torch.bfloat16, vision_chunk=2, vision_in_llm=True)
+    grids = torch.tensor([[4, 4, 1, 1, 0]] * 5, dtype=torch.int32)
+    units = asyncio.run(stages.encode_images(replace(prepared(5), unit_extras=(FakeTensor("image_grids", grids),))))
+    assert FakeRequest.made == []
+    assert isinstance(units, bls.LLMVision)
+    assert [(t.name(), t.shape()) for t in units] == [("pixel_values", [1, 5, 3, 4, 4]), ("image_grids", [1, 5, 5])]
+    assert torch.equal(units[0].value[0], prepared(5).pixel_values.value)

@@ -38,6 +38,7 @@ from vlm_triton.multimodal.tiling import (
     image_tiles,
     num_tiles,
 )
+from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
@@ -242,9 +243,9 @@ def test_adapters_cut_the_tiles_in_the_vision_encoder(adapters: types.SimpleName
         return pixels[:, :, :2, 0].reshape(pixels.shape[0], 3, 2)  # each tile's own bytes: the order is checked
 
     model = adapters.vision_encoder.TritonPythonModel.__new__(adapters.vision_encoder.TritonPythonModel)
-    model.family, model.encoder, model.device, model.dtype = internvl, encoder, torch.device("cpu"), torch.float32
-    model.lut, model.out_dtype, model.max_tiles = torch.from_numpy(internvl.pixel_lut()), torch.float32, 8
-    model.timing = None
+    model._runner = VisionRunner(internvl, torch.float32, torch.device("cpu"), out_dtype=torch.float32, max_tiles=8,
+                                 encoder=encoder)
+    model.device, model.timing = torch.device("cpu"), None
     host = {"pixel_values": FakeTensor("pixel_values", sent[False]["pixel_values"])}
     device = {"pixel_values": FakeTensor("pixel_values", sent[True]["pixel_values"]),
               "image_grids": FakeTensor("image_grids", sent[True]["image_grids"])}

@@ -45,6 +45,7 @@ from vlm_triton.multimodal.tiling import (
     imagenet_lut,
     preprocess_image,
 )
+from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.prompt.messages import parse_messages
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -268,9 +269,9 @@ def test_vision_encoder_normalises_the_bytes_of_every_request(
         return torch.zeros(pixels.shape[0], 2, 4)
 
     model = adapters.vision_encoder.TritonPythonModel.__new__(adapters.vision_encoder.TritonPythonModel)
-    model.family, model.encoder, model.device, model.dtype = family, encoder, torch.device("cpu"), torch.float32
-    model.lut, model.out_dtype, model.max_tiles = torch.from_numpy(family.pixel_lut()), torch.float32, 64
-    model.timing = None
+    model._runner = VisionRunner(family, torch.float32, torch.device("cpu"), out_dtype=torch.float32, max_tiles=64,
+                                 encoder=encoder)
+    model.device, model.timing = torch.device("cpu"), None
     requests = [{"pixel_values": FakeTensor("pixel_values", p.pixel_values),
                  **({} if p.tgt_sizes is None else {"tgt_sizes": FakeTensor("tgt_sizes", p.tgt_sizes)})}
                 for p in prepared]

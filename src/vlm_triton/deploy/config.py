@@ -54,6 +54,12 @@ class EngineSection:
     # each layer's q/k/v projections as one GEMM, and gate/up as one (engine/fused_linear.py): fewer, wider kernels
     # per step. Off by default until measured on a GPU (docs/benchmarks.md, item 39)
     fuse_projections: bool = False
+    # torch profile: the llm stage runs the vision encoder itself, on its own device (a thread and CUDA stream of its
+    # own, batching the images of requests that arrive together), instead of the bls calling the vision_encoder
+    # stage: the embeddings never leave the GPU and the request makes two Triton hops fewer. The vision_encoder stage
+    # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request. Off
+    # by default until measured on a GPU (docs/benchmarks.md, item 40)
+    vision_in_llm: bool = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)
@@ -257,6 +263,8 @@ class DeploymentConfig:
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),
             (self.preprocess.image_resize in IMAGE_RESIZE,
              f"preprocess.image_resize must be one of {', '.join(IMAGE_RESIZE)}, got {self.preprocess.image_resize!r}"),
+            (not e.vision_in_llm or self.model.profile == "torch",
+             "engine.vision_in_llm needs the torch profile (the tensorrt_llm model takes a prompt table)"),
             (self.preprocess.image_resize != "device" or self.model.profile == "torch",
              "preprocess.image_resize = \"device\" needs the torch profile (a TensorRT vision plan takes tiles)"),
             (self.triton.vision_max_batch_size >= TILE_GROUP,

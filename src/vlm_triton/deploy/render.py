@@ -136,6 +136,9 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
         ),
         "ensemble": ensemble_config(cfg),
     }
+    if cfg.engine.vision_in_llm:  # the bls sends the vision units to the llm (validate: torch profile only)
+        units = contracts.LLM_VISION_INPUTS
+        configs["llm"].input.extend(tensor_config(s, cfg.tensor_dtypes, pb.ModelInput) for s in units)
     vision = configs["vision_encoder"]
     vision.dynamic_batching.max_queue_delay_microseconds = t.vision_max_queue_delay_us
     for name in ("bls", "vision_table"):  # their requests to the vision_encoder hold at most this many items

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Sequence
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack
 
 from vlm_triton import timeline
 from vlm_triton.contracts import UNIT_EXTRAS
@@ -148,13 +149,19 @@ async def _response_batches(iterator: Any) -> AsyncIterator[list[Any]]:
 _CANCELS: set[asyncio.Task[None]] = set()  # llm cancellations under way (the loop keeps only weak references)
 
 
+class LLMVision(tuple):
+    """What `encode_images` returns with engine.vision_in_llm: the request's vision units as llm inputs
+    (contracts.LLM_VISION_INPUTS, with the llm's batch dim), for the llm to encode itself."""
+
+
 class TritonStages(StageClient):
     def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32, tokenizer: Any = None,
-                 gpu_prompt_table: bool = False) -> None:
+                 gpu_prompt_table: bool = False, vision_in_llm: bool = False) -> None:
         self.embed_dtype = embed_dtype  # the llm's prompt-table dtype (tensorrt_llm: the engine dtype)
         self.gpu_prompt_table = gpu_prompt_table  # False: copy the table to host memory before the llm call
         self.vision_chunk = vision_chunk  # most tiles per vision_encoder request (its max batch size)
         self.tokenizer = tokenizer  # set: detokenize here (inline) instead of a `postprocess` call per chunk
+        self.vision_in_llm = vision_in_llm  # the llm encodes the images (no vision_encoder call)
 
     async def preprocess(self, messages_json: str) -> Prepared:
         request = pb_utils.InferenceRequest(
@@ -178,6 +185,9 @@ class TritonStages(StageClient):
         )
 
     async def encode_images(self, prepared: Prepared) -> Any:
+        if self.vision_in_llm:  # the units travel to the llm as they came from preprocess, with a leading 1
+            units = [prepared.pixel_values, *prepared.unit_extras]
+            return LLMVision(torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units)
         # Host memory by default: no CUDA tensor may ever reach this stub. The first one makes Triton share its CUDA
         # memory pool with the stub, and in Python backends before r26.07 that handshake can leave the stub's
         # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also
@@ -211,7 +221,10 @@ class TritonStages(StageClient):
         if options.seed is not None:
             inputs.append(_scalar_tensor("seed", options.seed, np.uint64))
         if table is not None:
-            inputs.append(table)
+            if isinstance(table, LLMVision):
+                inputs.extend(table)
+            else:
+                inputs.append(table)
             inputs.append(_scalar_tensor("prompt_vocab_size", prepared.prompt_vocab_size, np.int32))
             if prepared.prompt_table_extra_ids is not None:
                 extra_ids = prepared.prompt_table_extra_ids.reshape(1, -1).astype(np.uint64)
@@ -332,7 +345,7 @@ class TritonPythonModel:
         self.stages = TritonStages(
             embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=vision_chunk(args, cfg),
             tokenizer=tokenizer,
-            gpu_prompt_table=cfg.triton.bls_gpu_prompt_table,
+            gpu_prompt_table=cfg.triton.bls_gpu_prompt_table, vision_in_llm=cfg.engine.vision_in_llm,
         )
         stage_ready(cfg, args["model_name"])
 

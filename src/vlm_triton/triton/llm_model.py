@@ -7,7 +7,7 @@ import itertools
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,11 @@ from vlm_triton.engine.observe import describe
 from vlm_triton.engine.outbox import Delivery, Outbox
 from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
+from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
+from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.triton.common import (
     CANCEL_POLL_S,
+    TRITON_TO_TORCH,
     error_response,
     get_array,
     get_scalar,
@@ -64,6 +67,15 @@ class _Active:
         })
 
 
+def inline_vision(cfg: Any, family: Any, device: Any, dtype: Any) -> InlineVision | None:
+    """The llm's own vision encoder with engine.vision_in_llm (tiles per forward: the bls's vision_chunk)."""
+    if not cfg.engine.vision_in_llm:
+        return None
+    runner = VisionRunner(family, dtype, device, out_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]],
+                          max_tiles=cfg.vision_chunk)
+    return InlineVision(runner, max_tiles=cfg.vision_chunk)
+
+
 class TritonPythonModel:
     stream_interval_s = 0.0  # triton.llm_stream_interval_ms
 
@@ -102,10 +114,17 @@ class TritonPythonModel:
                              lanes=cfg.triton.llm_send_threads)
         print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr,
               flush=True)
+        # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
+        self.vision = inline_vision(cfg, family, device, dtype)
         self.engine.start(self.outbox.put)
-        stage_ready(cfg, args["model_name"], {"": self.engine.timing, "outbox_": self.outbox.timing})
+        timing = {"": self.engine.timing, "outbox_": self.outbox.timing}
+        if self.vision is not None:
+            timing["vision_"] = self.vision.timing
+        stage_ready(cfg, args["model_name"], timing)
 
     def finalize(self) -> None:
+        if self.vision is not None:
+            self.vision.close()
         self.engine.shutdown()
         self.outbox.close()
         # The metrics go while the stub can still tell tritonserver; left to the interpreter's teardown (the model
@@ -140,6 +159,7 @@ class TritonPythonModel:
         table = get_torch(request, "prompt_embedding_table")
         if table is not None:  # [1, R, H] as sent; R == 0 (the ensemble's text-only requests) means no table
             table = table.reshape(-1, table.shape[-1]) if table.numel() else None
+        units = self._vision_units(request, table)
         internal_id = f"{client_id}#{next(self._ids)}"
         streaming = bool(get_scalar(request, "streaming", False))
         exclude = bool(get_scalar(request, "exclude_input_in_output", True))  # as the rendered tensorrt_llm
@@ -168,16 +188,52 @@ class TritonPythonModel:
             self._active_gauge.set(len(self._active))
         timeline.mark("llm.execute", internal_id)
         try:
-            self.engine.add_request(generation)
+            if units is None:
+                self.engine.add_request(generation)
+            else:
+                self._encode_then_add(generation, units)
         except Exception:
             self._forget(internal_id)
             raise
+
+    def _vision_units(self, request: Any, table: Any) -> tuple[Any, Any, Any] | None:
+        """The request's vision units (pixel_values, image_grids, tgt_sizes without the batch dim), or None."""
+        pixels = get_torch(request, "pixel_values")
+        if pixels is None or not pixels.numel():
+            return None
+        if self.vision is None:
+            raise InvalidRequest("pixel_values reach the llm only with engine.vision_in_llm")
+        if table is not None:
+            raise InvalidRequest("send pixel_values or prompt_embedding_table, not both")
+        grids, tgt_sizes = (get_torch(request, name) for name in ("image_grids", "tgt_sizes"))
+        return pixels[0], *(None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
+
+    def _encode_then_add(self, generation: GenerationRequest, units: tuple[Any, Any, Any]) -> None:
+        """Queue the request's units to the vision thread; the engine gets the request with its table."""
+        request_id = generation.request_id
+
+        def ready(table: Any) -> None:
+            timeline.mark("llm.encoded", request_id)
+            self.engine.add_request(replace(generation, prompt_embedding_table=table))
+
+        def failed(exc: BaseException) -> None:
+            active = self._forget(request_id)
+            if active is not None:
+                active.sender.send(error_response(exc), flags=FINAL)
+
+        pixels, grids, tgt_sizes = units
+        self.vision.submit(VisionJob(request_id, pixels, grids, tgt_sizes, ready, failed))
 
     def _cancel_client(self, client_id: str) -> None:
         with self._lock:
             targets = list(self._by_client.get(client_id, ()))
         for internal_id in targets:
-            self.engine.cancel(internal_id)
+            if self.vision is not None and self.vision.cancel(internal_id):  # still being encoded: ends here
+                active = self._forget(internal_id)
+                if active is not None:
+                    active.sender.send(flags=FINAL)
+            else:
+                self.engine.cancel(internal_id)
 
     def _forget(self, internal_id: str) -> _Active | None:
         with self._lock:

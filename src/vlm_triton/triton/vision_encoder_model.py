@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.engine.observe import StepTiming
+from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.step_stats import step_stats_period
 from vlm_triton.triton.common import (
     TRITON_TO_TORCH,
@@ -36,14 +37,23 @@ class TritonPythonModel:
         self.device, self.dtype = torch_device_dtype(cfg)
         set_torch_threads(cfg)
         self.family = load_family(cfg)
-        self.encoder = self.family.build_vision_encoder(self.dtype, self.device)
-        # the table in the encoder dtype: casting each entry once equals casting every normalised float32 pixel
-        self.lut = torch.from_numpy(self.family.pixel_lut()).to(self.device, self.dtype)
         self.out_dtype = TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]]
         self.max_tiles = cfg.triton.vision_max_batch_size  # per encoder forward
+        self._runner: VisionRunner | None = None
+        # with engine.vision_in_llm the llm encodes the bls's images itself: this stage then serves only the ensemble
+        # and direct callers, and loads its copy of the encoder at their first request (not next to the llm's)
+        if not cfg.engine.vision_in_llm:
+            self._runner = self.runner
         # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
         self.timing = StepTiming() if step_stats_period() is not None else None
         stage_ready(cfg, args["model_name"], None if self.timing is None else {"": self.timing})
+
+    @property
+    def runner(self) -> VisionRunner:
+        if self._runner is None:
+            self._runner = VisionRunner(self.family, self.dtype, self.device, out_dtype=self.out_dtype,
+                                        max_tiles=self.max_tiles)
+        return self._runner
 
     def _mark(self, part: str, since: float) -> float:
         """With timing on: the device's work so far is done; add the time since `since` to `part`."""
@@ -57,11 +67,7 @@ class TritonPythonModel:
 
     def _tiles(self, request: Any) -> torch.Tensor:
         """The request's uint8 tiles: as sent (host memory), or cut on the device from its decoded images."""
-        pixels = get_torch(request, "pixel_values")
-        grids = get_torch(request, "image_grids")
-        if grids is None:
-            return pixels
-        return self.family.tiles_from_images(pixels.to(self.device, non_blocking=True), grids)
+        return self.runner.tiles(get_torch(request, "pixel_values"), get_torch(request, "image_grids"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request; a request whose tiles cannot be made fails alone, an encoder error fails all."""
@@ -78,7 +84,8 @@ class TritonPythonModel:
             t = self._mark("tiles", t)
             try:
                 if kept:
-                    embeds, sizes = self._encode(batches, [requests[i] for i in kept])
+                    tgt_sizes = [get_torch(requests[i], "tgt_sizes") for i in kept]  # variable-size tiles only
+                    embeds, sizes = self.runner.encode(batches, tgt_sizes)
                     t = self._mark("encode", t)
                     for i, part in zip(kept, torch.split(embeds, sizes)):
                         responses[i] = pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
@@ -88,19 +95,3 @@ class TritonPythonModel:
         if self.timing is not None:
             self.timing.add(f"batch_of_{len(requests)}_requests_{sum(sizes)}_tiles", t - start)
         return responses
-
-    def _encode(self, batches: list[torch.Tensor], requests: list[Any]) -> tuple[torch.Tensor, list[int]]:
-        """The requests' tiles through the encoder, in forwards of at most max_tiles -> (embeddings, tiles each)."""
-        sizes = [int(b.shape[0]) for b in batches]
-        if all(b.device.type == "cpu" for b in batches):  # one copy to the device
-            raw = torch.cat(batches).to(self.device, non_blocking=True)
-        else:
-            raw = torch.cat([b.to(self.device, non_blocking=True) for b in batches])
-        grids = [get_torch(r, "tgt_sizes") for r in requests]  # variable-size tiles only (MiniCPM-V)
-        extra = [] if all(g is None for g in grids) else [torch.cat([g.reshape(-1, 2) for g in grids])]
-        embeds = torch.cat([
-            self.encoder(self.family.normalize_pixels(part, self.lut, *part_extra), *part_extra)
-            for part, *part_extra in zip(torch.split(raw, self.max_tiles),
-                                         *(torch.split(e, self.max_tiles) for e in extra))
-        ]).to(self.out_dtype)
-        return embeds, sizes
