@@ -78,6 +78,7 @@ def inline_vision(cfg: Any, family: Any, device: Any, dtype: Any) -> InlineVisio
 
 class TritonPythonModel:
     stream_interval_s = 0.0  # triton.llm_stream_interval_ms
+    vision: InlineVision | None = None  # engine.vision_in_llm
 
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
