@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_pixels import _message, _prepare, internvl, media_dir  # noqa: F401
+from tests.unit.test_pixels import _message, _prepare, internvl, media_dir, minicpmv  # noqa: F401
 from vlm_triton.deploy.config import DeploymentConfig
 from vlm_triton.errors import InvalidRequest, SetupError
 from vlm_triton.families import ModelFamily
@@ -225,3 +225,54 @@ def test_the_switch_renders_the_llm_pixel_inputs_for_the_torch_profile_only(tmp_
     assert all(on[n].optional for n in ("pixel_values", "tgt_sizes", "image_grids"))
     with pytest.raises(SetupError, match="vision_in_llm needs the torch profile"):
         _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"vision_in_llm": True})
+
+
+def test_variable_size_tiles_of_requests_queued_together(minicpmv: ModelFamily, media_dir: Path) -> None:
+    """MiniCPM-V's slices carry their own patch grids (tgt_sizes): a round of such requests encodes them together,
+    and each table equals the request encoded alone."""
+    runner = VisionRunner(minicpmv, torch.float32, CPU, out_dtype=torch.float32, max_tiles=64)
+    real, gate, entered = runner.encoder, threading.Event(), threading.Event()
+
+    def gated(*args: Any) -> torch.Tensor:
+        entered.set()
+        gate.wait(30)
+        return real(*args)
+
+    runner.encoder = gated
+    prepared = {n: _prepare(minicpmv, media_dir, n) for n in ("wide.png", "tall.png", "w1.jpg")}
+    assert len({tuple(p.tgt_sizes[0]) for p in prepared.values()}) > 1
+    outcomes = Outcomes()
+    vision = InlineVision(runner, max_tiles=64)
+    try:
+        first = prepared["w1.jpg"]
+        vision.submit(replace(outcomes.job("first", first.pixel_values), tgt_sizes=torch.from_numpy(first.tgt_sizes)))
+        assert entered.wait(30)
+        for name, p in prepared.items():
+            vision.submit(replace(outcomes.job(name, p.pixel_values), tgt_sizes=torch.from_numpy(p.tgt_sizes)))
+        gate.set()
+        got = outcomes.wait(4)
+    finally:
+        vision.close()
+    assert torch.equal(got["first"], got["w1.jpg"])
+    with torch.inference_mode():
+        for name, p in prepared.items():
+            alone, _ = runner.encode([torch.from_numpy(p.pixel_values)], [torch.from_numpy(p.tgt_sizes)])
+            assert torch.equal(got[name], alone.reshape(-1, alone.shape[-1])), name
+    assert "round_of_3_requests" in " ".join(vision.timing.take())
+
+
+def test_requests_with_tiles_of_different_shapes_go_in_runs_of_one_shape(internvl: ModelFamily) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def encoder(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(pixels.shape))
+        return pixels[:, :, :2, 0].reshape(pixels.shape[0], 3, 2)
+
+    runner = _runner(internvl, encoder, max_tiles=8)
+    small = [torch.from_numpy(_tiles(2, 0)), torch.from_numpy(_tiles(1, 1))]
+    large = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8))
+    with torch.inference_mode():
+        embeds, sizes = runner.encode([small[0], small[1], large])
+    assert sizes == [2, 1, 3] and calls == [(3, 3, 8, 8), (3, 3, 16, 16)]
+    want = torch.cat([_normalised(internvl, t.numpy())[:, :, :2, 0] for t in (*small, large)])
+    assert torch.equal(embeds, want.reshape(6, 3, 2))

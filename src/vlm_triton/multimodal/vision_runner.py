@@ -38,19 +38,32 @@ class VisionRunner:
     def encode(self, tiles: Sequence[torch.Tensor], tgt_sizes: Sequence[torch.Tensor | None] = ()
                ) -> tuple[torch.Tensor, list[int]]:
         """Several requests' tiles (and, for variable-size tiles, each one's tgt_sizes) through the encoder together
-        -> (embeddings [sum N, T, H] in out_dtype on the device, tiles per request)."""
+        -> (embeddings [sum N, T, H] in out_dtype on the device, tiles per request). Requests whose tiles differ in
+        shape (variable-size tiles are padded per request) go through in separate runs, in order."""
         sizes = [int(t.shape[0]) for t in tiles]
+        grids = list(tgt_sizes) or [None] * len(tiles)
+        if len(grids) != len(tiles):
+            raise ValueError(f"{len(grids)} tgt_sizes for {len(tiles)} requests")
+        runs: list[list[int]] = []
+        for k, t in enumerate(tiles):
+            if runs and tiles[runs[-1][0]].shape[1:] == t.shape[1:]:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        embeds = [self._encode_run([tiles[k] for k in run], [grids[k] for k in run]) for run in runs]
+        return (embeds[0] if len(embeds) == 1 else torch.cat(embeds)), sizes
+
+    def _encode_run(self, tiles: list[torch.Tensor], tgt_sizes: list[torch.Tensor | None]) -> torch.Tensor:
         if all(t.device.type == "cpu" for t in tiles):  # one copy to the device
-            raw = torch.cat(list(tiles)).to(self.device, non_blocking=True)
+            raw = torch.cat(tiles).to(self.device, non_blocking=True)
         else:
             raw = torch.cat([t.to(self.device, non_blocking=True) for t in tiles])
         given = [g for g in tgt_sizes if g is not None]
         if given and len(given) != len(tiles):
             raise ValueError("tgt_sizes must be given for every request of a batch or for none")
         extra = [torch.cat([g.reshape(-1, 2) for g in given])] if given else []  # stays where it was sent
-        embeds = torch.cat([
+        return torch.cat([
             self.encoder(self.family.normalize_pixels(part, self.lut, *part_extra), *part_extra)
             for part, *part_extra in zip(torch.split(raw, self.max_tiles),
                                          *(torch.split(e, self.max_tiles) for e in extra))
         ]).to(self.out_dtype)
-        return embeds, sizes
