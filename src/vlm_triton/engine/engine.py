@@ -55,6 +55,7 @@ from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
 from vlm_triton.engine.penalties import SlotPenalties
 from vlm_triton.engine.prefill import PrefillForward
+from vlm_triton.engine.sampling import host_list
 from vlm_triton.engine.types import (
     ActiveRequest,
     FinishReason,
@@ -301,7 +302,7 @@ class LLMEngine:
         logits = self.lm_head(hidden)
         for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
-        events = self._accept(seqs, self.penalties.sample(logits, seqs, seqs[0].slot).tolist())
+        events = self._accept(seqs, host_list(self.penalties.sample(logits, seqs, seqs[0].slot)))
         for seq in seqs:
             timeline.mark("llm.token", seq.request_id)
         self.prefill_requests += len(seqs)
@@ -325,7 +326,7 @@ class LLMEngine:
             logits = self.decode.forward(bucket, kv_len)
         self.cache.set_idle()
         tokens = self.penalties.sample(logits[:n], self._active, 0)
-        token_list = tokens.tolist()  # waits for the step on the device
+        token_list = host_list(tokens)  # waits for the step on the device
         self.decode.last_tokens = tokens
         t2 = time.perf_counter()
         events = self._accept(list(self._active), token_list)

@@ -146,3 +146,14 @@ def sample_tokens(
     pick = torch.minimum(pick, kept - 1)
     tokens[idx] = order.gather(-1, pick).view(-1)
     return tokens
+
+
+def host_list(tokens: torch.Tensor) -> list[int]:
+    """`tokens.tolist()`, having waited for the device without holding the GIL: `Tensor.tolist` waits for the GPU
+    while holding it, which stopped the stub's other threads (execute, the outbox, the llm's vision thread) for every
+    whole step (docs/benchmarks.md, item 40)."""
+    if tokens.is_cuda:
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # releases the GIL while it waits
+    return tokens.tolist()

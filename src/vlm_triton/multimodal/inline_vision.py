@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -30,6 +31,16 @@ from vlm_triton.errors import InvalidRequest
 from vlm_triton.multimodal.vision_runner import VisionRunner
 
 log = logging.getLogger(__name__)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The vision thread's CUDA stream. VLM_TRITON_VISION_STREAM (measurement knob, docs/benchmarks.md item 40):
+    "side" (default, a stream of normal priority), "high" (a high-priority one: the GPU schedules its kernels ahead of
+    the engine's), "engine" (none: the thread's current stream, which the engine's kernels also use)."""
+    mode = os.environ.get("VLM_TRITON_VISION_STREAM", "side")
+    if device.type != "cuda" or mode == "engine":
+        return None
+    return torch.cuda.Stream(device, priority=-1) if mode == "high" else torch.cuda.Stream(device)
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class InlineVision:
         self._queue: deque[VisionJob] = deque()
         self._tracked: set[str] = set()  # submitted and neither handed over, failed nor cancelled
         self._closed = False
-        self._stream = torch.cuda.Stream(runner.device) if runner.device.type == "cuda" else None
+        self._stream = _side_stream(runner.device)
         self._thread = threading.Thread(target=self._run, name="inline-vision", daemon=True)
         self._thread.start()
 
