@@ -57,8 +57,9 @@ class EngineSection:
     # torch profile: the llm stage runs the vision encoder itself, on its own device (a thread and CUDA stream of its
     # own, batching the images of requests that arrive together), instead of the bls calling the vision_encoder
     # stage: the embeddings never leave the GPU and the request makes two Triton hops fewer. The vision_encoder stage
-    # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request. Off
-    # by default until measured on a GPU (docs/benchmarks.md, item 40)
+    # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request. On an
+    # H100: W1 TTFT at c=1 -8 to -20 ms, W1 c=16 +12% tok/s in one round; off by default until a full A B A B
+    # (docs/benchmarks.md, item 40)
     vision_in_llm: bool = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
