@@ -281,3 +281,35 @@ def test_chunks_with_nothing_decoding_wait_for_their_input_copy() -> None:
         assert engine.prefill_chunks == 10  # 47 tokens in chunks of 5, nothing else running
         results.append(tokens(events["long"]))
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
+    """`sampling.host_list` waits for the device with the GIL released (item 41): a Python thread counts while a
+    long GPU step runs; the tokens are the tensor's."""
+    import threading
+
+    from vlm_triton.engine.sampling import host_list
+
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):  # warm-up
+        a @ a
+    torch.cuda.synchronize()
+    counted, stop = [0], threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counted[0] += 1
+
+    thread = threading.Thread(target=count)
+    for _ in range(200):  # ~0.1-0.5 s of matmuls queued before the wait
+        a = (a @ a).clamp_(-1, 1)
+    tokens = torch.arange(8, device="cuda") + (a[0, 0] * 0).long()
+    thread.start()
+    before = counted[0]
+    out = host_list(tokens)
+    during = counted[0] - before
+    stop.set()
+    thread.join()
+    assert out == list(range(8))
+    assert during > 1000, f"the counting thread ran {during} times during the wait"
