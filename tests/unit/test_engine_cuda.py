@@ -22,6 +22,17 @@ from tests.unit.engine_helpers import (
 from vlm_triton.engine import GenerationRequest, LLMEngine
 
 
+def _cuda_engine(model: Any, dtype: torch.dtype = torch.float32, **options: Any) -> LLMEngine:
+    """The engine of most tests here: 4 slots on CUDA graphs, KV-length buckets from 16 (several within MAX_SEQ)."""
+    options = {"max_slots": 4, "max_seq_len": MAX_SEQ, "min_kv_bucket": 16, **options}
+    return LLMEngine(model, device="cuda", dtype=dtype, vocab_size=VOCAB, use_cuda_graphs=True, **options)
+
+
+def _generate_tokens(model: Any, plan: dict[Any, list[GenerationRequest]]) -> dict[str, list[int]]:
+    """`generate`'s greedy tokens for every request of `plan` (before any engine patches the model)."""
+    return {r.request_id: hf_greedy(model, list(r.input_ids), r.max_new_tokens) for rs in plan.values() for r in rs}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("prefill_tokens", [8192, 5])  # 5: most prompts are prefilled in chunks between the graphs
 @pytest.mark.parametrize("kv_cache_tokens", [0, 3 * MAX_SEQ // 4])  # the default pool, and one where requests wait
@@ -61,11 +72,9 @@ def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
 
     model = _tiny(kind).to("cuda")
     plan = join_plan(40)
-    requests = [r for rs in plan.values() for r in rs]
-    refs = {r.request_id: hf_greedy(model, list(r.input_ids), r.max_new_tokens) for r in requests}
+    refs = _generate_tokens(model, plan)
     try:
-        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
-                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True)
+        engine = _cuda_engine(model, compile_pointwise=True)
         n_layers = model.config.num_hidden_layers
         assert engine.pointwise == {"norms": 2 * n_layers + 1, "mlps": n_layers, "rope_modules": 1}
         if prefill:
@@ -73,8 +82,7 @@ def test_compiled_pointwise_matches_generate(kind: str, prefill: bool) -> None:
         events = run_plan(engine, plan)
     finally:
         restore_rotary()
-    for r in requests:
-        assert tokens(events[r.request_id]) == refs[r.request_id], r.request_id
+    assert {k: tokens(v) for k, v in events.items()} == refs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,9 +96,7 @@ def test_compiled_pointwise_in_graphed_prefill_keeps_bf16_tokens() -> None:
     results = []
     try:
         for prefill in (False, True):
-            engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
-                               vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
-                               prefill_pointwise=prefill)
+            engine = _cuda_engine(model, torch.bfloat16, compile_pointwise=True, prefill_pointwise=prefill)
             assert getattr(engine.prefill, "graphs", None) is not None and engine.prefill_pointwise is prefill
             results.append(run_plan(engine, join_plan(50)))
             restore_rotary()  # the RoPE patch is the modeling module's: the next engine patches it afresh
@@ -112,9 +118,8 @@ def test_fused_projections_keep_bf16_tokens(pointwise: bool) -> None:  # then ta
     try:
         for fused in (False, True):
             model = _tiny("qwen2").to("cuda", torch.bfloat16)
-            engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.bfloat16,
-                               vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, fuse_projections=fused,
-                               compile_pointwise=pointwise, prefill_pointwise=pointwise)
+            engine = _cuda_engine(model, torch.bfloat16, fuse_projections=fused, compile_pointwise=pointwise,
+                                  prefill_pointwise=pointwise)
             layers = model.config.num_hidden_layers
             assert engine.fused == ({"qkv": layers, "gate_up": layers} if fused else {})
             assert engine._graphs is not None and getattr(engine.prefill, "graphs", None) is not None
@@ -134,18 +139,14 @@ def test_fused_projections_match_generate_in_float32() -> None:
 
     model = _tiny("qwen2").to("cuda")
     plan = join_plan(70)
-    requests = [r for rs in plan.values() for r in rs]
-    refs = {r.request_id: hf_greedy(model, list(r.input_ids), r.max_new_tokens) for r in requests}
+    refs = _generate_tokens(model, plan)
     try:
-        engine = LLMEngine(model, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=torch.float32,
-                           vocab_size=VOCAB, use_cuda_graphs=True, min_kv_bucket=16, compile_pointwise=True,
-                           fuse_projections=True)
+        engine = _cuda_engine(model, compile_pointwise=True, fuse_projections=True)
         assert engine.fused["qkv"] == model.config.num_hidden_layers and engine._graphs is not None
         events = run_plan(engine, plan)
     finally:
         restore_rotary()
-    for r in requests:
-        assert tokens(events[r.request_id]) == refs[r.request_id], r.request_id
+    assert {k: tokens(v) for k, v in events.items()} == refs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -285,16 +286,14 @@ def test_chunks_with_nothing_decoding_wait_for_their_input_copy() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
-    """`sampling.host_list` waits for the device with the GIL released (item 41): a Python thread counts while a
-    long GPU step runs; the tokens are the tensor's."""
+    """`sampling.host_list` waits for the device with the GIL released (item 41): a Python thread counting during a
+    long GPU wait gets through at least half the counts it makes alone in that time. Holding the GIL in the wait (as
+    `Tensor.tolist` does) lets it run at most one switch interval (5 ms) of a wait of 50 ms or more."""
     import threading
+    import time
 
     from vlm_triton.engine.sampling import host_list
 
-    a = torch.randn(4096, 4096, device="cuda")
-    for _ in range(3):  # warm-up
-        a @ a
-    torch.cuda.synchronize()
     counted, stop = [0], threading.Event()
 
     def count() -> None:
@@ -302,14 +301,19 @@ def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
             counted[0] += 1
 
     thread = threading.Thread(target=count)
-    for _ in range(200):  # ~0.1-0.5 s of matmuls queued before the wait
-        a = (a @ a).clamp_(-1, 1)
-    tokens = torch.arange(8, device="cuda") + (a[0, 0] * 0).long()
     thread.start()
-    before = counted[0]
-    out = host_list(tokens)
-    during = counted[0] - before
+    time.sleep(0.2)  # alone (this thread sleeps): the counting rate
+    c0 = counted[0]
+    time.sleep(0.2)
+    rate = (counted[0] - c0) / 0.2
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(200):  # seconds of queued matmuls, then tokens that depend on them
+        a = (a @ a).clamp_(-1, 1)
+    t0, c0 = time.perf_counter(), counted[0]
+    out = host_list(torch.arange(8, device="cuda") + (a[0, 0] * 0).long())
+    waited, during = time.perf_counter() - t0, counted[0] - c0
     stop.set()
     thread.join()
     assert out == list(range(8))
-    assert during > 1000, f"the counting thread ran {during} times during the wait"
+    assert waited > 0.05, f"the GPU wait took only {waited * 1e3:.1f} ms: too short to tell"
+    assert during > 0.5 * rate * waited, f"counted {during} in a {waited * 1e3:.0f} ms wait; {rate:.0f}/s alone"

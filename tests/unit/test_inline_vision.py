@@ -6,8 +6,10 @@ a cancelled request's callbacks never run; the deployment switch renders the llm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -115,11 +117,22 @@ def _runner(family: ModelFamily, encoder: Any, max_tiles: int) -> VisionRunner:
     return VisionRunner(family, torch.float32, CPU, out_dtype=torch.float32, max_tiles=max_tiles, encoder=encoder)
 
 
-def test_jobs_queued_together_share_forwards_of_at_most_max_tiles(internvl: ModelFamily) -> None:
-    encoder = GatedEncoder()
-    vision = InlineVision(_runner(internvl, encoder, max_tiles=8), max_tiles=8)
-    outcomes = Outcomes()
+@contextlib.contextmanager
+def gated_vision(family: ModelFamily, max_tiles: int = 64, fail_once: bool = False
+                 ) -> Iterator[tuple[InlineVision, GatedEncoder, Outcomes]]:
+    """A vision thread over a `GatedEncoder`; closed at the end (its gate opened first, so that a failed test does
+    not leave the thread waiting on it)."""
+    encoder = GatedEncoder(fail_once=fail_once)
+    vision = InlineVision(_runner(family, encoder, max_tiles=max_tiles), max_tiles=max_tiles)
     try:
+        yield vision, encoder, Outcomes()
+    finally:
+        encoder.release.set()
+        vision.close()
+
+
+def test_jobs_queued_together_share_forwards_of_at_most_max_tiles(internvl: ModelFamily) -> None:
+    with gated_vision(internvl, max_tiles=8) as (vision, encoder, outcomes):
         vision.submit(outcomes.job("first", _tiles(3, 0)))
         assert encoder.entered.wait(30)  # the first round is under way alone; the next four queue behind it
         for k in range(1, 5):
@@ -127,8 +140,6 @@ def test_jobs_queued_together_share_forwards_of_at_most_max_tiles(internvl: Mode
         assert vision.pending() == 5
         encoder.release.set()
         got = outcomes.wait(5)
-    finally:
-        vision.close()
     # rounds: [first] then r1+r2 (10 tiles >= 8: the round is full), then r3+r4; each forward holds <= 8 tiles
     assert encoder.forwards == [3, 8, 2, 8, 2]
     for k in range(1, 5):  # each request's rows: its own tiles, normalised, in order
@@ -143,20 +154,15 @@ def _normalised(family: ModelFamily, tiles: np.ndarray) -> torch.Tensor:
 
 
 def test_a_bad_job_fails_alone_and_an_encoder_error_fails_its_round(internvl: ModelFamily, media_dir: Path) -> None:
-    encoder = GatedEncoder(fail_once=True)
-    vision = InlineVision(_runner(internvl, encoder, max_tiles=64), max_tiles=64)
-    outcomes = Outcomes()
     device = _device_prepare(internvl, media_dir, "tall.png")
     bad_grids = device.image_grids * np.array([1, 1, 1, 1, 5], np.int32)  # thumbnail flag 5: not a grid
-    try:
+    with gated_vision(internvl, fail_once=True) as (vision, encoder, outcomes):
         vision.submit(outcomes.job("doomed", _tiles(2, 0)))  # its round's forward raises
         assert encoder.entered.wait(30)
         vision.submit(outcomes.job("bad", device.pixel_values, bad_grids))
         vision.submit(outcomes.job("good", _tiles(2, 1)))
         encoder.release.set()
         got = outcomes.wait(3)
-    finally:
-        vision.close()
     assert isinstance(got["doomed"], RuntimeError) and "encoder failed" in str(got["doomed"])
     assert isinstance(got["bad"], Exception) and "encoder failed" not in str(got["bad"])
     assert isinstance(got["good"], torch.Tensor) and got["good"].shape == (2 * 3, 2)
@@ -164,10 +170,7 @@ def test_a_bad_job_fails_alone_and_an_encoder_error_fails_its_round(internvl: Mo
 
 
 def test_a_cancelled_job_is_never_handed_over(internvl: ModelFamily) -> None:
-    encoder = GatedEncoder()
-    vision = InlineVision(_runner(internvl, encoder, max_tiles=64), max_tiles=64)
-    outcomes = Outcomes()
-    try:
+    with gated_vision(internvl) as (vision, encoder, outcomes):
         vision.submit(outcomes.job("running", _tiles(2, 0)))
         assert encoder.entered.wait(30)
         vision.submit(outcomes.job("queued", _tiles(2, 1)))
@@ -176,22 +179,16 @@ def test_a_cancelled_job_is_never_handed_over(internvl: ModelFamily) -> None:
         vision.submit(outcomes.job("after", _tiles(2, 2)))
         encoder.release.set()
         got = outcomes.wait(1)
-    finally:
-        vision.close()
     assert set(got) == {"after"}
     assert not vision.cancel("after")  # handed over: the engine's cancel applies from here
 
 
 def test_a_refused_hand_over_fails_the_job_and_ids_are_unique_while_encoding(internvl: ModelFamily) -> None:
-    encoder = GatedEncoder()
-    encoder.release.set()
-    vision = InlineVision(_runner(internvl, encoder, max_tiles=64), max_tiles=64)
-    outcomes = Outcomes()
-
     def refuse(table: torch.Tensor) -> None:
         raise ValueError("the engine refused it")
 
-    try:
+    with gated_vision(internvl) as (vision, encoder, outcomes):
+        encoder.release.set()
         vision.submit(replace(outcomes.job("refused", _tiles(1, 0)), ready=refuse))
         got = outcomes.wait(1)
         encoder.release.clear()
@@ -200,8 +197,6 @@ def test_a_refused_hand_over_fails_the_job_and_ids_are_unique_while_encoding(int
             vision.submit(outcomes.job("held", _tiles(1, 1)))
         encoder.release.set()
         got = outcomes.wait(2)
-    finally:
-        vision.close()
     assert isinstance(got["refused"], ValueError) and isinstance(got["held"], torch.Tensor)
 
 
