@@ -222,6 +222,26 @@ def test_the_switch_renders_the_llm_pixel_inputs_for_the_torch_profile_only(tmp_
         _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"vision_in_llm": True})
 
 
+def test_auto_encodes_in_the_llm_with_the_torch_profile_on_cuda_only(tmp_path: Path) -> None:
+    from vlm_triton.deploy.render import render_configs
+
+    def decided(**sections: dict) -> bool:
+        cfg = _cfg(**sections)
+        rendered = {t.name for t in render_configs(cfg, tmp_path / "deployment.json")["llm"].input}
+        assert ("pixel_values" in rendered) == cfg.vision_in_llm  # the llm's inputs follow the decision
+        return cfg.vision_in_llm
+
+    assert _cfg().engine.vision_in_llm == "auto"
+    assert decided(engine={"device": "cuda"}) is True
+    assert decided(engine={"device": "cuda:1", "vision_in_llm": "auto"}) is True
+    assert decided(engine={"device": "cpu"}) is False
+    assert decided(engine={"device": "cuda", "vision_in_llm": False}) is False
+    assert decided(engine={"device": "cpu", "vision_in_llm": True}) is True
+    assert _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"device": "cuda"}).vision_in_llm is False
+    with pytest.raises(SetupError, match='vision_in_llm must be true, false or "auto"'):
+        _cfg(engine={"vision_in_llm": "yes"})
+
+
 def test_variable_size_tiles_of_requests_queued_together(minicpmv: ModelFamily, media_dir: Path) -> None:
     """MiniCPM-V's slices carry their own patch grids (tgt_sizes): a round of such requests encodes them together,
     and each table equals the request encoded alone."""

@@ -57,10 +57,11 @@ class EngineSection:
     # torch profile: the llm stage runs the vision encoder itself, on its own device (a thread and CUDA stream of its
     # own, batching the images of requests that arrive together), instead of the bls calling the vision_encoder
     # stage: the embeddings never leave the GPU and the request makes two Triton hops fewer. The vision_encoder stage
-    # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request. On an
-    # H100: W1 TTFT at c=1 -8 to -20 ms, W1 c=16 +12% tok/s in one round; off by default until a full A B A B
-    # (docs/benchmarks.md, item 40)
-    vision_in_llm: bool = False
+    # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request.
+    # true | false | "auto" (on with the torch profile on CUDA). On an H100, A B A B (docs/benchmarks.md, item 40):
+    # +13-19% out tok/s at W1 c=16/64 and +25% at W3 c=64, TPOT at W1 c=64 13-14 -> 8-9 ms; costs: TPOT at c=1
+    # +7%, TTFT at W3 c=16 +20-40%
+    vision_in_llm: bool | str = "auto"
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)
@@ -168,6 +169,14 @@ class DeploymentConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
+    def vision_in_llm(self) -> bool:
+        """engine.vision_in_llm decided: "auto" is on with the torch profile on CUDA (every stage on this host reads
+        the same answer; render.py adds the llm's vision inputs from it)."""
+        if self.engine.vision_in_llm == "auto":
+            return self.model.profile == "torch" and self.device.startswith("cuda")
+        return self.engine.vision_in_llm is True
+
+    @property
     def torch_threads(self) -> int:
         """Intra-op threads for the stubs that run the models; 0: leave torch's default."""
         if self.engine.torch_threads:
@@ -264,7 +273,9 @@ class DeploymentConfig:
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),
             (self.preprocess.image_resize in IMAGE_RESIZE,
              f"preprocess.image_resize must be one of {', '.join(IMAGE_RESIZE)}, got {self.preprocess.image_resize!r}"),
-            (not e.vision_in_llm or self.model.profile == "torch",
+            (e.vision_in_llm in (True, False, "auto"),
+             f"engine.vision_in_llm must be true, false or \"auto\", got {e.vision_in_llm!r}"),
+            (e.vision_in_llm is not True or self.model.profile == "torch",
              "engine.vision_in_llm needs the torch profile (the tensorrt_llm model takes a prompt table)"),
             (self.preprocess.image_resize != "device" or self.model.profile == "torch",
              "preprocess.image_resize = \"device\" needs the torch profile (a TensorRT vision plan takes tiles)"),

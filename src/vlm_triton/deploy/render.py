@@ -136,7 +136,7 @@ def render_configs(cfg: DeploymentConfig, deployment_file: Path) -> dict[str, pb
         ),
         "ensemble": ensemble_config(cfg),
     }
-    if cfg.engine.vision_in_llm:  # the bls sends the vision units to the llm (validate: torch profile only)
+    if cfg.vision_in_llm:  # the bls sends the vision units to the llm (validate: torch profile only)
         units = contracts.LLM_VISION_INPUTS
         configs["llm"].input.extend(tensor_config(s, cfg.tensor_dtypes, pb.ModelInput) for s in units)
     vision = configs["vision_encoder"]

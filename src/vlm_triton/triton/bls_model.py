@@ -345,7 +345,7 @@ class TritonPythonModel:
         self.stages = TritonStages(
             embed_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]], vision_chunk=vision_chunk(args, cfg),
             tokenizer=tokenizer,
-            gpu_prompt_table=cfg.triton.bls_gpu_prompt_table, vision_in_llm=cfg.engine.vision_in_llm,
+            gpu_prompt_table=cfg.triton.bls_gpu_prompt_table, vision_in_llm=cfg.vision_in_llm,
         )
         stage_ready(cfg, args["model_name"])
 

@@ -69,7 +69,7 @@ class _Active:
 
 def inline_vision(cfg: Any, family: Any, device: Any, dtype: Any) -> InlineVision | None:
     """The llm's own vision encoder with engine.vision_in_llm (tiles per forward: the bls's vision_chunk)."""
-    if not cfg.engine.vision_in_llm:
+    if not cfg.vision_in_llm:
         return None
     runner = VisionRunner(family, dtype, device, out_dtype=TRITON_TO_TORCH[cfg.tensor_dtypes["EMBED"]],
                           max_tiles=cfg.vision_chunk)

@@ -42,7 +42,7 @@ class TritonPythonModel:
         self._runner: VisionRunner | None = None
         # with engine.vision_in_llm the llm encodes the bls's images itself: this stage then serves only the ensemble
         # and direct callers, and loads its copy of the encoder at their first request (not next to the llm's)
-        if not cfg.engine.vision_in_llm:
+        if not cfg.vision_in_llm:
             self._runner = self.runner
         # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
         self.timing = StepTiming() if step_stats_period() is not None else None
