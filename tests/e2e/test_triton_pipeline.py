@@ -5,6 +5,7 @@ with INVALID_ARGUMENT and the server keeps serving; concurrency and cancellation
 from __future__ import annotations
 
 import base64
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,10 @@ def test_cancelled_request_frees_its_slot(stack) -> None:
         results = list(pool.map(lambda i: bls_generate(stack.grpc_url, messages, max_tokens=3, timeout_s=120),
                                 range(8)))
     assert all(r.error is None and r.completion_tokens >= 1 for r in results)
+
+
+def test_the_preprocess_warmed_up_before_it_was_ready(stack) -> None:
+    """multimodal/warmup.py: the stub prepared its warm-up image at start-up (through its own media policy)."""
+    log = stack.server.log_file.read_text(errors="replace")
+    assert re.search(r"\[preprocess\] warm-up of an image request: \d+ ms", log), log[-3000:]
+    assert "warm-up of an image request failed" not in log

@@ -104,6 +104,20 @@ def stage_ready(cfg: DeploymentConfig, model_name: str, timing: dict[str, Any] |
     log_timing(timing or {}, model_name)
 
 
+def warm_up(model_name: str, what: str, run: Callable[[], Any]) -> None:
+    """A stage's start-up warm-up (multimodal/warmup.py), before `stage_ready`, its time in the server log. A failure
+    is logged and start-up goes on: the first request then pays the one-time costs itself."""
+    start = time.perf_counter()
+    try:
+        run()
+    except Exception as exc:  # noqa: BLE001 - an optimisation; the stage serves without it
+        print(f"[{model_name}] warm-up of {what} failed ({exc!r}); the first request pays its one-time costs",
+              file=sys.stderr, flush=True)
+        return
+    print(f"[{model_name}] warm-up of {what}: {(time.perf_counter() - start) * 1000:.0f} ms", file=sys.stderr,
+          flush=True)
+
+
 _TRACE_DIR = os.environ.get("VLM_TRITON_TRACE_DIR")
 
 

@@ -19,8 +19,10 @@ from vlm_triton.engine.observe import describe
 from vlm_triton.engine.outbox import Delivery, Outbox
 from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
+from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
 from vlm_triton.multimodal.vision_runner import VisionRunner
+from vlm_triton.multimodal.warmup import warm_up_vision
 from vlm_triton.triton.common import (
     CANCEL_POLL_S,
     TRITON_TO_TORCH,
@@ -37,6 +39,7 @@ from vlm_triton.triton.common import (
     stage_ready,
     torch_device_dtype,
     trace,
+    warm_up,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -117,6 +120,10 @@ class TritonPythonModel:
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
         self.vision = inline_vision(cfg, family, device, dtype)
+        if self.vision is not None and device.type == "cuda":  # its first forward loads the CUDA kernels
+            limits = PreprocessLimits.from_deployment(cfg, family)
+            warm_up(args["model_name"], "the vision encoder",
+                    lambda: warm_up_vision(self.vision.runner, family, limits))
         self.engine.start(self.outbox.put)
         timing = {"": self.engine.timing, "outbox_": self.outbox.timing}
         if self.vision is not None:

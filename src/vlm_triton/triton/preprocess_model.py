@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+from vlm_triton.multimodal.warmup import warm_up_prompt
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.contracts import NUMPY_DTYPES
@@ -23,6 +24,7 @@ from vlm_triton.triton.common import (
     load_family,
     rendered_parameter,
     stage_ready,
+    warm_up,
 )
 from vlm_triton.trtllm.kv_reuse import prompt_table_extra_ids
 
@@ -79,6 +81,8 @@ class TritonPythonModel:
         # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 tiles costs ~15 ms per
         # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
+        warm_up(args["model_name"], "an image request",
+                lambda: warm_up_prompt(self.family, self.limits, self.media))
         stage_ready(cfg, args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:

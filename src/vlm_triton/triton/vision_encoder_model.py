@@ -16,7 +16,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton.engine.observe import StepTiming
+from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.vision_runner import VisionRunner
+from vlm_triton.multimodal.warmup import warm_up_vision
 from vlm_triton.step_stats import step_stats_period
 from vlm_triton.triton.common import (
     TRITON_TO_TORCH,
@@ -28,6 +30,7 @@ from vlm_triton.triton.common import (
     stage_ready,
     torch_device_dtype,
     torch_output,
+    warm_up,
 )
 
 
@@ -43,7 +46,10 @@ class TritonPythonModel:
         # with engine.vision_in_llm the llm encodes the bls's images itself: this stage then serves only the ensemble
         # and direct callers, and loads its copy of the encoder at their first request (not next to the llm's)
         if not cfg.vision_in_llm:
-            self._runner = self.runner
+            runner = self.runner
+            if self.device.type == "cuda":  # its first forward loads the CUDA kernels (multimodal/warmup.py)
+                limits = PreprocessLimits.from_deployment(cfg, self.family)
+                warm_up(args["model_name"], "the vision encoder", lambda: warm_up_vision(runner, self.family, limits))
         # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
         self.timing = StepTiming() if step_stats_period() is not None else None
         stage_ready(cfg, args["model_name"], None if self.timing is None else {"": self.timing})

@@ -1,0 +1,80 @@
+"""Start-up warm-up: a stage pays its first image request's one-time costs before it reports ready.
+
+A fresh process's first `prepare` of an image request imports Pillow's format plugins (`Image.init`, ~40 ms),
+compiles regexes and faults in the heap its buffers will reuse (triton/malloc.py keeps it): W1's first `prepare`
+took 65-90 ms against 15-40 ms for the next ones (CPU machine, tiny tokenizer), and every preprocess instance paid it
+on its own first request (the H100 harness, run 24: 4 preprocess instances, W1 c=1 preprocess 78 ms per request in
+its 4 requests). A vision encoder's first forward loads its CUDA kernels (the llm's inline vision thread: 83-99 ms
+against 26 ms). The warm-up request is one synthetic image large enough for the largest tile grid (2048 x 2048
+unless the deployment's pixel limit is lower), sent as a data: URL through the deployment's own media policy, so it
+takes the path a client's image takes and reads no file and no URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm_triton.errors import InvalidRequest
+from vlm_triton.families.base import PreparedPrompt, PreprocessLimits
+from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+from vlm_triton.prompt.messages import parse_messages
+
+WARM_UP_SIDE = 2048  # pixels: a square this large gets the most tiles InternVL cuts (12 + thumbnail)
+SMALL_SIDE = 448  # one tile, for deployments whose limits refuse the large image
+
+
+def warm_up_image_url(policy: MediaPolicy, side: int = WARM_UP_SIDE) -> str:
+    """A data: URL of a side x side image (smaller when policy.max_image_pixels is): a smooth gradient, JPEG when
+    the policy allows it, else the first allowed format Pillow can write."""
+    side = max(1, min(side, math.isqrt(policy.max_image_pixels)))
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))], -1)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    allowed = [f.upper() for f in policy.image_formats]
+    fmt = "JPEG" if "JPEG" in allowed else next((f for f in allowed if f in ("PNG", "WEBP", "BMP")), "PNG")
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def warm_up_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher | None = None) -> PreparedPrompt | None:
+    """`family.prepare` of one user turn with the warm-up image and a question, under `limits` and through `media`
+    (default: a fetcher with the default policy). A deployment whose limits refuse the large image (a short prompt
+    limit) gets a one-tile image instead; None for a family that takes no images (video only)."""
+    if not getattr(family, "accepts_images", True):
+        return None
+    media = media or MediaFetcher(MediaPolicy())
+    for side in (WARM_UP_SIDE, SMALL_SIDE):
+        messages = parse_messages(json.dumps([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": warm_up_image_url(media.policy, side)}},
+            {"type": "text", "text": "Describe this image."},
+        ]}]))
+        try:
+            return family.prepare(messages, media, limits)
+        except InvalidRequest:
+            if side == SMALL_SIDE:
+                raise
+    return None
+
+
+def warm_up_vision(runner: Any, family: Any, limits: PreprocessLimits) -> None:
+    """One forward of the warm-up request's units through `runner` (a `VisionRunner`), cut on its device when
+    `limits.device_tiles` says the preprocess sends decoded images, synchronised."""
+    import torch
+
+    prepared = warm_up_prompt(family, limits)
+    if prepared is None or prepared.pixel_values.shape[0] == 0:
+        return
+    grids = None if prepared.image_grids is None else torch.from_numpy(prepared.image_grids)
+    tgt_sizes = None if prepared.tgt_sizes is None else torch.from_numpy(prepared.tgt_sizes)
+    with torch.inference_mode():
+        runner.encode([runner.tiles(torch.from_numpy(prepared.pixel_values), grids)], [tgt_sizes])
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
