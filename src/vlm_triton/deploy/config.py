@@ -58,10 +58,11 @@ class EngineSection:
     # own, batching the images of requests that arrive together), instead of the bls calling the vision_encoder
     # stage: the embeddings never leave the GPU and the request makes two Triton hops fewer. The vision_encoder stage
     # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request.
-    # true | false | "auto" (on with the torch profile on CUDA). On an H100, A B A B (docs/benchmarks.md, item 40):
+    # true | false | "auto" (on with the torch profile on CUDA). On an H100, A B A B (docs/benchmarks.md, item 42):
     # +13-19% out tok/s at W1 c=16/64 and +25% at W3 c=64, TPOT at W1 c=64 13-14 -> 8-9 ms; costs: TPOT at c=1
-    # +7%, TTFT at W3 c=16 +20-40%
-    vision_in_llm: bool | str = "auto"
+    # +0.2 ms (~10%, every request, cause not found) and TTFT at W3 c=16 +20-40%. Off by default until the c=1 cost
+    # is found and W2 (text) is measured with it: run 24 ran with it on and its W2 rows were 8-12% below run 23's
+    vision_in_llm: bool | str = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)
