@@ -12,7 +12,7 @@ Contents of `.bundle/`:
   wheels/         numpy 1.26.4 (cp312; the Triton Python stub garbles BYTES tensors with numpy 2) and the small
                   packages the stack needs that a GPU image with torch/transformers may lack (fastapi, starlette,
                   pydantic(-core), uvicorn, uvloop, httptools, tritonclient, python-rapidjson, protobuf<5, ...);
-                  pystack with --with-pystack.
+                  pystack with --with-pystack, py-spy with --with-pyspy.
 On the GPU host `benchmarks/gpu_setup.sh` installs both into the interpreter that holds torch.
 """
 
@@ -54,6 +54,9 @@ WHEELS = [
 # --with-pystack: every thread of a stuck stub, native ones too (benchmarks/stack.py native_stacks), 6.4 MiB. Left
 # out by default since the stalls of items 7 and 26 were fixed: the bundle must stay under 64 MiB with the tree.
 PYSTACK = "pystack==1.7.2"
+# --with-pyspy: `stack_variants --profile MODEL`, where a stub's GIL time goes (py-spy --gil), 2.9 MiB. Left out by
+# default for the same reason: build a bundle with it (and without perf.tar.xz if need be) for a profiling call.
+PYSPY = "py-spy==0.4.3"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64"]
 
@@ -124,17 +127,20 @@ def slim_tritonclient(wheel: Path) -> None:
     slim.replace(wheel)
 
 
-def download_wheels(out: Path, py: str, pystack: bool = False) -> None:
+def download_wheels(out: Path, py: str, extras: tuple[str, ...] = ()) -> None:
+    """The wheels, plus the optional ones named in `extras` (PYSTACK, PYSPY); optional wheels not asked for are
+    removed from an earlier bundle."""
     dest = out / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
-    if not pystack:
-        for old in dest.glob("pystack-*.whl"):
-            old.unlink()
+    for spec in (PYSTACK, PYSPY):
+        if spec not in extras:
+            for old in dest.glob(f"{spec.split('==')[0].replace('-', '_')}-*.whl"):
+                old.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", py,
            "--implementation", "cp", "-d", str(dest)]
     for p in PLATFORMS:
         cmd += ["--platform", p]
-    subprocess.run(cmd + WHEELS + ([PYSTACK] if pystack else []), check=True)
+    subprocess.run(cmd + WHEELS + list(extras), check=True)
     for wheel in dest.glob("tritonclient-*.whl"):
         slim_tritonclient(wheel)
 
@@ -145,13 +151,15 @@ def main() -> None:
     ap.add_argument("--python", default=PY, help="the GPU host's Python (major.minor), default %(default)s")
     ap.add_argument("--force", action="store_true", help="rebuild triton.tar.xz even if it exists (xz: minutes)")
     ap.add_argument("--with-pystack", action="store_true", help="add pystack (stall hunts; 6.4 MiB)")
+    ap.add_argument("--with-pyspy", action="store_true", help="add py-spy (stack_variants --profile; 2.9 MiB)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.force or not (args.out / "triton.tar.xz").is_file():
         print("wrote", build_triton(args.out, args.python))
     if args.force or not (args.out / "perf.tar.xz").is_file():
         print("wrote", build_perf(args.out))
-    download_wheels(args.out, args.python, pystack=args.with_pystack)
+    download_wheels(args.out, args.python, tuple(spec for spec, wanted in ((PYSTACK, args.with_pystack),
+                                                                       (PYSPY, args.with_pyspy)) if wanted))
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     for f in sorted(args.out.rglob("*")):
         if f.is_file():

@@ -17,6 +17,8 @@ neutral values is left bit-identical).
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -148,11 +150,16 @@ def sample_tokens(
     return tokens
 
 
+# Measurement knob (docs/benchmarks.md, items 41-42): "tolist" waits inside Tensor.tolist, holding the GIL, as before
+# item 41, so that a stack A B can compare the two waits; anything else (default "event") waits without it.
+_WAIT_HOLDING_GIL = os.environ.get("VLM_TRITON_HOST_WAIT", "event") == "tolist"
+
+
 def host_list(tokens: torch.Tensor) -> list[int]:
     """`tokens.tolist()`, having waited for the device without holding the GIL: `Tensor.tolist` waits for the GPU
     while holding it, which stopped the stub's other threads (execute, the outbox, the llm's vision thread) for every
-    whole step (docs/benchmarks.md, item 40)."""
-    if tokens.is_cuda:
+    whole step (docs/benchmarks.md, item 41)."""
+    if tokens.is_cuda and not _WAIT_HOLDING_GIL:
         done = torch.cuda.Event()
         done.record()
         done.synchronize()  # releases the GIL while it waits
