@@ -10,6 +10,11 @@ after the first two). Then, per call, what the kernel counted for the process do
 its `prepare` calls; the preprocess stub, from /proc, around the gRPC calls): CPU ms (user + system), minor page
 faults and involuntary context switches. More faults or system time in the stub point at memory being handed back
 to the OS and faulted in again; more involuntary switches at CPU contention; neither at slower execution.
+
+`--first-calls N` instead times each of a fresh stub's first N W1 calls (gRPC wall ms), with the stage's start-up
+warm-up (`triton.stage_warm_up`, multimodal/warmup.py) on and off, one fresh stack per setting and round:
+
+    python -m benchmarks.preprocess_stage --first-calls 4 --rounds 2
 """
 
 from __future__ import annotations
@@ -55,13 +60,55 @@ def triton_totals(client: Any) -> dict[str, float]:
     return {**phases, "count": int(stats["success"]["count"])}
 
 
+def first_calls(args: argparse.Namespace) -> None:
+    """Per fresh stack (warm-up on / off, `args.rounds` times): the wall ms of each of its first calls."""
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.preprocess_micro import make_family
+    from benchmarks.stack import Stack, deployment
+    from benchmarks.workloads import make_workloads
+
+    make_family(args.work)  # the tiny checkpoint in WORK/ckpt
+    media = args.work / "media"
+    messages = json.dumps(make_workloads(media, None)["W1"].messages)
+    print(f"| stage_warm_up | round | {' | '.join(f'call {k + 1} ms' for k in range(args.first_calls))} |")
+    print(f"|---|---|{'---|' * args.first_calls}")
+    for r in range(args.rounds):
+        for warm in (True, False):
+            cfg = deployment(args.work / "ckpt", media, max_slots=4, max_seq_len=4096, device=args.device,
+                             instances=1).replace(triton={"stage_warm_up": warm})
+            stack = Stack.start(cfg, args.work / f"first-{warm}-{r}", args.device.startswith("cuda"))
+            try:
+                stack.server.wait_ready(300)
+                client = grpcclient.InferenceServerClient(stack.server.grpc_url)
+                text = grpcclient.InferInput("messages", [1], "BYTES")
+                text.set_data_from_numpy(np.array([messages.encode()], dtype=np.object_))
+                outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
+                times = []
+                for _ in range(args.first_calls):
+                    t = time.perf_counter()
+                    client.infer("preprocess", [text], outputs=outputs)
+                    times.append((time.perf_counter() - t) * 1e3)
+            finally:
+                stack.stop()
+            print(f"| {str(warm).lower()} | {r + 1} | {' | '.join(f'{t:.1f}' for t in times)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/preprocess-stage"))
+    ap.add_argument("--first-calls", type=int, default=0, help="time a fresh stub's first N calls, warm-up on/off")
+    ap.add_argument("--rounds", type=int, default=1, help="with --first-calls: fresh stacks per setting")
     args = ap.parse_args()
+    if args.first_calls:
+        first_calls(args)
+        return
 
     import numpy as np
     import tritonclient.grpc as grpcclient

@@ -147,6 +147,10 @@ class TritonSection:
     # collection once initialized (gc.freeze, gc_heap.py): a full collection walked all of them under the GIL, which
     # stopped the llm stub's engine loop for up to ~250 ms under load on an H100
     stub_freeze_heap: bool = True
+    # Stages pay their first image request's one-time costs before they report ready (multimodal/warmup.py): the
+    # preprocess prepares a synthetic image, the vision encoders encode it on CUDA. A fresh preprocess's first W1
+    # request took 40-60 ms more than the next ones, per instance (docs/benchmarks.md, item 43)
+    stage_warm_up: bool = True
 
 
 @dataclass(frozen=True)

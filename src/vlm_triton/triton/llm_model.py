@@ -120,7 +120,7 @@ class TritonPythonModel:
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
         self.vision = inline_vision(cfg, family, device, dtype)
-        if self.vision is not None and device.type == "cuda":  # its first forward loads the CUDA kernels
+        if self.vision is not None and device.type == "cuda" and cfg.triton.stage_warm_up:  # loads the CUDA kernels
             limits = PreprocessLimits.from_deployment(cfg, family)
             warm_up(args["model_name"], "the vision encoder",
                     lambda: warm_up_vision(self.vision.runner, family, limits))

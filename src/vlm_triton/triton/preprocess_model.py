@@ -81,8 +81,9 @@ class TritonPythonModel:
         # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 tiles costs ~15 ms per
         # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
-        warm_up(args["model_name"], "an image request",
-                lambda: warm_up_prompt(self.family, self.limits, self.media))
+        if cfg.triton.stage_warm_up:
+            warm_up(args["model_name"], "an image request",
+                    lambda: warm_up_prompt(self.family, self.limits, self.media))
         stage_ready(cfg, args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -47,7 +47,7 @@ class TritonPythonModel:
         # and direct callers, and loads its copy of the encoder at their first request (not next to the llm's)
         if not cfg.vision_in_llm:
             runner = self.runner
-            if self.device.type == "cuda":  # its first forward loads the CUDA kernels (multimodal/warmup.py)
+            if self.device.type == "cuda" and cfg.triton.stage_warm_up:  # its first forward loads the CUDA kernels
                 limits = PreprocessLimits.from_deployment(cfg, self.family)
                 warm_up(args["model_name"], "the vision encoder", lambda: warm_up_vision(runner, self.family, limits))
         # VLM_TRITON_STEP_STATS: time each execute's phases (synchronising the device between them) and log them
