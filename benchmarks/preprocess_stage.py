@@ -60,12 +60,21 @@ def triton_totals(client: Any) -> dict[str, float]:
     return {**phases, "count": int(stats["success"]["count"])}
 
 
+def preprocess_call(stack: Any, messages: str) -> tuple[Any, Any]:
+    """(a gRPC client of the stack, a no-argument call of its `preprocess` model with `messages`)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(stack.server.grpc_url)
+    text = grpcclient.InferInput("messages", [1], "BYTES")
+    text.set_data_from_numpy(np.array([messages.encode()], dtype=np.object_))
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
+    return client, partial(client.infer, "preprocess", [text], outputs=outputs)
+
+
 def first_calls(args: argparse.Namespace) -> None:
     """Per fresh stack (warm-up on / off, `args.rounds` times): the wall ms of each of its first calls."""
     import time
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
 
     from benchmarks.preprocess_micro import make_family
     from benchmarks.stack import Stack, deployment
@@ -83,14 +92,11 @@ def first_calls(args: argparse.Namespace) -> None:
             stack = Stack.start(cfg, args.work / f"first-{warm}-{r}", args.device.startswith("cuda"))
             try:
                 stack.server.wait_ready(300)
-                client = grpcclient.InferenceServerClient(stack.server.grpc_url)
-                text = grpcclient.InferInput("messages", [1], "BYTES")
-                text.set_data_from_numpy(np.array([messages.encode()], dtype=np.object_))
-                outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
+                _, call = preprocess_call(stack, messages)
                 times = []
                 for _ in range(args.first_calls):
                     t = time.perf_counter()
-                    client.infer("preprocess", [text], outputs=outputs)
+                    call()
                     times.append((time.perf_counter() - t) * 1e3)
             finally:
                 stack.stop()
@@ -109,9 +115,6 @@ def main() -> None:
     if args.first_calls:
         first_calls(args)
         return
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
 
     from benchmarks.preprocess_micro import make_family, median_ms
     from benchmarks.stack import Stack, deployment
@@ -135,17 +138,14 @@ def main() -> None:
         stack = Stack.start(cfg, args.work / f"stack-{threads}", args.device.startswith("cuda"))
         try:
             stack.server.wait_ready(300)
-            client = grpcclient.InferenceServerClient(stack.server.grpc_url)
-            text = grpcclient.InferInput("messages", [1], "BYTES")
-            text.set_data_from_numpy(np.array([messages.encode()], dtype=np.object_))
-            outputs = [grpcclient.InferRequestedOutput(n) for n in ("input_ids", "pixel_values")]
+            client, call = preprocess_call(stack, messages)
             for _ in range(2):  # warm-up: the stub's first request pays imports and the thread pool
-                client.infer("preprocess", [text], outputs=outputs)
+                call()
             before = triton_totals(client)
-            wall = median_ms(partial(client.infer, "preprocess", [text], outputs=outputs), args.reps, warmup=0)
+            wall = median_ms(call, args.reps, warmup=0)
             after = triton_totals(client)
             stub = stack.stub_pids("preprocess")
-            stub_counts = per_call(partial(client.infer, "preprocess", [text], outputs=outputs), args.reps,
+            stub_counts = per_call(call, args.reps,
                                    stub[0]) if len(stub) == 1 else {}
         finally:
             stack.stop()
