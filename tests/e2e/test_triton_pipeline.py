@@ -211,5 +211,5 @@ def test_cancelled_request_frees_its_slot(stack) -> None:
 def test_the_preprocess_warmed_up_before_it_was_ready(stack) -> None:
     """multimodal/warmup.py: the stub prepared its warm-up image at start-up (through its own media policy)."""
     log = stack.server.log_file.read_text(errors="replace")
-    assert re.search(r"\[preprocess\] warm-up of an image request: \d+ ms", log), log[-3000:]
-    assert "warm-up of an image request failed" not in log
+    assert re.search(r"\[preprocess\] warm-up of media requests: \d+ ms", log), log[-3000:]
+    assert "warm-up of media requests failed" not in log

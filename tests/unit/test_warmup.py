@@ -1,6 +1,6 @@
 """Start-up warm-up (multimodal/warmup.py): the synthetic image obeys the deployment's media policy, each image
-family prepares it as a client's image (tiles or decoded planes), a short prompt limit gets a one-tile image, a
-video-only family is skipped, and the vision warm-up sends the encoder the units the preprocess made."""
+family prepares it as a client's image (tiles or decoded planes), a short prompt limit gets a one-tile image, families
+that take video prepare a small video too, and the vision warm-up sends the encoder the units the preprocess made."""
 
 from __future__ import annotations
 
@@ -68,9 +68,24 @@ def test_minicpmv_prepares_its_slices(tmp_path: Path) -> None:
     assert prepared is not None and prepared.pixel_values.shape[0] > 1 and prepared.tgt_sizes is not None
 
 
-def test_a_video_only_family_is_skipped(tmp_path: Path) -> None:
-    family = open_family(make_tiny_checkpoint("internvideo2_5", tmp_path / "ckpt"))
-    assert warm_up_prompt(family, PreprocessLimits()) is None
+def test_a_video_family_prepares_the_warm_up_video(tmp_path: Path) -> None:
+    family = open_family(make_tiny_checkpoint("internvideo2_5", tmp_path / "ckpt"))  # takes video only
+    prepared = warm_up_prompt(family, PreprocessLimits())
+    assert prepared is not None and "Frame1: <image>" in prepared.prompt_text
+    assert prepared.pixel_values.shape[1:] == (3, family.image_size, family.image_size)
+
+
+def test_an_image_family_that_takes_video_prepares_both(internvl: ModelFamily) -> None:
+    urls = []
+
+    class Recording(MediaFetcher):
+        def fetch_bytes(self, url: str) -> bytes:
+            urls.append(url[:15])
+            return super().fetch_bytes(url)
+
+    prepared = warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), Recording(MediaPolicy()))
+    assert urls == ["data:image/jpeg", "data:video/mp4;"]
+    assert prepared is not None and "Frame1" not in prepared.prompt_text  # the image request's prompt is returned
 
 
 def test_the_given_fetcher_and_its_policy_are_used(internvl: ModelFamily) -> None:
@@ -83,7 +98,7 @@ def test_the_given_fetcher_and_its_policy_are_used(internvl: ModelFamily) -> Non
 
     media = Recording(MediaPolicy(image_formats=("png",)))
     assert warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), media) is not None
-    assert seen == ["data:image/png;base64,i"]
+    assert seen[0] == "data:image/png;base64,i"
 
 
 class _Recorder(torch.nn.Module):

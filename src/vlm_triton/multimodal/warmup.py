@@ -5,7 +5,8 @@ compiles regexes and faults in the heap its buffers will reuse (triton/malloc.py
 took 65-90 ms against 15-40 ms for the next ones (CPU machine, tiny tokenizer), and every preprocess instance paid it
 on its own first request (the H100 harness, run 24: 4 preprocess instances, W1 c=1 preprocess 78 ms per request in
 its 4 requests). A vision encoder's first forward loads its CUDA kernels (the llm's inline vision thread: 83-99 ms
-against 26 ms). The warm-up request is one synthetic image large enough for the largest tile grid (2048 x 2048
+against 26 ms). A first video request imports PyAV and opens its decoders: families that take video also prepare a
+small synthetic video. The warm-up request is one synthetic image large enough for the largest tile grid (2048 x 2048
 unless the deployment's pixel limit is lower), sent as a data: URL through the deployment's own media policy, so it
 takes the path a client's image takes and reads no file and no URL.
 """
@@ -44,24 +45,55 @@ def warm_up_image_url(policy: MediaPolicy, side: int = WARM_UP_SIDE) -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
+def warm_up_video_url(frames: int = 8, fps: int = 4, size: tuple[int, int] = (64, 48)) -> str:
+    """A data: URL of a small MPEG-4 video (`frames` frames of changing grey) made with PyAV in memory."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for k in range(frames):
+            frame = np.full((size[1], size[0], 3), (k * 29) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return f"data:video/mp4;base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _prepare(family: Any, part: dict[str, Any], media: MediaFetcher, limits: PreprocessLimits) -> PreparedPrompt:
+    messages = parse_messages(json.dumps([{"role": "user", "content": [
+        part, {"type": "text", "text": "Describe this."},
+    ]}]))
+    return family.prepare(messages, media, limits)
+
+
 def warm_up_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher | None = None) -> PreparedPrompt | None:
     """`family.prepare` of one user turn with the warm-up image and a question, under `limits` and through `media`
-    (default: a fetcher with the default policy). A deployment whose limits refuse the large image (a short prompt
-    limit) gets a one-tile image instead; None for a family that takes no images (video only)."""
-    if not getattr(family, "accepts_images", True):
-        return None
+    (default: a fetcher with the default policy), and of one with a small video when the family takes video (PyAV's
+    import and decoders: the first video request's costs). A deployment whose limits refuse the large image (a short
+    prompt limit) gets a one-tile image instead. Returns the image request's prepared prompt, else the video's;
+    None for a family that takes neither."""
     media = media or MediaFetcher(MediaPolicy())
-    for side in (WARM_UP_SIDE, SMALL_SIDE):
-        messages = parse_messages(json.dumps([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": warm_up_image_url(media.policy, side)}},
-            {"type": "text", "text": "Describe this image."},
-        ]}]))
+    prepared = None
+    if getattr(family, "accepts_images", True):
+        for side in (WARM_UP_SIDE, SMALL_SIDE):
+            part = {"type": "image_url", "image_url": {"url": warm_up_image_url(media.policy, side)}}
+            try:
+                prepared = _prepare(family, part, media, limits)
+                break
+            except InvalidRequest:
+                if side == SMALL_SIDE:
+                    raise
+    video_policy = getattr(family, "video_policy_for", None)
+    if video_policy is not None and video_policy(limits) is not None:
         try:
-            return family.prepare(messages, media, limits)
-        except InvalidRequest:
-            if side == SMALL_SIDE:
-                raise
-    return None
+            video = _prepare(family, {"type": "video_url", "video_url": {"url": warm_up_video_url()}}, media, limits)
+            prepared = prepared or video
+        except InvalidRequest:  # e.g. a prompt limit below its frames' tokens: they were decoded before the refusal
+            pass
+    return prepared
 
 
 def warm_up_vision(runner: Any, family: Any, limits: PreprocessLimits) -> None:

@@ -82,7 +82,7 @@ class TritonPythonModel:
         # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
         if cfg.triton.stage_warm_up:
-            warm_up(args["model_name"], "an image request",
+            warm_up(args["model_name"], "media requests",
                     lambda: warm_up_prompt(self.family, self.limits, self.media))
         stage_ready(cfg, args["model_name"])
 
