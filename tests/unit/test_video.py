@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from vlm_triton.models.hico import hico_merge, is_hico_config, merge_schedule
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.multimodal.tiling import preprocess_image, video_frame_indices
 from vlm_triton.multimodal.video import VideoPolicy, frame_count, num_frames_by_duration, sample_video
+from vlm_triton.multimodal.warmup import write_grey_frames
 from vlm_triton.prompt.messages import parse_messages
 
 
@@ -32,21 +32,8 @@ def make_video(frames: int, fps: int = 10, *, size: tuple[int, int] = (64, 48), 
         path = Path(tmp) / "v.mp4"
         options = {"movflags": "faststart"} if faststart else {}
         with av.open(str(path), mode="w", format="mp4", options=options) as out:
-            _encode(out, frames, fps, size)
+            write_grey_frames(out, frames, fps, size, step=7)
         return path.read_bytes()
-
-
-def _encode(out: Any, frames: int, fps: int, size: tuple[int, int]) -> None:
-    import av
-
-    stream = out.add_stream("mpeg4", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-    for i in range(frames):
-        arr = np.full((size[1], size[0], 3), (i * 7) % 256, np.uint8)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-            out.mux(packet)
-    for packet in stream.encode():
-        out.mux(packet)
 
 
 # --- sampling formulas -------------------------------------------------------------------------------------------

@@ -76,29 +76,28 @@ def test_a_video_family_prepares_the_warm_up_video(tmp_path: Path) -> None:
 
 
 def test_an_image_family_that_takes_video_prepares_both(internvl: ModelFamily) -> None:
-    urls = []
-
-    class Recording(MediaFetcher):
-        def fetch_bytes(self, url: str) -> bytes:
-            urls.append(url[:15])
-            return super().fetch_bytes(url)
-
-    prepared = warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), Recording(MediaPolicy()))
-    assert urls == ["data:image/jpeg", "data:video/mp4;"]
+    media = _Recording(MediaPolicy())
+    prepared = warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), media)
+    assert [u[:15] for u in media.urls] == ["data:image/jpeg", "data:video/mp4;"]
     assert prepared is not None and "Frame1" not in prepared.prompt_text  # the image request's prompt is returned
 
 
+class _Recording(MediaFetcher):
+    """A fetcher that keeps the start of every URL it fetches."""
+
+    def __init__(self, policy: MediaPolicy) -> None:
+        super().__init__(policy)
+        self.urls: list[str] = []
+
+    def fetch_bytes(self, url: str) -> bytes:
+        self.urls.append(url[:23])
+        return super().fetch_bytes(url)
+
+
 def test_the_given_fetcher_and_its_policy_are_used(internvl: ModelFamily) -> None:
-    seen = []
-
-    class Recording(MediaFetcher):
-        def fetch_bytes(self, url: str) -> bytes:
-            seen.append(url[:23])
-            return super().fetch_bytes(url)
-
-    media = Recording(MediaPolicy(image_formats=("png",)))
+    media = _Recording(MediaPolicy(image_formats=("png",)))
     assert warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), media) is not None
-    assert seen[0] == "data:image/png;base64,i"
+    assert media.urls[0] == "data:image/png;base64,i"
 
 
 class _Recorder(torch.nn.Module):

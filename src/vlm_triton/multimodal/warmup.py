@@ -45,20 +45,28 @@ def warm_up_image_url(policy: MediaPolicy, side: int = WARM_UP_SIDE) -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
+def write_grey_frames(out: Any, frames: int, fps: int, size: tuple[int, int], step: int = 29) -> None:
+    """Encode `frames` flat grey frames (frame k at grey level k * step mod 256) as MPEG-4 into the open PyAV
+    container `out`, flushing the encoder."""
+    import av
+
+    stream = out.add_stream("mpeg4", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    for k in range(frames):
+        frame = np.full((size[1], size[0], 3), (k * step) % 256, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+
+
 def warm_up_video_url(frames: int = 8, fps: int = 4, size: tuple[int, int] = (64, 48)) -> str:
-    """A data: URL of a small MPEG-4 video (`frames` frames of changing grey) made with PyAV in memory."""
+    """A data: URL of a small MPEG-4 video of changing grey, made with PyAV in memory."""
     import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for k in range(frames):
-            frame = np.full((size[1], size[0], 3), (k * 29) % 256, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        write_grey_frames(out, frames, fps, size)
     return f"data:video/mp4;base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
