@@ -19,6 +19,7 @@ from vlm_triton.families import open_family
 from vlm_triton.families.base import ModelFamily, PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy, decode_image
 from vlm_triton.multimodal.vision_runner import VisionRunner
+from vlm_triton.multimodal import warmup
 from vlm_triton.multimodal.warmup import SMALL_SIDE, WARM_UP_SIDE, warm_up_image_url, warm_up_prompt, warm_up_vision
 
 
@@ -114,12 +115,18 @@ class _Recorder(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device_tiles", [False, True])
-def test_the_vision_warm_up_encodes_the_warm_up_units(internvl: ModelFamily, device_tiles: bool) -> None:
+def test_the_vision_warm_up_encodes_the_warm_up_units(internvl: ModelFamily, device_tiles: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     limits = PreprocessLimits(max_prompt_tokens=32768, device_tiles=device_tiles)
     tiles = warm_up_prompt(internvl, replace(limits, device_tiles=False)).pixel_values.shape[0]  # the host cut's
     recorder = _Recorder(internvl.tokens_per_tile, 8)
     runner = VisionRunner(internvl, torch.float32, torch.device("cpu"), out_dtype=torch.float32, max_tiles=64,
                           encoder=recorder)
+
+    def no_video(*args: object) -> str:
+        raise AssertionError("the vision stages encode the image only: no video is made or decoded there")
+
+    monkeypatch.setattr(warmup, "warm_up_video_url", no_video)
     warm_up_vision(runner, internvl, limits)
     size = internvl.image_size
     assert recorder.calls == [(tiles, 3, size, size)]  # the same tiles, cut here when the preprocess sends images

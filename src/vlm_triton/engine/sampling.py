@@ -18,7 +18,7 @@ neutral values is left bit-identical).
 from __future__ import annotations
 
 import os
-
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,6 +153,7 @@ def sample_tokens(
 # Measurement knob (docs/benchmarks.md, items 41-42): "tolist" waits inside Tensor.tolist, holding the GIL, as before
 # item 41, so that a stack A B can compare the two waits; anything else (default "event") waits without it.
 _WAIT_HOLDING_GIL = os.environ.get("VLM_TRITON_HOST_WAIT", "event") == "tolist"
+_EVENTS = threading.local()
 
 
 def host_list(tokens: torch.Tensor) -> list[int]:
@@ -160,7 +161,9 @@ def host_list(tokens: torch.Tensor) -> list[int]:
     while holding it, which stopped the stub's other threads (execute, the outbox, the llm's vision thread) for every
     whole step (docs/benchmarks.md, item 41)."""
     if tokens.is_cuda and not _WAIT_HOLDING_GIL:
-        done = torch.cuda.Event()
+        done = getattr(_EVENTS, "done", None)
+        if done is None:  # one event per thread, recorded again every step (not created and destroyed per token)
+            done = _EVENTS.done = torch.cuda.Event()
         done.record()
         done.synchronize()  # releases the GIL while it waits
     return tokens.tolist()

@@ -77,6 +77,32 @@ def _prepare(family: Any, part: dict[str, Any], media: MediaFetcher, limits: Pre
     return family.prepare(messages, media, limits)
 
 
+def _image_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher) -> PreparedPrompt | None:
+    """The warm-up image prepared (a one-tile image when the limits refuse the large one); None without images."""
+    if not getattr(family, "accepts_images", True):
+        return None
+    for side in (WARM_UP_SIDE, SMALL_SIDE):
+        part = {"type": "image_url", "image_url": {"url": warm_up_image_url(media.policy, side)}}
+        try:
+            return _prepare(family, part, media, limits)
+        except InvalidRequest:
+            if side == SMALL_SIDE:
+                raise
+    return None
+
+
+def _video_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher) -> PreparedPrompt | None:
+    """The warm-up video prepared; None for a family without video, or when the limits refuse its frames (they were
+    decoded before the refusal, which is what the warm-up is for)."""
+    policy = getattr(family, "video_policy_for", None)
+    if policy is None or policy(limits) is None:
+        return None
+    try:
+        return _prepare(family, {"type": "video_url", "video_url": {"url": warm_up_video_url()}}, media, limits)
+    except InvalidRequest:
+        return None
+
+
 def warm_up_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher | None = None) -> PreparedPrompt | None:
     """`family.prepare` of one user turn with the warm-up image and a question, under `limits` and through `media`
     (default: a fetcher with the default policy), and of one with a small video when the family takes video (PyAV's
@@ -84,24 +110,9 @@ def warm_up_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher | 
     prompt limit) gets a one-tile image instead. Returns the image request's prepared prompt, else the video's;
     None for a family that takes neither."""
     media = media or MediaFetcher(MediaPolicy())
-    prepared = None
-    if getattr(family, "accepts_images", True):
-        for side in (WARM_UP_SIDE, SMALL_SIDE):
-            part = {"type": "image_url", "image_url": {"url": warm_up_image_url(media.policy, side)}}
-            try:
-                prepared = _prepare(family, part, media, limits)
-                break
-            except InvalidRequest:
-                if side == SMALL_SIDE:
-                    raise
-    video_policy = getattr(family, "video_policy_for", None)
-    if video_policy is not None and video_policy(limits) is not None:
-        try:
-            video = _prepare(family, {"type": "video_url", "video_url": {"url": warm_up_video_url()}}, media, limits)
-            prepared = prepared or video
-        except InvalidRequest:  # e.g. a prompt limit below its frames' tokens: they were decoded before the refusal
-            pass
-    return prepared
+    image = _image_prompt(family, limits, media)
+    video = _video_prompt(family, limits, media)
+    return image or video
 
 
 def warm_up_vision(runner: Any, family: Any, limits: PreprocessLimits) -> None:
@@ -109,7 +120,8 @@ def warm_up_vision(runner: Any, family: Any, limits: PreprocessLimits) -> None:
     `limits.device_tiles` says the preprocess sends decoded images, synchronised."""
     import torch
 
-    prepared = warm_up_prompt(family, limits)
+    media = MediaFetcher(MediaPolicy())  # only the image's units (a video family's frames when it takes no images)
+    prepared = _image_prompt(family, limits, media) or _video_prompt(family, limits, media)
     if prepared is None or prepared.pixel_values.shape[0] == 0:
         return
     grids = None if prepared.image_grids is None else torch.from_numpy(prepared.image_grids)

@@ -149,11 +149,6 @@ async def _response_batches(iterator: Any) -> AsyncIterator[list[Any]]:
 _CANCELS: set[asyncio.Task[None]] = set()  # llm cancellations under way (the loop keeps only weak references)
 
 
-class LLMVision(tuple):
-    """What `encode_images` returns with engine.vision_in_llm: the request's vision units as llm inputs
-    (contracts.LLM_VISION_INPUTS, with the llm's batch dim), for the llm to encode itself."""
-
-
 class TritonStages(StageClient):
     def __init__(self, embed_dtype: torch.dtype | None = None, vision_chunk: int = 32, tokenizer: Any = None,
                  gpu_prompt_table: bool = False, vision_in_llm: bool = False) -> None:
@@ -184,10 +179,12 @@ class TritonStages(StageClient):
             unit_extras=tuple(t for t in extras if t is not None and t.shape()[0]),  # empty: none for this request
         )
 
-    async def encode_images(self, prepared: Prepared) -> Any:
-        if self.vision_in_llm:  # the units travel to the llm as they came from preprocess, with a leading 1
+    async def encode_images(self, prepared: Prepared) -> list[Any]:
+        """The llm inputs that carry the request's images: its prompt table, or with engine.vision_in_llm its vision
+        units as preprocess made them (contracts.LLM_VISION_INPUTS, with the llm's batch dim) for the llm to encode."""
+        if self.vision_in_llm:
             units = [prepared.pixel_values, *prepared.unit_extras]
-            return LLMVision(torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units)
+            return [torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units]
         # Host memory by default: no CUDA tensor may ever reach this stub. The first one makes Triton share its CUDA
         # memory pool with the stub, and in Python backends before r26.07 that handshake can leave the stub's
         # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also
@@ -196,7 +193,7 @@ class TritonStages(StageClient):
         table = await prompt_table(prepared.pixel_values, prepared.unit_extras, self.vision_chunk, self.embed_dtype,
                                    host=not self.gpu_prompt_table)
         timeline.mark("bls.encoded")
-        return torch_output("prompt_embedding_table", table)
+        return [torch_output("prompt_embedding_table", table)]
 
     async def generate(self, prepared: Prepared, table: Any, options: RequestOptions) -> AsyncIterator[list[int]]:
         request_id = uuid.uuid4().hex
@@ -221,10 +218,7 @@ class TritonStages(StageClient):
         if options.seed is not None:
             inputs.append(_scalar_tensor("seed", options.seed, np.uint64))
         if table is not None:
-            if isinstance(table, LLMVision):
-                inputs.extend(table)
-            else:
-                inputs.append(table)
+            inputs.extend(table)
             inputs.append(_scalar_tensor("prompt_vocab_size", prepared.prompt_vocab_size, np.int32))
             if prepared.prompt_table_extra_ids is not None:
                 extra_ids = prepared.prompt_table_extra_ids.reshape(1, -1).astype(np.uint64)
