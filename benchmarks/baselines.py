@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from benchmarks.workloads import Workload
+from vlm_triton.deploy.config import EngineSection
 from vlm_triton.gc_heap import freeze_heap
 
 
@@ -121,8 +122,9 @@ def vision_bench(ckpt: Path, device: torch.device, dtype: torch.dtype, batches: 
 
 # --- the bare engine ---------------------------------------------------------------------------------------------
 def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots: int, max_seq_len: int,
-                 cuda_graphs: bool = True, compile_pointwise: bool = True, prefill_pointwise: bool = False,
-                 fuse_projections: bool = False, prefill_tokens: int = 8192,
+                 cuda_graphs: bool = True, compile_pointwise: bool = True,
+                 prefill_pointwise: bool = EngineSection.prefill_pointwise,
+                 fuse_projections: bool = EngineSection.fuse_projections, prefill_tokens: int = 8192,
                  prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family

@@ -226,7 +226,7 @@ def main() -> None:
     t = time.perf_counter()
     _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len,
                                 compile_pointwise=not args.variants and not args.eager_pointwise,
-                                prefill_pointwise=False)
+                                prefill_pointwise=False, fuse_projections=False)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
     if args.prefill:

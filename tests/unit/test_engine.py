@@ -47,6 +47,22 @@ def test_single_prompt_matches_generate(model: PreTrainedModel) -> None:
     check_events(events)
 
 
+def test_the_engine_waits_with_the_gil_released_only_while_others_need_it(
+        qwen: PreTrainedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every wait for sampled tokens asks `others_need_gil` (the llm's vision thread busy, item 44) whether to release
+    the GIL: the first token's and each decode step's."""
+    from vlm_triton.engine import engine as engine_module
+    from vlm_triton.engine.sampling import host_list
+
+    asked: list[bool] = []
+    monkeypatch.setattr(engine_module, "host_list", lambda t, release=False: asked.append(release) or host_list(t))
+    engine = make_engine(qwen)
+    busy = iter([True, False, True, False, False])
+    engine.others_need_gil = lambda: next(busy)
+    assert tokens(drain_one(engine, greedy("a", prompt(0, 7), 5))) == hf_greedy(qwen, prompt(0, 7), 5)
+    assert asked == [True, False, True, False, False]  # one prefill, four decode steps
+
+
 @pytest.mark.parametrize("full_kv", [False, True])
 def test_join_mid_flight_with_compaction(model: PreTrainedModel, full_kv: bool) -> None:
     engine = make_engine(model, max_slots=4)

@@ -286,9 +286,9 @@ def test_chunks_with_nothing_decoding_wait_for_their_input_copy() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
-    """`sampling.host_list` waits for the device with the GIL released (item 41): a Python thread counting during a
-    long GPU wait gets through at least half the counts it makes alone in that time. Holding the GIL in the wait (as
-    `Tensor.tolist` does) lets it run at most one switch interval (5 ms) of a wait of 50 ms or more."""
+    """`sampling.host_list(tokens, release_gil=True)` (the engine's wait while its vision thread has work, item 44)
+    waits for the device on an event with the GIL released (item 41): a Python thread counting during a long GPU
+    wait gets through at least half the counts it makes alone in that time."""
     import threading
     import time
 
@@ -310,7 +310,7 @@ def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
     for _ in range(200):  # seconds of queued matmuls, then tokens that depend on them
         a = (a @ a).clamp_(-1, 1)
     t0, c0 = time.perf_counter(), counted[0]
-    out = host_list(torch.arange(8, device="cuda") + (a[0, 0] * 0).long())
+    out = host_list(torch.arange(8, device="cuda") + (a[0, 0] * 0).long(), release_gil=True)
     waited, during = time.perf_counter() - t0, counted[0] - c0
     stop.set()
     thread.join()

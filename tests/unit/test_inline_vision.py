@@ -137,11 +137,12 @@ def test_jobs_queued_together_share_forwards_of_at_most_max_tiles(internvl: Mode
         assert encoder.entered.wait(30)  # the first round is under way alone; the next four queue behind it
         for k in range(1, 5):
             vision.submit(outcomes.job(f"r{k}", _tiles(5, k)))
-        assert vision.pending() == 5
+        assert vision.pending() == 5 and vision.busy()  # the engine releases the GIL in its waits meanwhile
         encoder.release.set()
         got = outcomes.wait(5)
     # rounds: [first] then r1+r2 (10 tiles >= 8: the round is full), then r3+r4; each forward holds <= 8 tiles
     assert encoder.forwards == [3, 8, 2, 8, 2]
+    assert not vision.busy()
     for k in range(1, 5):  # each request's rows: its own tiles, normalised, in order
         assert torch.equal(got[f"r{k}"], _normalised(internvl, _tiles(5, k))[:, :, :2, 0].reshape(5 * 3, 2))
     timing = vision.timing.take()

@@ -5,6 +5,7 @@ that take video prepare a small video too, and the vision warm-up sends the enco
 from __future__ import annotations
 
 import base64
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def test_an_image_family_that_takes_video_prepares_both(internvl: ModelFamily) -
     prepared = warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), media)
     assert [u[:15] for u in media.urls] == ["data:image/jpeg", "data:video/mp4;"]
     assert prepared is not None and "Frame1" not in prepared.prompt_text  # the image request's prompt is returned
+
+
+def test_without_pyav_the_image_still_warms_up(internvl: ModelFamily, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment without PyAV takes no video (run 25's GPU image): the warm-up prepares the image and skips the
+    video instead of failing as a whole."""
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    media = _Recording(MediaPolicy())
+    prepared = warm_up_prompt(internvl, PreprocessLimits(max_prompt_tokens=32768), media)
+    assert [u[:15] for u in media.urls] == ["data:image/jpeg"]
+    assert prepared is not None and prepared.prompt_text.count("<image>") == 1
 
 
 class _Recording(MediaFetcher):

@@ -48,12 +48,11 @@ class EngineSection:
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
     # ... in prefill forwards too (with compile_pointwise, when the prefill runs from CUDA graphs): a 3.4k-token
-    # prefill 15.2 -> 12.6 ms on an H100 (bare engine). Off by default until its CUDA tests and a stack A B have run
-    # on a GPU (docs/benchmarks.md, item 38)
-    prefill_pointwise: bool = False
+    # prefill 15.2 -> 12.6 ms on an H100 (bare engine; docs/benchmarks.md, items 38 and 44)
+    prefill_pointwise: bool = True
     # each layer's q/k/v projections as one GEMM, and gate/up as one (engine/fused_linear.py): fewer, wider kernels
-    # per step. Off by default until measured on a GPU (docs/benchmarks.md, item 39)
-    fuse_projections: bool = False
+    # per step; the decode graph at batch 1 1.55 -> 1.28 ms on an H100 (docs/benchmarks.md, items 39 and 44)
+    fuse_projections: bool = True
     # torch profile: the llm stage runs the vision encoder itself, on its own device (a thread and CUDA stream of its
     # own, batching the images of requests that arrive together), instead of the bls calling the vision_encoder
     # stage: the embeddings never leave the GPU and the request makes two Triton hops fewer. The vision_encoder stage

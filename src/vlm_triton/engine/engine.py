@@ -69,6 +69,10 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[TokenEvent]], None]
 
+
+def _never() -> bool:
+    return False
+
 class LLMEngine:
     def __init__(
         self,
@@ -138,6 +142,9 @@ class LLMEngine:
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
+        # True while another thread of this process has GPU work to launch (the llm's vision thread): the engine then
+        # waits for its steps on a CUDA event with the GIL released (engine/sampling.host_list, items 41 and 44)
+        self.others_need_gil: Callable[[], bool] = _never
         # the kernels last (kernels.py): after the checks above, so that a model that cannot be served stays unpatched
         self.fused: dict[str, int] = {}  # fused projection groups by kind (fused_linear.py)
         self.pointwise: dict[str, int] = {}  # compiled pointwise ops by kind (pointwise.py)
@@ -302,7 +309,7 @@ class LLMEngine:
         logits = self.lm_head(hidden)
         for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
-        events = self._accept(seqs, host_list(self.penalties.sample(logits, seqs, seqs[0].slot)))
+        events = self._accept(seqs, host_list(self.penalties.sample(logits, seqs, seqs[0].slot), self.others_need_gil()))
         for seq in seqs:
             timeline.mark("llm.token", seq.request_id)
         self.prefill_requests += len(seqs)
@@ -326,7 +333,7 @@ class LLMEngine:
             logits = self.decode.forward(bucket, kv_len)
         self.cache.set_idle()
         tokens = self.penalties.sample(logits[:n], self._active, 0)
-        token_list = host_list(tokens)  # waits for the step on the device
+        token_list = host_list(tokens, self.others_need_gil())  # waits for the step on the device
         self.decode.last_tokens = tokens
         t2 = time.perf_counter()
         events = self._accept(list(self._active), token_list)

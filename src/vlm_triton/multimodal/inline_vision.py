@@ -92,6 +92,10 @@ class InlineVision:
         with self._cond:
             return len(self._tracked)
 
+    def busy(self) -> bool:
+        """Jobs in progress (read without the lock: the engine asks it every step, a stale answer costs one step)."""
+        return bool(self._tracked)
+
     def close(self, timeout_s: float = 10.0) -> None:
         with self._cond:
             self._closed = True

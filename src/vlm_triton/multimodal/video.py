@@ -68,7 +68,8 @@ def num_frames_by_duration(duration_s: float, *, min_frames: int = 128, max_fram
     return min(max(frames, min_frames), max_frames)
 
 
-def _av() -> Any:
+def load_pyav() -> Any:
+    """The `av` module, or InvalidRequest when this deployment has no PyAV (video input unavailable)."""
     try:
         import av
     except ImportError as exc:  # pragma: no cover - a deployment without PyAV
@@ -123,7 +124,7 @@ def sample_video(data: bytes, policy: VideoPolicy, *, source: str = "video") -> 
     """Decode `data` and return the sampled RGB frames (InvalidRequest on a bad or over-limit video)."""
     if not data:
         raise InvalidRequest(f"{source} is empty (zero bytes)")
-    av = _av()
+    av = load_pyav()
     try:
         total, fps, duration = _probe(av, data, source, policy)
         indices = video_frame_indices(total, fps, frame_count(total, policy))

@@ -25,6 +25,7 @@ from PIL import Image
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.families.base import PreparedPrompt, PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+from vlm_triton.multimodal.video import load_pyav
 from vlm_triton.prompt.messages import parse_messages
 
 WARM_UP_SIDE = 2048  # pixels: a square this large gets the most tiles InternVL cuts (12 + thumbnail)
@@ -61,8 +62,9 @@ def write_grey_frames(out: Any, frames: int, fps: int, size: tuple[int, int], st
 
 
 def warm_up_video_url(frames: int = 8, fps: int = 4, size: tuple[int, int] = (64, 48)) -> str:
-    """A data: URL of a small MPEG-4 video of changing grey, made with PyAV in memory."""
-    import av
+    """A data: URL of a small MPEG-4 video of changing grey, made with PyAV in memory (InvalidRequest without PyAV:
+    the deployment takes no video, so there is nothing to warm up)."""
+    av = load_pyav()
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
@@ -93,7 +95,7 @@ def _image_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher) ->
 
 def _video_prompt(family: Any, limits: PreprocessLimits, media: MediaFetcher) -> PreparedPrompt | None:
     """The warm-up video prepared; None for a family without video, or when the limits refuse its frames (they were
-    decoded before the refusal, which is what the warm-up is for)."""
+    decoded before the refusal, which is what the warm-up is for), or when this deployment has no PyAV."""
     policy = getattr(family, "video_policy_for", None)
     if policy is None or policy(limits) is None:
         return None

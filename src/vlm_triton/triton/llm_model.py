@@ -124,6 +124,8 @@ class TritonPythonModel:
             limits = PreprocessLimits.from_deployment(cfg, family)
             warm_up(args["model_name"], "the vision encoder",
                     lambda: warm_up_vision(self.vision.runner, family, limits))
+        if self.vision is not None:  # the engine waits on an event, GIL released, while images are encoded
+            self.engine.others_need_gil = self.vision.busy
         self.engine.start(self.outbox.put)
         timing = {"": self.engine.timing, "outbox_": self.outbox.timing}
         if self.vision is not None:
