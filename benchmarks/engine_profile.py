@@ -224,13 +224,14 @@ def main() -> None:
     cuda = device.type == "cuda"
     ckpt = make_model(args.preset, Path("/tmp/prof-work") / args.preset)
     t = time.perf_counter()
-    _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, args.max_seq_len,
+    lengths = [int(n) for n in args.prefill.split(",")] if args.prefill else []
+    max_seq_len = max([args.max_seq_len] + [n + 1 for n in lengths])  # room for the longest prompt asked for
+    _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, max_seq_len,
                                 compile_pointwise=not args.variants and not args.eager_pointwise,
                                 prefill_pointwise=False, fuse_projections=False)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
-    if args.prefill:
-        lengths = [int(n) for n in args.prefill.split(",")]
+    if lengths:
         prefill_sweep(engine, lengths, args.out, "as served")
         if args.prefill_pointwise and cuda:
             from vlm_triton.engine.pointwise import compile_pointwise

@@ -59,8 +59,9 @@ class EngineSection:
     # stays for the ensemble and direct callers and loads its own copy of the encoder at their first request.
     # true | false | "auto" (on with the torch profile on CUDA). On an H100, A B A B (docs/benchmarks.md, item 42):
     # +13-19% out tok/s at W1 c=16/64 and +25% at W3 c=64, TPOT at W1 c=64 13-14 -> 8-9 ms; costs: TPOT at c=1
-    # +0.2 ms (~10%, every request, cause not found) and TTFT at W3 c=16 +20-40%. Off by default until the c=1 cost
-    # is found and W2 (text) is measured with it: run 24 ran with it on and its W2 rows were 8-12% below run 23's
+    # +0.2 ms (~10%, every request, cause not found) and TTFT at W3 c=16 +20-40%. Session 16 (item 44): +26% out
+    # tok/s at W1 and W3 c=64 over the new defaults, but +0.1-0.2 ms of TPOT at c=1, text included (W2 1.57 -> 1.67
+    # ms) and W1 TPOT at c=64 7.5 -> 10.3 ms: off by default until the c=1 cost is found
     vision_in_llm: bool | str = False
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
