@@ -309,7 +309,8 @@ class LLMEngine:
         logits = self.lm_head(hidden)
         for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
-        events = self._accept(seqs, host_list(self.penalties.sample(logits, seqs, seqs[0].slot), self.others_need_gil()))
+        sampled = self.penalties.sample(logits, seqs, seqs[0].slot)
+        events = self._accept(seqs, host_list(sampled, self.others_need_gil()))
         for seq in seqs:
             timeline.mark("llm.token", seq.request_id)
         self.prefill_requests += len(seqs)
