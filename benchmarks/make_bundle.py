@@ -152,11 +152,15 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="rebuild triton.tar.xz even if it exists (xz: minutes)")
     ap.add_argument("--with-pystack", action="store_true", help="add pystack (stall hunts; 6.4 MiB)")
     ap.add_argument("--with-pyspy", action="store_true", help="add py-spy (stack_variants --profile; 2.9 MiB)")
+    ap.add_argument("--without-perf", action="store_true",
+                    help="leave perf_analyzer out (4.5 MiB; the harness skips its phase): room for --with-pyspy")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.force or not (args.out / "triton.tar.xz").is_file():
         print("wrote", build_triton(args.out, args.python))
-    if args.force or not (args.out / "perf.tar.xz").is_file():
+    if args.without_perf:
+        (args.out / "perf.tar.xz").unlink(missing_ok=True)
+    elif args.force or not (args.out / "perf.tar.xz").is_file():
         print("wrote", build_perf(args.out))
     download_wheels(args.out, args.python, tuple(spec for spec, wanted in ((PYSTACK, args.with_pystack),
                                                                        (PYSPY, args.with_pyspy)) if wanted))
