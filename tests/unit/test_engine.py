@@ -47,20 +47,19 @@ def test_single_prompt_matches_generate(model: PreTrainedModel) -> None:
     check_events(events)
 
 
-def test_the_engine_waits_with_the_gil_released_only_while_others_need_it(
-        qwen: PreTrainedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every wait for sampled tokens asks `others_need_gil` (the llm's vision thread busy, item 44) whether to release
-    the GIL: the first token's and each decode step's."""
-    from vlm_triton.engine import engine as engine_module
-    from vlm_triton.engine.sampling import host_list
-
-    asked: list[bool] = []
-    monkeypatch.setattr(engine_module, "host_list", lambda t, release=False: asked.append(release) or host_list(t))
+def test_every_wait_for_sampled_tokens_goes_through_the_step_wait(qwen: PreTrainedModel) -> None:
+    """The first token's wait and each decode step's go through `engine.step_wait` (step_wait.py: on CUDA it waits on
+    an event with the GIL released while `release_gil_when()`, the llm's vision thread busy, item 44)."""
     engine = make_engine(qwen)
-    busy = iter([True, False, True, False, False])
-    engine.others_need_gil = lambda: next(busy)
+    waits: list[int] = []
+    tokens_of = engine.step_wait.tokens
+    def recording(sampled: torch.Tensor) -> list[int]:
+        waits.append(len(sampled))
+        return tokens_of(sampled)
+
+    engine.step_wait.tokens = recording  # type: ignore[method-assign]
     assert tokens(drain_one(engine, greedy("a", prompt(0, 7), 5))) == hf_greedy(qwen, prompt(0, 7), 5)
-    assert asked == [True, False, True, False, False]  # one prefill, four decode steps
+    assert waits == [1] * 5  # one prefill, four decode steps, one request each
 
 
 @pytest.mark.parametrize("full_kv", [False, True])

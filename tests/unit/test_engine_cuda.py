@@ -286,13 +286,13 @@ def test_chunks_with_nothing_decoding_wait_for_their_input_copy() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
-    """`sampling.host_list(tokens, release_gil=True)` (the engine's wait while its vision thread has work, item 44)
-    waits for the device on an event with the GIL released (item 41): a Python thread counting during a long GPU
+    """`StepWait.tokens` while `release_gil_when()` (the engine's wait while the llm's vision thread has work, item
+    44) waits for the device on an event with the GIL released (item 41): a Python thread counting during a long GPU
     wait gets through at least half the counts it makes alone in that time."""
     import threading
     import time
 
-    from vlm_triton.engine.sampling import host_list
+    from vlm_triton.engine.step_wait import StepWait
 
     counted, stop = [0], threading.Event()
 
@@ -310,7 +310,9 @@ def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
     for _ in range(200):  # seconds of queued matmuls, then tokens that depend on them
         a = (a @ a).clamp_(-1, 1)
     t0, c0 = time.perf_counter(), counted[0]
-    out = host_list(torch.arange(8, device="cuda") + (a[0, 0] * 0).long(), release_gil=True)
+    wait = StepWait()
+    wait.release_gil_when = lambda: True
+    out = wait.tokens(torch.arange(8, device="cuda") + (a[0, 0] * 0).long())
     waited, during = time.perf_counter() - t0, counted[0] - c0
     stop.set()
     thread.join()

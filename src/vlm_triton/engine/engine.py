@@ -55,7 +55,7 @@ from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
 from vlm_triton.engine.penalties import SlotPenalties
 from vlm_triton.engine.prefill import PrefillForward
-from vlm_triton.engine.sampling import host_list
+from vlm_triton.engine.step_wait import StepWait
 from vlm_triton.engine.types import (
     ActiveRequest,
     FinishReason,
@@ -68,10 +68,6 @@ from vlm_triton.errors import InvalidRequest, SetupError
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[TokenEvent]], None]
-
-
-def _never() -> bool:
-    return False
 
 class LLMEngine:
     def __init__(
@@ -142,9 +138,7 @@ class LLMEngine:
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
         self.timing = StepTiming()
-        # True while another thread of this process has GPU work to launch (the llm's vision thread): the engine then
-        # waits for its steps on a CUDA event with the GIL released (engine/sampling.host_list, items 41 and 44)
-        self.others_need_gil: Callable[[], bool] = _never
+        self.step_wait = StepWait()  # its release_gil_when: another thread of this process has GPU work to launch
         # the kernels last (kernels.py): after the checks above, so that a model that cannot be served stays unpatched
         self.fused: dict[str, int] = {}  # fused projection groups by kind (fused_linear.py)
         self.pointwise: dict[str, int] = {}  # compiled pointwise ops by kind (pointwise.py)
@@ -309,8 +303,7 @@ class LLMEngine:
         logits = self.lm_head(hidden)
         for seq in seqs:
             self.penalties.admit(seq, int(logits.shape[-1]))
-        sampled = self.penalties.sample(logits, seqs, seqs[0].slot)
-        events = self._accept(seqs, host_list(sampled, self.others_need_gil()))
+        events = self._accept(seqs, self.step_wait.tokens(self.penalties.sample(logits, seqs, seqs[0].slot)))
         for seq in seqs:
             timeline.mark("llm.token", seq.request_id)
         self.prefill_requests += len(seqs)
@@ -334,7 +327,7 @@ class LLMEngine:
             logits = self.decode.forward(bucket, kv_len)
         self.cache.set_idle()
         tokens = self.penalties.sample(logits[:n], self._active, 0)
-        token_list = host_list(tokens, self.others_need_gil())  # waits for the step on the device
+        token_list = self.step_wait.tokens(tokens)  # waits for the step on the device
         self.decode.last_tokens = tokens
         t2 = time.perf_counter()
         events = self._accept(list(self._active), token_list)

@@ -17,8 +17,6 @@ neutral values is left bit-identical).
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -148,25 +146,3 @@ def sample_tokens(
     pick = torch.minimum(pick, kept - 1)
     tokens[idx] = order.gather(-1, pick).view(-1)
     return tokens
-
-
-# How the engine thread waits for a step's sampled tokens (docs/benchmarks.md, items 41 and 44). By default in
-# `Tensor.tolist`: one copy that waits for the step. Item 41 waited first on a CUDA event with the GIL released, so
-# that the llm's vision thread could launch its work during a step (its rounds under W1 load: 450-530 -> 150-230 ms);
-# on text load that wait cost 6-14% of tokens per second (item 44, cause not measured), so the engine asks for it only
-# while another thread has GPU work (`release_gil`: the vision thread busy, engine.vision_in_llm). Measurement knob
-# VLM_TRITON_HOST_WAIT, read at import: "event" always waits on the event, "tolist" never does.
-_HOST_WAIT = os.environ.get("VLM_TRITON_HOST_WAIT", "auto")
-_EVENTS = threading.local()
-
-
-def host_list(tokens: torch.Tensor, release_gil: bool = False) -> list[int]:
-    """`tokens.tolist()`; with `release_gil` (or VLM_TRITON_HOST_WAIT=event) it first waits for the device on a CUDA
-    event, with the GIL released (item 41)."""
-    if tokens.is_cuda and _HOST_WAIT != "tolist" and (release_gil or _HOST_WAIT == "event"):
-        done = getattr(_EVENTS, "done", None)
-        if done is None:  # one event per thread, recorded again every step (not created and destroyed per token)
-            done = _EVENTS.done = torch.cuda.Event()
-        done.record()
-        done.synchronize()  # releases the GIL while it waits
-    return tokens.tolist()

@@ -120,12 +120,12 @@ class TritonPythonModel:
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
         self.vision = inline_vision(cfg, family, device, dtype)
-        if self.vision is not None and device.type == "cuda" and cfg.triton.stage_warm_up:  # loads the CUDA kernels
-            limits = PreprocessLimits.from_deployment(cfg, family)
-            warm_up(args["model_name"], "the vision encoder",
-                    lambda: warm_up_vision(self.vision.runner, family, limits))
-        if self.vision is not None:  # the engine waits on an event, GIL released, while images are encoded
-            self.engine.others_need_gil = self.vision.busy
+        if self.vision is not None:
+            if device.type == "cuda" and cfg.triton.stage_warm_up:  # loads the CUDA kernels
+                limits = PreprocessLimits.from_deployment(cfg, family)
+                warm_up(args["model_name"], "the vision encoder",
+                        lambda: warm_up_vision(self.vision.runner, family, limits))
+            self.engine.step_wait.release_gil_when = self.vision.busy  # while images are encoded (step_wait.py)
         self.engine.start(self.outbox.put)
         timing = {"": self.engine.timing, "outbox_": self.outbox.timing}
         if self.vision is not None:

@@ -1,0 +1,39 @@
+"""How the engine thread waits for a step's sampled tokens (docs/benchmarks.md, items 41 and 44).
+
+By default in `Tensor.tolist`: one copy that waits for the step. Item 41 waited first on a CUDA event with the GIL
+released, so that the llm's vision thread could launch its work during a step (its rounds under W1 load: 450-530 ->
+150-230 ms on an H100); on text load that wait cost 6-14% of tokens per second (item 44, cause not measured). So the
+event wait is used only while `release_gil_when()` says another thread has GPU work (the llm stage sets it to its
+vision thread being busy, engine.vision_in_llm). Measurement knob VLM_TRITON_HOST_WAIT, read at import: "event"
+always waits on the event, "tolist" never does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+_HOST_WAIT = os.environ.get("VLM_TRITON_HOST_WAIT", "auto")
+
+
+def _never() -> bool:
+    return False
+
+
+class StepWait:
+    """One per engine, called by the thread that drives its steps."""
+
+    def __init__(self) -> None:
+        self.release_gil_when: Callable[[], bool] = _never
+        self._done: torch.cuda.Event | None = None  # recorded again every step, not created per token
+
+    def tokens(self, sampled: torch.Tensor) -> list[int]:
+        """`sampled.tolist()`, first waiting for the device on a CUDA event with the GIL released when asked."""
+        if sampled.is_cuda and _HOST_WAIT != "tolist" and (_HOST_WAIT == "event" or self.release_gil_when()):
+            if self._done is None:
+                self._done = torch.cuda.Event()
+            self._done.record()
+            self._done.synchronize()  # releases the GIL while it waits
+        return sampled.tolist()
