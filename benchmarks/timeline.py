@@ -6,7 +6,7 @@ DIR holds the `<pid>.tl` files that the frontend, the bls and the llm wrote with
 the load generator's `client-<pid>.tl` (`loadgen.run_load(timeline_dir=DIR)`): `benchmarks.stack_variants
 --timeline` sets both and prints this table after each load point. Each request's marks
 are put in the order of the first token's path; a hop is the time from one mark to the next mark the request has
-(`bls.encoded` only for requests with images). Prints p50 / p90 / mean ms per hop over the requests that the
+(`bls.encoded` and the `vis.*` marks only for requests with images). Prints p50 / p90 / mean ms per hop over the requests that the
 frontend received within [--from, --to] (CLOCK_MONOTONIC ns; default: all).
 """
 
@@ -25,7 +25,13 @@ PATH = (
     ("frontend.receive", "frontend: the body is read and validated, the generation starts"),
     ("frontend.send", "frontend: the gRPC stream to the bls starts"),
     ("bls.execute", "bls: execute() starts serving it"),
+    ("pre.execute", "preprocess: execute() starts it"),
+    ("pre.prepared", "preprocess: fetched, decoded (tiled), rendered and tokenized (family.prepare)"),
+    ("pre.done", "preprocess: its output tensors are made"),
     ("bls.preprocessed", "bls: the preprocess call returned"),
+    ("vis.execute", "vision_encoder: execute() starts it (with the batch it came in)"),
+    ("vis.tiles", "vision_encoder: the batch's tiles are on the device (cut there, or copied)"),
+    ("vis.encoded", "vision_encoder: the batch is encoded (device synchronised)"),
     ("bls.encoded", "bls: the vision_encoder call(s) returned"),
     ("bls.llm_call", "bls: the llm call is made"),
     ("llm.execute", "llm: execute() queued it to the engine (or to its vision thread)"),

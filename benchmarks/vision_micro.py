@@ -1,6 +1,10 @@
 """Vision encoder variants on one device: eager vs torch.compile, per tile count, against the matmul floor.
 
-    python -m benchmarks.vision_micro --preset internvl3-1b --tiles 1,4,13,52 [--modes eager,compile]
+    python -m benchmarks.vision_micro --preset internvl3-1b --tiles 1,4,13,52 [--modes eager,compile,cudnn,flash]
+        [--kernels 13]
+
+Modes: eager (as served: SDPA picks its kernel), compile (torch.compile), and an SDPA backend forced for the ViT's
+attention (cudnn, flash, efficient, math). `--kernels N` also prints the top kernels of an eager forward of N tiles.
 
 Builds the preset's checkpoint with random weights (benchmarks/models.py), runs the family's vision encoder (the
 module the `vision_encoder` stage serves) on random tiles, and prints a table: median ms, TFLOP/s, fraction of the
@@ -70,10 +74,41 @@ def _time(fn, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[floa
     return float(np.median(times)), out
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def with_sdpa_backend(encoder: torch.nn.Module, name: str):
+    """The encoder with every scaled_dot_product_attention call on one backend (it fails where that one cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return encoder(x)
+
+    return run
+
+
+def print_kernels(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device, top: int = 15) -> None:
+    """Top kernels of one eager forward (CUDA time), after a warm one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        encoder(x)
+        baselines.sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            encoder(x)
+            baselines.sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def main() -> None:
     ap = encoder_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--tiles", default="1,4,13,52")
     ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--kernels", type=int, default=0, help="top kernels of an eager forward of this many tiles")
     args = ap.parse_args()
     device = torch.device(args.device)
     family, eager, dtype = build_encoder(args.preset, args.work, device)
@@ -84,8 +119,12 @@ def main() -> None:
     runners = {}
     for mode in modes:
         t = time.perf_counter()
-        runners[mode] = eager if mode == "eager" else compile_vision_encoder(eager, warm_tiles=tiles, device=device,
-                                                                             size=family.image_size)
+        if mode == "eager":
+            runners[mode] = eager
+        elif mode in SDPA_BACKENDS:
+            runners[mode] = with_sdpa_backend(eager, mode)
+        else:
+            runners[mode] = compile_vision_encoder(eager, warm_tiles=tiles, device=device, size=family.image_size)
         print(f"{mode}: ready in {time.perf_counter() - t:.1f} s", flush=True)
     print(f"\n{args.preset} vision encoder, {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
           f", {dtype}, matmul peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
@@ -104,6 +143,10 @@ def main() -> None:
             diff = float((out.float() - ref).abs().max())
             floor = f"{flops / peak / sec:.0%}" if peak else "-"
             print(f"| {n} | {mode} | {sec * 1e3:.2f} | {flops / sec / 1e12:.0f} | {floor} | {diff:.3g} |", flush=True)
+    if args.kernels:
+        x = torch.randn(args.kernels, 3, family.image_size, family.image_size, generator=gen).to(device, dtype)
+        print(f"\ntop kernels of an eager forward of {args.kernels} tiles")
+        print_kernels(eager, x, device)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ token), so the marks cost a few microseconds per request. `benchmarks/timeline.p
 latencies.
 
 The frontend's request id reaches the bls as its Triton request id; the bls binds it (`bind`) for the coroutines
-that serve the request and names the id of its llm request in the `bls.llm_call` mark; the llm marks under its
-engine ids (`<llm request id>#<n>`).
+that serve the request, gives it to its preprocess and vision_encoder calls as their request id (those stages mark
+under it) and names the id of its llm request in the `bls.llm_call` mark; the llm marks under its engine ids
+(`<llm request id>#<n>`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def mark(event: str, request_id: str | None = None, detail: str = "", at_ns: int
     if rid:
         when = time.monotonic_ns() if at_ns is None else at_ns
         _write(f"{when} {rid} {event}{' ' + detail if detail else ''}\n")
+
+
+def current() -> str:
+    """The request bound to this context ("" when marking is off or none is): the bls names its stage calls with it,
+    so that preprocess and vision_encoder mark under the frontend's id."""
+    return (_current.get() or "") if _DIR is not None else ""
 
 
 def bind(request_id: str) -> None:

@@ -92,8 +92,8 @@ def test_timeline_marks_the_first_token_path_in_order(client, stack, timeline_di
         events = join(read_marks(timeline_dir)).get(request_id, {})
         time.sleep(0.1)
     assert sorted(events) == server_marks, events
-    causal = ["frontend.http", "frontend.receive", "frontend.send", "bls.execute", "bls.preprocessed", "bls.encoded",
-              "bls.llm_call", "llm.execute", "llm.prefill", "llm.token", "llm.send", "bls.llm_first", "frontend.first", "frontend.sse"]
+    causal = ["frontend.http", "frontend.receive", "frontend.send", "bls.execute", "pre.execute", "pre.prepared",
+              "pre.done", "bls.preprocessed", "vis.execute", "vis.tiles", "vis.encoded", "bls.encoded", "bls.llm_call", "llm.execute", "llm.prefill", "llm.token", "llm.send", "bls.llm_first", "frontend.first", "frontend.sse"]
     assert [events[e] for e in causal] == sorted(events[e] for e in causal)
     # the ends of synchronous sends: the receiver may go on before the sender's call returns
     assert events["llm.send"] <= events["llm.sent"] and events["bls.llm_first"] <= events["bls.sent"]

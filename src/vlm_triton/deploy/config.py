@@ -115,7 +115,10 @@ class PreprocessSection:
 @dataclass(frozen=True)
 class TritonSection:
     vision_max_batch_size: int = 32  # tiles batched across requests by Triton's dynamic batcher
-    vision_max_queue_delay_us: int = 2000
+    # how long Triton holds a vision_encoder batch open for more requests while the encoder is idle: each W1 image
+    # (13 tiles) waited the whole 2 ms of the old default at c=1; under load requests queue behind the busy encoder
+    # and are batched without it (docs/benchmarks.md, item 45)
+    vision_max_queue_delay_us: int = 0
     preprocess_instances: int = 2
     postprocess_instances: int = 2
     # BLS processes; one saturated near 4 streams. 2 on an H100 (W2): c=16 3,344 -> 4,805 tok/s, c=64 9,322 -> 12,172

@@ -24,7 +24,8 @@ from vlm_triton.models.hico import is_hico_config
 from vlm_triton.models.internvit import InternViTConfig, InternVLVisionEncoder
 from vlm_triton.models.language_model import LLM_LOADERS, llm_architecture, load_language_model
 from vlm_triton.multimodal.media import MediaFetcher
-from vlm_triton.multimodal.pixels import image_planes
+from vlm_triton.multimodal.pending_image import PendingImage, open_images
+from vlm_triton.multimodal.pixels import pack_planes, plane_array
 from vlm_triton.multimodal.tiling import (
     PendingTiles,
     device_cuttable,
@@ -131,15 +132,17 @@ class InternVLFamily(ModelFamily):
         parts = prompt_media(messages)
         self._check_media(parts, limits)
         max_tiles = limits.max_tiles_per_image or int(self.config.get("max_dynamic_patch", 12))
-        images = media.load_images([p.url for p in parts if isinstance(p, ImagePart)], threads=limits.image_threads)
+        # the vision encoder cuts the tiles from the decoded images (same bytes), for requests with images only
+        on_device = limits.device_tiles and all(isinstance(p, ImagePart) for p in parts)
+        # with threads, the images are fetched and decoded (and their planes made) while the prompt is built
+        images = iter(open_images(media, [p.url for p in parts if isinstance(p, ImagePart)],
+                                  threads=limits.image_threads, finish=plane_array if on_device else None))
         tiling = {"min_num": int(self.config.get("min_dynamic_patch", 1)), "max_num": max_tiles,
                   "image_size": self.image_size, "use_thumbnail": bool(self.config.get("use_thumbnail", True))}
         units: list[np.ndarray | PendingTiles] = []  # the tiles behind each `<image>` (an image's may still be made)
         counts: list[int] = []  # how many tiles each `<image>` has
         frames: list[int] = []
-        # the vision encoder cuts the tiles from the decoded images (same bytes), for requests with images only
-        on_device = limits.device_tiles and all(isinstance(p, ImagePart) for p in parts)
-        decoded: list[Any] = []
+        decoded: list[PendingImage] = []
         grids: list[tuple[int, ...]] = []
         for part in parts:
             if isinstance(part, VideoPart):
@@ -154,10 +157,10 @@ class InternVLFamily(ModelFamily):
                 decoded.append(image)
                 counts.append(grid_tiles(grids[-1]))
                 continue
-            units.append(start_images_tiles([image], threads=limits.image_threads, **tiling))
+            units.append(start_images_tiles([image.result()], threads=limits.image_threads, **tiling))
             counts.append(num_tiles(*image.size, **tiling))
         if decoded and not device_cuttable(grids, image_size=self.image_size):  # the same tiles, made here
-            units = [start_images_tiles([image], threads=limits.image_threads, **tiling) for image in decoded]
+            units = [start_images_tiles([image.result()], threads=limits.image_threads, **tiling) for image in decoded]
             decoded = []
         # with threads the tiles are made while the prompt is rendered and tokenized (which releases the GIL)
         prompt = render_internvl_prompt(
@@ -175,7 +178,8 @@ class InternVLFamily(ModelFamily):
         num_image_tokens = int(slots.sum())
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)  # unique fake id per image token
         if decoded:
-            return PreparedPrompt(ids.astype(np.int32), image_planes(decoded), num_image_tokens, prompt,
+            planes = pack_planes([image.finished() for image in decoded])
+            return PreparedPrompt(ids.astype(np.int32), planes, num_image_tokens, prompt,
                                   image_grids=np.asarray(grids, dtype=np.int32))
         tiles = [unit.result()[0] if isinstance(unit, PendingTiles) else unit for unit in units]
         if [t.shape[0] for t in tiles] != counts:

@@ -29,6 +29,7 @@ from vlm_triton.families.base import LLMPart, ModelFamily, PreparedPrompt, Prepr
 from vlm_triton.models.minicpmv_llm import load_minicpmv_language_model, minicpmv_llm_config
 from vlm_triton.models.minicpmv_vision import MiniCPMVVisionConfig, MiniCPMVVisionEncoder
 from vlm_triton.multimodal.media import MediaFetcher
+from vlm_triton.multimodal.pending_image import open_images
 from vlm_triton.multimodal.minicpmv_slicing import (
     PlaceholderTokens,
     image_placeholder,
@@ -145,10 +146,10 @@ class MiniCPMVFamily(ModelFamily):
         options = self.slicing(limits)
         pictures: list[Image.Image] = []
         frames_per_video: list[int] = []
-        loaded = media.load_images([p.url for p in images], threads=limits.image_threads)
+        loaded = iter(open_images(media, [p.url for p in images], threads=limits.image_threads))
         for part in parts:
             if isinstance(part, ImagePart):
-                pictures.append(next(loaded))
+                pictures.append(next(loaded).result())
             else:
                 frames = self.video_frames(part, media)
                 frames_per_video.append(len(frames))

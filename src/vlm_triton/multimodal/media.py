@@ -36,8 +36,6 @@ import ssl
 import stat
 import time
 import warnings
-from collections import deque
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -46,7 +44,6 @@ import httpx
 from PIL import Image
 
 from vlm_triton.errors import InvalidRequest, SetupError
-from vlm_triton.multimodal.resample import image_pool
 
 MiB = 1024 * 1024
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -129,28 +126,14 @@ class MediaFetcher:
 
     def load_image(self, url: str) -> Image.Image:
         """Fetch and decode an image; returns a fully loaded RGB `PIL.Image`."""
+        return load_rgb(*self.open_image(url))
+
+    def open_image(self, url: str) -> tuple[Image.Image, str]:
+        """Fetch an image and read its header only (format and pixel limit checked): (the lazy image, a name for
+        errors). `load_rgb` decodes its pixels."""
         data = self.fetch_bytes(url)
         source = "image in data: URL" if url.strip()[:5].lower() == "data:" else f"image {_short(url.strip())!r}"
-        return decode_image(data, policy=self.policy, source=source)
-
-    def load_images(self, urls: Sequence[str], *, threads: int = 1) -> Iterator[Image.Image]:
-        """`load_image` of each URL, yielded in order; the first failing URL in order raises when it is reached.
-
-        threads > 1: up to `threads` images ahead of the consumer are fetched and decoded on the shared image pool
-        (Pillow decodes without the GIL), starting now; otherwise each is loaded when it is consumed."""
-        if threads <= 1 or len(urls) < 2:
-            return (self.load_image(url) for url in urls)
-        pool = image_pool(threads)
-        ahead = deque(pool.submit(self.load_image, url) for url in urls[:threads])
-
-        def consume() -> Iterator[Image.Image]:
-            for k in range(len(urls)):
-                future = ahead.popleft()
-                if k + threads < len(urls):
-                    ahead.append(pool.submit(self.load_image, urls[k + threads]))
-                yield future.result()
-
-        return consume()
+        return open_image_bytes(data, policy=self.policy, source=source), source
 
     # ----------------------------------------------------------------------------------------------- data:
     def _fetch_data(self, url: str) -> bytes:
@@ -321,6 +304,11 @@ class MediaFetcher:
 
 def decode_image(data: bytes, *, policy: MediaPolicy | None = None, source: str = "image") -> Image.Image:
     """Decode image bytes into a loaded RGB image under `policy` (formats, pixel limit, truncation)."""
+    return load_rgb(open_image_bytes(data, policy=policy, source=source), source)
+
+
+def open_image_bytes(data: bytes, *, policy: MediaPolicy | None = None, source: str = "image") -> Image.Image:
+    """Image bytes -> a lazy `PIL.Image` whose header passed `policy` (formats, pixel limit); nothing decoded yet."""
     policy = policy or MediaPolicy()
     formats = ", ".join(policy.image_formats)
     Image.init()
@@ -343,11 +331,15 @@ def decode_image(data: bytes, *, policy: MediaPolicy | None = None, source: str 
             f"{source}: the image is {width}x{height} ({width * height} pixels); "
             f"the limit is {policy.max_image_pixels} pixels"
         )
+    return img
+
+
+def load_rgb(img: Image.Image, source: str = "image") -> Image.Image:
+    """Decode an opened image (`open_image_bytes`): the loaded RGB image; a truncated or corrupt file fails here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(f"{source}: the image is truncated or corrupt ({exc})") from None
-    return rgb

@@ -49,16 +49,31 @@ def rgb_planes(img: Image.Image) -> list[np.ndarray]:
     return [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(h, w) for band in "RGB"]
 
 
-def image_planes(images: Sequence[Image.Image]) -> np.ndarray:
-    """uint8 [N, 3, Hmax, Wmax]: each image's R, G, B planes (converted to RGB when it is not), zero padded to the
-    largest height and width; what preprocess sends when the vision encoder cuts the tiles."""
-    if not images:
-        return np.zeros((0, CHANNELS, 0, 0), dtype=np.uint8)
-    out = np.zeros((len(images), CHANNELS, max(i.height for i in images), max(i.width for i in images)), np.uint8)
-    for k, img in enumerate(images):
-        for c, plane in enumerate(rgb_planes(img if img.mode == "RGB" else img.convert("RGB"))):
-            out[k, c, : img.height, : img.width] = plane
+def plane_array(img: Image.Image) -> np.ndarray:
+    """uint8 [3, H, W]: an image's R, G, B planes (converted to RGB when it is not)."""
+    out = np.empty((CHANNELS, img.height, img.width), np.uint8)
+    for c, plane in enumerate(rgb_planes(img if img.mode == "RGB" else img.convert("RGB"))):
+        out[c] = plane
     return out
+
+
+def pack_planes(planes: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 [N, 3, Hmax, Wmax] from each image's [3, H, W] planes (`plane_array`), zero padded to the largest height
+    and width (one image: its own array, not copied); what preprocess sends when the vision encoder cuts the tiles."""
+    if not planes:
+        return np.zeros((0, CHANNELS, 0, 0), dtype=np.uint8)
+    if len(planes) == 1:
+        return planes[0][None]
+    out = np.zeros((len(planes), CHANNELS, max(p.shape[1] for p in planes), max(p.shape[2] for p in planes)),
+                   np.uint8)
+    for k, p in enumerate(planes):
+        out[k, :, : p.shape[1], : p.shape[2]] = p
+    return out
+
+
+def image_planes(images: Sequence[Image.Image]) -> np.ndarray:
+    """`pack_planes` of the images' planes."""
+    return pack_planes([plane_array(img) for img in images])
 
 
 class TileWriter:

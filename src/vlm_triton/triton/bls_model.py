@@ -160,7 +160,8 @@ class TritonStages(StageClient):
 
     async def preprocess(self, messages_json: str) -> Prepared:
         request = pb_utils.InferenceRequest(
-            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)]
+            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)],
+            request_id=timeline.current(),
         )
         response = check_response(await request.async_exec(), "preprocess")
         timeline.mark("bls.preprocessed")

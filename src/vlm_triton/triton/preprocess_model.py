@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton import timeline
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.multimodal.warmup import warm_up_prompt
@@ -90,11 +91,14 @@ class TritonPythonModel:
         return [self.__scalar(r) for r in requests]
 
     def __scalar(self, request: Any) -> Any:
+        rid = request.request_id() if timeline.enabled() else ""  # the bls names its call with the frontend's id
+        timeline.mark("pre.execute", rid)
         try:
             raw = get_text(request, "messages")
             if raw is None:
                 raise InvalidRequest("the 'messages' input is required")
             prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
+            timeline.mark("pre.prepared", rid)
             ids = prepared.input_ids.astype(np.int32)
             raw = np.ascontiguousarray(prepared.pixel_values)
             if self.pixel_dtype == np.uint8:
@@ -106,20 +110,20 @@ class TritonPythonModel:
                                                    image_grids=prepared.image_grids)
             else:
                 extra_ids = np.zeros(ids.shape[0], dtype=np.uint64)
-            return pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("input_ids", ids.reshape(1, -1)),
-                    pb_utils.Tensor("input_lengths", _scalar(ids.shape[0])),
-                    pb_utils.Tensor("pixel_values", pixels),
-                    pb_utils.Tensor("end_id", _scalar(self.end_id)),
-                    pb_utils.Tensor("pad_id", _scalar(self.pad_id)),
-                    pb_utils.Tensor("stop_words_list", self.stop_words[None]),
-                    pb_utils.Tensor("prompt_vocab_size", _scalar(prepared.num_image_tokens)),
-                    pb_utils.Tensor("prompt_table_extra_ids", extra_ids.reshape(1, -1)),
-                    pb_utils.Tensor("tgt_sizes", _per_unit(prepared.tgt_sizes, 2)),
-                    pb_utils.Tensor("image_grids", _per_unit(prepared.image_grids, 5)),
-                    pb_utils.Tensor("return_num_input_tokens", np.ones((1, 1), dtype=np.bool_)),
-                ]
-            )
+            outputs = [
+                pb_utils.Tensor("input_ids", ids.reshape(1, -1)),
+                pb_utils.Tensor("input_lengths", _scalar(ids.shape[0])),
+                pb_utils.Tensor("pixel_values", pixels),
+                pb_utils.Tensor("end_id", _scalar(self.end_id)),
+                pb_utils.Tensor("pad_id", _scalar(self.pad_id)),
+                pb_utils.Tensor("stop_words_list", self.stop_words[None]),
+                pb_utils.Tensor("prompt_vocab_size", _scalar(prepared.num_image_tokens)),
+                pb_utils.Tensor("prompt_table_extra_ids", extra_ids.reshape(1, -1)),
+                pb_utils.Tensor("tgt_sizes", _per_unit(prepared.tgt_sizes, 2)),
+                pb_utils.Tensor("image_grids", _per_unit(prepared.image_grids, 5)),
+                pb_utils.Tensor("return_num_input_tokens", np.ones((1, 1), dtype=np.bool_)),
+            ]
+            timeline.mark("pre.done", rid)
+            return pb_utils.InferenceResponse(output_tensors=outputs)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
             return error_response(exc)

@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
+from vlm_triton import timeline
 from vlm_triton.triton.common import check_response, torch_output
 
 
@@ -42,7 +43,8 @@ async def prompt_table(pixel_values: Any, extras: Sequence[Any], chunk: int, dty
 async def _encode(inputs: list[Any], host: bool) -> torch.Tensor:
     where = {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)} if host else {}
     request = pb_utils.InferenceRequest(
-        model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=inputs, **where
+        model_name="vision_encoder", requested_output_names=["image_embeds"], inputs=inputs,
+        request_id=timeline.current(), **where
     )
     response = check_response(await request.async_exec(), "vision_encoder")
     return from_dlpack(pb_utils.get_output_tensor_by_name(response, "image_embeds").to_dlpack())  # [N, T, H]

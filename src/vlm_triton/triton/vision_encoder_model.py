@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 
+from vlm_triton import timeline
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.vision_runner import VisionRunner
@@ -71,6 +72,15 @@ class TritonPythonModel:
         self.timing.add(part, now - since)
         return now
 
+    def _timeline(self, event: str, ids: list[str]) -> None:
+        """With VLM_TRITON_TIMELINE_DIR: the device's work so far is done (one mark time for the batch); mark it."""
+        if ids:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.monotonic_ns()
+            for rid in ids:
+                timeline.mark(event, rid, at_ns=now)
+
     def _tiles(self, request: Any) -> torch.Tensor:
         """The request's uint8 tiles: as sent (host memory), or cut on the device from its decoded images."""
         return self.runner.tiles(get_torch(request, "pixel_values"), get_torch(request, "image_grids"))
@@ -79,6 +89,8 @@ class TritonPythonModel:
         """One response per request; a request whose tiles cannot be made fails alone, an encoder error fails all."""
         responses: list[Any] = [None] * len(requests)
         batches, kept, sizes = [], [], []
+        ids = [r.request_id() for r in requests] if timeline.enabled() else []  # the bls's: the frontend's ids
+        self._timeline("vis.execute", ids)
         start = t = time.perf_counter()
         with torch.inference_mode():
             for i, request in enumerate(requests):
@@ -88,11 +100,13 @@ class TritonPythonModel:
                 except Exception as exc:  # noqa: BLE001 - this request's error
                     responses[i] = error_response(exc)
             t = self._mark("tiles", t)
+            self._timeline("vis.tiles", ids)
             try:
                 if kept:
                     tgt_sizes = [get_torch(requests[i], "tgt_sizes") for i in kept]  # variable-size tiles only
                     embeds, sizes = self.runner.encode(batches, tgt_sizes)
                     t = self._mark("encode", t)
+                    self._timeline("vis.encoded", ids)
                     for i, part in zip(kept, torch.split(embeds, sizes)):
                         responses[i] = pb_utils.InferenceResponse(output_tensors=[torch_output("image_embeds", part)])
             except Exception as exc:  # noqa: BLE001
