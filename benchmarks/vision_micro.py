@@ -3,8 +3,9 @@
     python -m benchmarks.vision_micro --preset internvl3-1b --tiles 1,4,13,52 [--modes eager,compile,cudnn,flash]
         [--kernels 13]
 
-Modes: eager (as served: SDPA picks its kernel), compile (torch.compile), and an SDPA backend forced for the ViT's
-attention (cudnn, flash, efficient, math). `--kernels N` also prints the top kernels of an eager forward of N tiles.
+Modes: eager (as served: SDPA picks its kernel, layer scales folded into the weights), unfolded (eager with the
+layer scales as separate multiplies, as before item 45), compile (torch.compile), and an SDPA backend forced for the
+ViT's attention (cudnn, flash, efficient, math). `--kernels N` also prints the top kernels of an eager forward of N tiles.
 
 Builds the preset's checkpoint with random weights (benchmarks/models.py), runs the family's vision encoder (the
 module the `vision_encoder` stage serves) on random tiles, and prints a table: median ms, TFLOP/s, fraction of the
@@ -121,6 +122,9 @@ def main() -> None:
         t = time.perf_counter()
         if mode == "eager":
             runners[mode] = eager
+        elif mode == "unfolded":
+            runners[mode] = family.vision_encoder_class.from_checkpoint(
+                family.checkpoint, dtype=dtype, device=device, fold_scales=False).eval()
         elif mode in SDPA_BACKENDS:
             runners[mode] = with_sdpa_backend(eager, mode)
         else:

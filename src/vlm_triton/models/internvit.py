@@ -149,8 +149,25 @@ class _Layer(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = _MLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.scales_folded = False
+
+    def fold_layer_scales(self) -> None:
+        """ls1 / ls2 multiply the outputs of attn.proj / mlp.fc2, so they can live in those layers' weights and
+        biases (scaled once, in the dtype they are loaded in): two elementwise passes over [N, T, C] less per layer
+        (on an H100, 1.8 of 24 ms for W1's 13 tiles)."""
+        if self.scales_folded:
+            return
+        with torch.no_grad():
+            for scale, linear in ((self.ls1, self.attn.proj), (self.ls2, self.mlp.fc2)):
+                linear.weight.mul_(scale[:, None])
+                linear.bias.mul_(scale)
+                scale.fill_(1.0)
+        self.scales_folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales_folded:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
         x = x + self.ls1 * self.attn(self.norm1(x))
         return x + self.ls2 * self.mlp(self.norm2(x))
 
@@ -222,11 +239,14 @@ class InternVLVisionEncoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "InternVLVisionEncoder":
+                        device: str | torch.device = "cpu", fold_scales: bool = True) -> "InternVLVisionEncoder":
         cfg = InternViTConfig.from_internvl_config(ckpt.config)
         model = cls(cfg)
         load_module_weights(ckpt, model, ("vision_model.", "mlp1."),
                             layers=("vision_model.encoder.layers.", cfg.layers_to_run), what="vision weights")
+        if fold_scales:  # fold_scales=False: the layer scales as separate multiplies (benchmarks/vision_micro.py)
+            for layer in model.vision_model.encoder.layers:  # in float32, before the cast: one rounding per weight
+                layer.fold_layer_scales()
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @property
