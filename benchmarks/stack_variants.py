@@ -193,7 +193,11 @@ def main() -> None:
     media = args.work / "media"
     ws = make_workloads(media, None)
     prepare_workloads(ckpt, ws, media, w2_prompt_tokens=512)
-    points = {w: [int(c) for c in cs.split(",")] for w, _, cs in (p.partition("=") for p in args.points or ["W2=16,64"])}
+    points: dict[str, list[int]] = {}  # a workload named twice keeps the concurrencies of both, in order
+    for w, _, cs in (p.partition("=") for p in args.points or ["W2=16,64"]):
+        for c in (int(c) for c in cs.split(",")):
+            if c not in points.setdefault(w, []):
+                points[w].append(c)
     base_cfg = deployment(ckpt, media, max_slots=64, max_seq_len=4096, device=args.device)
     rows: list[dict[str, Any]] = []
 
