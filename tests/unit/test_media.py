@@ -19,7 +19,6 @@ from PIL import Image
 
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy, decode_image, is_public_address
-from vlm_triton.multimodal.pending_image import open_images
 
 
 def _png(width: int = 32, height: int = 24, color=(200, 30, 60), mode: str = "RGB") -> bytes:
@@ -234,32 +233,6 @@ def test_file_allowed_dir(media_dirs):
     assert fetcher.fetch_bytes(f"file://{allowed}/cat.png") == PNG
     assert fetcher.load_image(f"file://localhost{allowed}/cat.png").size == (32, 24)
     assert "file" in fetcher.allowed_schemes()
-
-
-@pytest.mark.parametrize("threads", [1, 2, 8])
-def test_open_images_in_order_first_failure_in_order(media_dirs, threads):
-    allowed, _ = media_dirs
-    for k, color in enumerate([(1, 2, 3), (4, 5, 6), (7, 8, 9)]):
-        (allowed / f"{k}.png").write_bytes(_png(8 + k, 4, color=color))
-    (allowed / "cut.png").write_bytes(_png(12, 4)[:-30])  # a header that reads, pixels that do not
-    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(allowed,)))
-    urls = [f"file://{allowed}/{k}.png" for k in (2, 0, 1, 2, 0)]
-    pending = open_images(fetcher, urls, threads=threads, finish=lambda img: img.getpixel((0, 0)))
-    assert [p.size for p in pending] == [(10, 4), (8, 4), (9, 4), (10, 4), (8, 4)]
-    images = [p.result() for p in pending]
-    assert all(img.mode == "RGB" for img in images) and images[2].getpixel((0, 0)) == (4, 5, 6)
-    assert [p.finished() for p in pending] == [(7, 8, 9), (1, 2, 3), (4, 5, 6), (7, 8, 9), (1, 2, 3)]
-    bad = open_images(fetcher, [urls[0], f"file://{allowed}/cut.png", f"file://{allowed}/missing.png",
-                                f"file://{allowed}/sub"], threads=threads)
-    assert bad[0].result().size == (10, 4)  # images before the failing ones are delivered
-    assert bad[1].size == (12, 4)  # its size is known from the header before its pixels fail
-    with pytest.raises(InvalidRequest, match="truncated or corrupt"):
-        bad[1].result()
-    with pytest.raises(InvalidRequest, match="does not exist"):  # each its own error, the size asked first
-        bad[2].size
-    with pytest.raises(InvalidRequest, match="not a regular"):
-        bad[3].result()
-    assert open_images(fetcher, [], threads=threads) == []
 
 
 @pytest.mark.parametrize("suffix", ["/../secret.png", "/sub/../../secret.png", "/%2e%2e/secret.png", "/link.png"])

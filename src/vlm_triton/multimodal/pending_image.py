@@ -38,12 +38,7 @@ class PendingImage:
     def size(self) -> tuple[int, int]:
         """(width, height) from the header; waits for the fetch (raises its error)."""
         if self._done is None and not self._header.done():
-            try:
-                self._opened = self._media.open_image(self._url)
-            except BaseException as exc:
-                self._header.set_exception(exc)
-                raise
-            self._header.set_result(self._opened[0].size)
+            self._opened = self._open()
         return self._header.result()
 
     def result(self) -> Image.Image:
@@ -66,15 +61,19 @@ class PendingImage:
             self._done, self._opened = done, None
         return self._done.result()
 
-    def _load(self) -> tuple[Image.Image, Any]:
-        """On the pool: fetch, header (published at once), decode, finish."""
+    def _open(self) -> tuple[Image.Image, str]:
+        """Fetch and read the header; its size (or the error) is published at once."""
         try:
             opened = self._media.open_image(self._url)
         except BaseException as exc:
             self._header.set_exception(exc)
             raise
         self._header.set_result(opened[0].size)
-        return self._decode(*opened)
+        return opened
+
+    def _load(self) -> tuple[Image.Image, Any]:
+        """On the pool: fetch, header, decode, finish."""
+        return self._decode(*self._open())
 
     def _decode(self, img: Image.Image, source: str) -> tuple[Image.Image, Any]:
         rgb = load_rgb(img, source)
