@@ -11,6 +11,9 @@ everywhere with `--eager-pointwise`), then does it again with them compiled in p
 `engine.prefill_pointwise`) and says whether greedy tokens stayed the same; `--prefill-fused` then once more with
 each layer's projections fused (engine/fused_linear.py).
 
+`--buckets 1x3400,2x3400,9x512` instead times prefill steps of k prompts of n tokens replayed from power-of-two
+packed-length buckets and then from the buckets as served (item 46: octaves split in quarters from 512 tokens).
+
 `--variants` instead compares ways of running the decode step (the SDPA kernel of decode attention, the pointwise
 ops compiled, vlm_triton/engine/pointwise.py, and the projections fused, engine/fused_linear.py): graph time per
 (batch, KV) bucket and whether greedy tokens of four requests stay equal to the first variant's.
@@ -79,13 +82,14 @@ def prefill_flops(backbone: torch.nn.Module, tokens: int) -> float:
     return 2.0 * linear * tokens + 2.0 * cfg.num_hidden_layers * tokens * tokens * cfg.num_attention_heads * head_dim
 
 
-def prefill_step_ms(engine, tokens: int, reps: int) -> float:
-    """Median ms of the engine steps that serve one prompt of `tokens` tokens and its one output token."""
+def prefill_step_ms(engine, tokens: int, reps: int, prompts: int = 1) -> float:
+    """Median ms of the engine steps that serve `prompts` prompts of `tokens` tokens and their one output token."""
     times = []
     for i in range(reps):
-        ids = torch.randint(0, 1000, (tokens,), dtype=torch.int32).numpy()
-        engine.add_request(GenerationRequest(request_id=f"pf{tokens}-{i}", input_ids=ids, max_new_tokens=1,
-                                             temperature=0.0, end_id=-1))
+        for j in range(prompts):
+            ids = torch.randint(0, 1000, (tokens,), dtype=torch.int32).numpy()
+            engine.add_request(GenerationRequest(request_id=f"pf{tokens}-{i}-{j}", input_ids=ids, max_new_tokens=1,
+                                                 temperature=0.0, end_id=-1))
         sync(engine.device)
         t = time.perf_counter()
         while engine.has_work():
@@ -120,6 +124,38 @@ def prefill_sweep(engine, lengths: list[int], out: Path, label: str, reps: int =
     print(f"\nprefill of {n} tokens ({label}), 3 steps, kernels:\n{table}", flush=True)
     (out / f"prefill-{slug}.json").write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
     return rows
+
+
+def bucket_sweep(engine, shapes: list[str], out: Path, reps: int = 7) -> None:
+    """Prefill steps of k prompts of n tokens ("kxn") replayed from power-of-two buckets (before item 46), then from
+    the buckets as served (engine/packed.py `token_buckets`); greedy tokens of both."""
+    from vlm_triton.engine.packed import MIN_TOKEN_BUCKET
+
+    served = list(engine.prefill.buckets)
+    top = served[-1]
+    layouts = {"powers of two": [*(b for b in (MIN_TOKEN_BUCKET << i for i in range(32)) if b < top), top],
+               "as served": served}
+    rows: dict[str, dict[str, float]] = {}
+    tokens = {}
+    for label, buckets in layouts.items():
+        engine.prefill.buckets = buckets
+        recapture_prefill(engine)
+        rows[label] = {}
+        for shape in shapes:
+            k, n = (int(v) for v in shape.split("x"))
+            prefill_step_ms(engine, n, 2, k)
+            rows[label][shape] = prefill_step_ms(engine, n, reps, k)
+        tokens[label] = greedy_tokens(engine)
+    print("\n| prompts x tokens | bucket (powers of two) | ms | bucket (as served) | ms | change |\n|---|---|---|---|---|---|")
+    for shape in shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        old, new = (next(b for b in layouts[lb] if b >= k * n) for lb in layouts)
+        a, b = rows["powers of two"][shape], rows["as served"][shape]
+        print(f"| {shape} | {old} | {a:.2f} | {new} | {b:.2f} | {b / a - 1:+.0%} |", flush=True)
+    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+            for x, y in zip(*tokens.values())]
+    print(f"greedy tokens equal before the first difference (of {len(tokens['as served'][0])} per prompt): {same}")
+    (out / "prefill-buckets.json").write_text(json.dumps({"layouts": layouts, "step_ms": rows}, indent=1))
 
 
 def recapture_prefill(engine) -> None:
@@ -214,6 +250,9 @@ def main() -> None:
                     help="with --prefill: again with the pointwise ops compiled in prefill too")
     ap.add_argument("--prefill-fused", action="store_true",
                     help="with --prefill: again (after --prefill-pointwise's) with the projections fused")
+    ap.add_argument("--buckets", default="",
+                    help='comma list of "kxn" (k prompts of n tokens): prefill steps from power-of-two buckets, then '
+                         "from the buckets as served")
     ap.add_argument("--variants", default="",
                     help="comma list: auto|sdpa|cudnn|efficient|math[+pointwise][+fused] (pointwise and fused stay "
                          "on for the variants after the first that asks for them)")
@@ -226,9 +265,10 @@ def main() -> None:
     t = time.perf_counter()
     lengths = [int(n) for n in args.prefill.split(",")] if args.prefill else []
     max_seq_len = max([args.max_seq_len] + [n + 1 for n in lengths])  # room for the longest prompt asked for
+    served = bool(args.buckets)  # the engine as served (pointwise compiled in prefill, projections fused)
     _, engine, _ = build_engine(ckpt, device, dtype, args.max_slots, max_seq_len,
                                 compile_pointwise=not args.variants and not args.eager_pointwise,
-                                prefill_pointwise=False, fuse_projections=False)
+                                prefill_pointwise=served, fuse_projections=served)
     print(f"engine built (graphs: {0 if engine._graphs is None else len(engine._graphs.graphs)}) "
           f"in {time.perf_counter() - t:.1f} s; attention {engine.backbone.config._attn_implementation}", flush=True)
     if lengths:
@@ -243,6 +283,9 @@ def main() -> None:
 
             prefill_change_sweep(engine, lengths, args.out, "fused projections",
                                  lambda e: fuse_projections(e.backbone))
+        return
+    if args.buckets:
+        bucket_sweep(engine, args.buckets.split(","), args.out)
         return
     if args.variants:
         variant_sweep(engine, args.variants.split(","), args.out)

@@ -103,7 +103,10 @@ def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel
     the trash row is the pool's row past its capacity, which no request owns."""
     from vlm_triton.engine.packed import PackedPrefill, token_buckets
 
-    assert token_buckets(4095) == [64, 128, 256, 512, 1024, 2048, 4095] and token_buckets(64) == [64]
+    assert token_buckets(4095) == [64, 128, 256, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
+                                   3584, 4095]
+    assert token_buckets(64) == [64] and token_buckets(600) == [64, 128, 256, 512, 600]
+    assert token_buckets(8192)[-5:] == [4096, 5120, 6144, 7168, 8192]  # W1's 2 x 3.4k prompts: 7168, not 8192
     engine = make_engine(qwen, max_slots=4, prefill_tokens=24)
     prefill = engine.prefill
     assert isinstance(prefill, PackedPrefill) and prefill.buckets == [24]
