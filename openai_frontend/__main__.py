@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from openai_frontend import loop_lag
 from openai_frontend.app import create_app
 from openai_frontend.engine.triton_grpc import TritonGrpcEngine
 from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if settings.freeze_heap:
         freeze_heap()  # what start-up made lives as long as the process
-    log_timing({}, "frontend")  # VLM_TRITON_STEP_STATS: this process's garbage collections
+    log_timing({"": loop_lag.TIMING}, "frontend")  # VLM_TRITON_STEP_STATS: garbage collections, the loop's lag
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from openai_frontend.engine.base import Engine
 from openai_frontend.errors import install_error_handlers
+from openai_frontend.loop_lag import loop_lag_probe
 from openai_frontend.metrics import Metrics
 from openai_frontend.middleware import FrontendGuard
 from openai_frontend.routers import ROUTERS
@@ -24,7 +25,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with loop_lag_probe():  # VLM_TRITON_STEP_STATS only
+            yield
         await engine.close()
 
     app = FastAPI(title="vlm-triton OpenAI frontend", version="0.1.0", lifespan=lifespan)

@@ -223,7 +223,7 @@ def test_the_switch_renders_the_llm_pixel_inputs_for_the_torch_profile_only(tmp_
         _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"vision_in_llm": True})
 
 
-def test_auto_encodes_in_the_llm_with_the_torch_profile_on_cuda_only_and_the_default_is_off(tmp_path: Path) -> None:
+def test_auto_encodes_in_the_llm_with_the_torch_profile_on_cuda_only_and_is_the_default(tmp_path: Path) -> None:
     from vlm_triton.deploy.render import render_configs
 
     def decided(**sections: dict) -> bool:
@@ -232,7 +232,8 @@ def test_auto_encodes_in_the_llm_with_the_torch_profile_on_cuda_only_and_the_def
         assert ("pixel_values" in rendered) == cfg.vision_in_llm  # the llm's inputs follow the decision
         return cfg.vision_in_llm
 
-    assert _cfg(engine={"device": "cuda"}).vision_in_llm is False  # the default (docs/benchmarks.md, item 42)
+    assert _cfg(engine={"device": "cuda"}).vision_in_llm is True  # the default, "auto" (docs/benchmarks.md, item 46)
+    assert _cfg(engine={"device": "cpu"}).vision_in_llm is False
     assert decided(engine={"device": "cuda", "vision_in_llm": "auto"}) is True
     assert decided(engine={"device": "cuda:1", "vision_in_llm": "auto"}) is True
     assert decided(engine={"device": "cpu", "vision_in_llm": "auto"}) is False

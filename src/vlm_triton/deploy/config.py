@@ -61,8 +61,11 @@ class EngineSection:
     # +13-19% out tok/s at W1 c=16/64 and +25% at W3 c=64, TPOT at W1 c=64 13-14 -> 8-9 ms; costs: TPOT at c=1
     # +0.2 ms (~10%, every request, cause not found) and TTFT at W3 c=16 +20-40%. Session 16 (item 44): +26% out
     # tok/s at W1 and W3 c=64 over the new defaults, but +0.1-0.2 ms of TPOT at c=1, text included (W2 1.57 -> 1.67
-    # ms) and W1 TPOT at c=64 7.5 -> 10.3 ms: off by default until the c=1 cost is found
-    vision_in_llm: bool | str = False
+    # ms) and W1 TPOT at c=64 7.5 -> 10.3 ms. Session 18 (item 46), A B A on one H100 with the vision_encoder stage
+    # unbatched (no delay) and the layer scales folded: +26% / +19% out tok/s at W1 / W3 c=64, W1 TTFT at c=1 78 ->
+    # 74 ms, W1 TPOT at c=64 10.3-11.1 -> 11.2 ms and at c=1 1.53-1.58 -> 1.86 ms (within the 2 ms target): on by
+    # default where it can run ("auto")
+    vision_in_llm: bool | str = "auto"
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)
