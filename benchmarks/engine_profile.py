@@ -129,12 +129,10 @@ def prefill_sweep(engine, lengths: list[int], out: Path, label: str, reps: int =
 def bucket_sweep(engine, shapes: list[str], out: Path, reps: int = 7) -> None:
     """Prefill steps of k prompts of n tokens ("kxn") replayed from power-of-two buckets (before item 46), then from
     the buckets as served (engine/packed.py `token_buckets`); greedy tokens of both."""
-    from vlm_triton.engine.packed import MIN_TOKEN_BUCKET
+    from vlm_triton.engine.packed import token_buckets
 
     served = list(engine.prefill.buckets)
-    top = served[-1]
-    layouts = {"powers of two": [*(b for b in (MIN_TOKEN_BUCKET << i for i in range(32)) if b < top), top],
-               "as served": served}
+    layouts = {"powers of two": token_buckets(served[-1], per_octave=1), "as served": served}
     rows: dict[str, dict[str, float]] = {}
     tokens = {}
     for label, buckets in layouts.items():
@@ -146,7 +144,8 @@ def bucket_sweep(engine, shapes: list[str], out: Path, reps: int = 7) -> None:
             prefill_step_ms(engine, n, 2, k)
             rows[label][shape] = prefill_step_ms(engine, n, reps, k)
         tokens[label] = greedy_tokens(engine)
-    print("\n| prompts x tokens | bucket (powers of two) | ms | bucket (as served) | ms | change |\n|---|---|---|---|---|---|")
+    print("\n| prompts x tokens | bucket (powers of two) | ms | bucket (as served) | ms | change |")
+    print("|---|---|---|---|---|---|")
     for shape in shapes:
         k, n = (int(v) for v in shape.split("x"))
         old, new = (next(b for b in layouts[lb] if b >= k * n) for lb in layouts)

@@ -107,6 +107,7 @@ def test_packed_prefill_padded_to_buckets_matches_generate(qwen: PreTrainedModel
                                    3584, 4095]
     assert token_buckets(64) == [64] and token_buckets(600) == [64, 128, 256, 512, 600]
     assert token_buckets(8192)[-5:] == [4096, 5120, 6144, 7168, 8192]  # W1's 2 x 3.4k prompts: 7168, not 8192
+    assert token_buckets(4095, per_octave=1) == [64, 128, 256, 512, 1024, 2048, 4095]  # before item 46
     engine = make_engine(qwen, max_slots=4, prefill_tokens=24)
     prefill = engine.prefill
     assert isinstance(prefill, PackedPrefill) and prefill.buckets == [24]

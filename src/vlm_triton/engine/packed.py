@@ -31,17 +31,18 @@ SPLIT_FROM = 512  # octaves from here on are split in SPLITS_PER_OCTAVE buckets
 SPLITS_PER_OCTAVE = 4
 
 
-def token_buckets(max_tokens: int, smallest: int = MIN_TOKEN_BUCKET) -> list[int]:
+def token_buckets(max_tokens: int, smallest: int = MIN_TOKEN_BUCKET,
+                  per_octave: int = SPLITS_PER_OCTAVE) -> list[int]:
     """Packed lengths a prefill is padded to: powers of two from `smallest`, each octave from SPLIT_FROM on split in
-    quarters (512, 640, 768, 896, 1024, 1280, ...), then max_tokens. The GEMMs and pointwise kernels of a step run
-    over its whole bucket, so the split caps the padding at a quarter of the step where powers of two alone padded
-    W1's 3.4k-token prompt to 4,096 and two of them to 8,192 (docs/benchmarks.md, item 46); the graphs share one memory
-    pool, so more of them cost capture time, not memory."""
+    `per_octave` (quarters: 512, 640, 768, 896, 1024, 1280, ...; 1: powers of two only), then max_tokens. The GEMMs
+    and pointwise kernels of a step run over its whole bucket, so quarters cap the padding at a quarter of the step
+    where powers of two alone padded W1's 3.4k-token prompt to 4,096 and two of them to 8,192 (docs/benchmarks.md,
+    item 46); the graphs share one memory pool, so more of them cost capture time, not memory."""
     out: list[int] = []
     for power in (smallest << i for i in range(32)):
         if power >= max_tokens:
             break
-        splits = SPLITS_PER_OCTAVE if power >= SPLIT_FROM else 1
+        splits = per_octave if power >= SPLIT_FROM else 1
         out += [b for b in (power + power * j // splits for j in range(splits)) if b < max_tokens]
     return [*out, max_tokens]
 
