@@ -125,12 +125,15 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
                  cuda_graphs: bool = True, compile_pointwise: bool = True,
                  prefill_pointwise: bool = EngineSection.prefill_pointwise,
                  fuse_projections: bool = EngineSection.fuse_projections, prefill_tokens: int = 8192,
-                 prefill_graphs: bool = True, kv_cache_tokens: int = 0) -> tuple[Any, Any, Any]:
+                 prefill_graphs: bool = True, kv_cache_tokens: int = 0,
+                 run_ahead: bool = EngineSection.run_ahead) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
 
     family = open_family(ckpt)
     pool = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}  # (engines before the pool lack it)
+    if not run_ahead:  # (nor had engines before item 47 this argument)
+        pool["run_ahead"] = False
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
                        compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,

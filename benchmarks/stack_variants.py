@@ -51,7 +51,7 @@ def split_settings(sets: list[str]) -> tuple[list[str], tuple[str, ...], dict[st
 
 
 def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]], cap_s: float,
-                     prefill_tokens: int, prefill_graphs: bool = True) -> list[dict[str, Any]]:
+                     prefill_tokens: int, prefill_graphs: bool = True, run_ahead: bool = True) -> list[dict[str, Any]]:
     """The bare engine over the same points, with its loop timing per point."""
     import torch
 
@@ -61,9 +61,9 @@ def engine_reference(ckpt: Path, ws: dict[str, Any], points: dict[str, list[int]
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     _, engine, encoder = baselines.build_engine(ckpt, device, dtype, 64, 4096, prefill_tokens=prefill_tokens,
-                                                prefill_graphs=prefill_graphs)
+                                                prefill_graphs=prefill_graphs, run_ahead=run_ahead)
     freeze_heap()  # as the stack's processes do (item 37)
-    variant = "engine" if prefill_graphs else "engine-eager-prefill"
+    variant = "engine" + ("" if prefill_graphs else "-eager-prefill") + ("" if run_ahead else "-stepwise")
 
     def probe() -> Any:  # the engine loop's timing over each point
         engine.timing.take()
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="the bare engine over the same points first")
     ap.add_argument("--engine-eager-prefill", action="store_true",
                     help="with --engine: the bare engine once more without prefill CUDA graphs")
+    ap.add_argument("--engine-stepwise", action="store_true",
+                    help="with --engine: the bare engine again without engine.run_ahead, then with it (A B A)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="append", default=[], metavar="MODEL",
                     help="py-spy --gil on this model's stubs during each load point (e.g. llm, bls)")
@@ -210,6 +212,11 @@ def main() -> None:
         if args.engine_eager_prefill:
             rows += engine_reference(ckpt, ws, points, args.time_cap_s, base_cfg.max_step_tokens, prefill_graphs=False)
             save()
+        if args.engine_stepwise:  # and once more without run-ahead (item 47), then with it again: A B A
+            for run_ahead in (False, True):
+                rows += engine_reference(ckpt, ws, points, args.time_cap_s, base_cfg.max_step_tokens,
+                                         run_ahead=run_ahead)
+                save()
     variants = [parse_variant(v) for v in args.variant or ["base"]] * args.rounds
     base_env = dict(os.environ)
     for n, (name, sets) in enumerate(variants):

@@ -319,3 +319,17 @@ def test_the_wait_for_sampled_tokens_lets_other_threads_run() -> None:
     assert out == list(range(8))
     assert waited > 0.05, f"the GPU wait took only {waited * 1e3:.1f} ms: too short to tell"
     assert during > 0.5 * rate * waited, f"counted {during} in a {waited * 1e3:.0f} ms wait; {rate:.0f}/s alone"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_steps_run_ahead_under_cuda_graphs() -> None:
+    """engine/run_ahead.py on the device: steps launched ahead of their predecessor's tokens (pinned read-back,
+    sampling parameters copied without a sync) give the events of one step at a time, greedy and seeded."""
+    from tests.unit.test_run_ahead import plan_of, run_events
+
+    model = _tiny("qwen2").to("cuda")
+    free = hf_greedy(model, prompt(80, 7), 20)
+    ahead, stepwise = _cuda_engine(model), _cuda_engine(model, run_ahead=False)
+    got, want = run_events(ahead, plan_of(free)), run_events(stepwise, plan_of(free))
+    assert got == want and ahead.steps_ahead > 10 and stepwise.steps_ahead == 0
+    assert [t for t, *_ in got["long"]] == hf_greedy(model, prompt(81, 9), 30)

@@ -22,8 +22,8 @@ def test_step_timing_counts_decode_steps() -> None:
     while engine.has_work():
         engine.step()
     parts = engine.timing.take()
-    assert {"decode_prepare", "decode_run_and_wait", "decode_accept"} <= set(parts)
-    assert parts["decode_run_and_wait"]["count"] == 3  # the first token comes from the prefill
+    assert {"decode_prepare", "decode_launch", "decode_wait", "decode_accept"} <= set(parts)
+    assert parts["decode_wait"]["count"] == 3  # the first token comes from the prefill
 
 
 def test_describe_names_attention_and_kernels() -> None:

@@ -66,6 +66,10 @@ class EngineSection:
     # 74 ms, W1 TPOT at c=64 10.3-11.1 -> 11.2 ms and at c=1 1.53-1.58 -> 1.86 ms (within the 2 ms target): on by
     # default where it can run ("auto")
     vision_in_llm: bool | str = "auto"
+    # torch profile: launch a decode step before the tokens of the step before reach the host, whenever nothing can
+    # change between them (engine/run_ahead.py; vLLM's async scheduling), so the GPU runs the next step while the host
+    # accepts this one. Tokens are those of one step at a time
+    run_ahead: bool = True
     # CPU threads of torch ops in the llm and vision_encoder stubs. 0: 1 when the model runs on CUDA (their CPU ops
     # are small glue, and idle OpenMP workers spin: on an H100 host the vision stub burnt 4.5 cores and W3 lost 15-19%
     # of its throughput), torch's default on CPU (where the model's matmuls need them)

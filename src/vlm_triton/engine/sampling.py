@@ -95,8 +95,21 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, filtered)
 
 
-def _draw_uniforms(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    return torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+def _draw_uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    return _to_device(u, device)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there (a plain copy from pageable memory
+    synchronises the stream, which would wait for a decode step launched ahead: engine/run_ahead.py)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def _param_tensor(values: list[float] | list[int], device: torch.device) -> torch.Tensor:
+    return _to_device(torch.tensor(values), device)
 
 
 def sample_tokens(
@@ -118,13 +131,13 @@ def sample_tokens(
     if any(p.uses_seen for p in params):
         if seen is None:
             raise ValueError("repetition_penalty needs the seen-token mask")
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        penalty = _param_tensor([p.repetition_penalty for p in params], device)
         x = apply_repetition_penalty(x, seen[:rows], penalty)
     if any(p.uses_counts for p in params):
         if counts is None:
             raise ValueError("presence/frequency penalties need the generated-token counts")
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
+        presence = _param_tensor([p.presence_penalty for p in params], device)
+        frequency = _param_tensor([p.frequency_penalty for p in params], device)
         x = apply_presence_frequency_penalty(x, counts[:rows], presence, frequency)
 
     tokens = x.argmax(dim=-1)
@@ -132,15 +145,15 @@ def sample_tokens(
     if not sampled:
         return tokens
 
-    idx = torch.tensor(sampled, device=device)
+    idx = _param_tensor(sampled, device)
     sub = x.index_select(0, idx)
-    temperature = torch.tensor([params[i].temperature for i in sampled], device=device).view(-1, 1)
-    top_k = torch.tensor([params[i].top_k for i in sampled], device=device)
-    top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
+    temperature = _param_tensor([params[i].temperature for i in sampled], device).view(-1, 1)
+    top_k = _param_tensor([params[i].top_k for i in sampled], device)
+    top_p = _param_tensor([params[i].top_p for i in sampled], device)
     sorted_logits, order = (sub / temperature).sort(dim=-1, descending=True)
     probs = _filter_sorted(sorted_logits, top_k, top_p).softmax(dim=-1)
     cdf = probs.double().cumsum(dim=-1)
-    u = _draw_uniforms([generators[i] for i in sampled]).to(device)
+    u = _draw_uniforms([generators[i] for i in sampled], device)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).view(-1, 1), right=True)
     kept = (probs > 0).sum(dim=-1, keepdim=True)
     pick = torch.minimum(pick, kept - 1)

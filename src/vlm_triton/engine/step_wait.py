@@ -37,3 +37,12 @@ class StepWait:
             self._done.record()
             self._done.synchronize()  # releases the GIL while it waits
         return sampled.tolist()
+
+    def event(self, done: torch.cuda.Event) -> None:
+        """Wait for `done` (recorded after a copy of sampled ids to pinned memory, run_ahead.py): with the GIL released
+        when asked, otherwise holding it between polls, as `Tensor.tolist` holds it."""
+        if _HOST_WAIT == "event" or (_HOST_WAIT != "tolist" and self.release_gil_when()):
+            done.synchronize()
+        else:
+            while not done.query():
+                pass
