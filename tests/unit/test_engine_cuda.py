@@ -331,5 +331,5 @@ def test_decode_steps_run_ahead_under_cuda_graphs() -> None:
     free = hf_greedy(model, prompt(80, 7), 20)
     ahead, stepwise = _cuda_engine(model), _cuda_engine(model, run_ahead=False)
     got, want = run_events(ahead, plan_of(free)), run_events(stepwise, plan_of(free))
-    assert got == want and ahead.steps_ahead > 10 and stepwise.steps_ahead == 0
+    assert got == want and ahead.decoding.launched_ahead > 10 and stepwise.decoding.launched_ahead == 0
     assert [t for t, *_ in got["long"]] == hf_greedy(model, prompt(81, 9), 30)

@@ -50,7 +50,7 @@ def test_run_ahead_gives_the_events_of_one_step_at_a_time(qwen: PreTrainedModel,
     stepwise = make_engine(qwen, max_slots=4, kv_cache_tokens=pool, run_ahead=False)
     got, want = run_events(ahead, plan_of(free)), run_events(stepwise, plan_of(free))
     assert got == want
-    assert ahead.steps_ahead > 10 and stepwise.steps_ahead == 0
+    assert ahead.decoding.launched_ahead > 10 and stepwise.decoding.launched_ahead == 0
     assert got["eos"][-1][3] == "stop" and got["word"][-1][3] == "stop" and got["cancelled"][-1][3] == "cancelled"
     assert [t for t, *_ in got["long"]] == hf_greedy(qwen, prompt(81, 9), 30)
     assert not ahead.has_work() and ahead.admission.pool.free_runs() == stepwise.admission.pool.free_runs()
@@ -98,4 +98,4 @@ def test_no_step_runs_past_a_request_that_ends_by_length(qwen: PreTrainedModel) 
             events[ev.request_id] += [] if ev.token_id is None else [ev.token_id]
     assert events["short"] == hf_greedy(qwen, prompt(95, 5), 4)
     assert events["next"] == hf_greedy(qwen, prompt(96, 6), 20)
-    assert engine.steps_ahead > 0
+    assert engine.decoding.launched_ahead > 0

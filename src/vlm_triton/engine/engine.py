@@ -8,8 +8,9 @@ can reach; it keeps that run until it ends, so nothing is ever evicted or recomp
 
 Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot and KV rows freed);
-2. runs one batched decode step for the running requests, which occupy decode rows 0..n-1 (compact), padded to a
-   batch-size bucket (a power of two, or max_slots) whose extra rows write the pool's trash row;
+2. accepts one batched decode step of the running requests, which occupy decode rows 0..n-1 (compact), padded to
+   a batch-size bucket (a power of two, or max_slots) whose extra rows write the pool's trash row; the step was
+   launched by the step before when nothing could change between them (run_ahead.py), and the next one may be;
 3. runs one prefill forward of at most `prefill_tokens` tokens: either waiting requests admitted in arrival order
    (while slots and KV rows last; the first that does not fit waits, and the rest behind it), as one batch, which
    yields their first tokens; or the next chunk of a prompt longer than `prefill_tokens` (chunked prefill), over
@@ -55,7 +56,7 @@ from vlm_triton.engine.observe import StepTiming
 from vlm_triton.engine.packed import PackedPrefill
 from vlm_triton.engine.penalties import SlotPenalties
 from vlm_triton.engine.prefill import PrefillForward
-from vlm_triton.engine.run_ahead import LaunchedStep, TokenReadback, may_run_ahead
+from vlm_triton.engine.run_ahead import DecodeSteps
 from vlm_triton.engine.step_wait import StepWait
 from vlm_triton.engine.types import (
     ActiveRequest,
@@ -130,9 +131,7 @@ class LLMEngine:
             self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=spec.bool_mask,
                                           dtype=dtype)
         self.penalties = SlotPenalties(max_slots, vocab_size, self.device)
-        self.run_ahead = run_ahead
-        self.readback = TokenReadback(max_slots, self.device)
-        self._ahead: LaunchedStep | None = None  # a decode step launched ahead of the one the next step accepts
+        self.decoding = DecodeSteps(self, run_ahead)  # decode steps launched and accepted (run_ahead.py)
         self._active: list[ActiveRequest] = []  # index == slot
         self._chunking: ActiveRequest | None = None  # a prompt longer than prefill_tokens, part-way prefilled
         self._chunk_done = 0  # its prompt tokens already in its KV rows
@@ -144,7 +143,6 @@ class LLMEngine:
         self.slot_moves = 0  # decode-row moves after a release so far (observability, tests)
         self.prefill_batches = self.prefill_requests = 0  # forwards and the prompts they completed
         self.prefill_chunks = 0  # forwards over part of a long prompt (also counted in prefill_batches)
-        self.steps_ahead = 0  # decode steps launched before the tokens of the step before reached the host
         self.timing = StepTiming()
         self.step_wait = StepWait()  # its release_gil_when: another thread of this process has GPU work to launch
         # the kernels last (kernels.py): after the checks above, so that a model that cannot be served stays unpatched
@@ -183,7 +181,7 @@ class LLMEngine:
 
     def _busy(self) -> bool:
         return bool(len(self.admission) or self._active or self._cancels or self._chunking is not None
-                    or self._ahead is not None)
+                    or self.decoding.ahead is not None)
 
     def active_slots(self) -> dict[str, int]:
         """request_id -> slot of the running requests."""
@@ -203,8 +201,8 @@ class LLMEngine:
             events.append(self._finish_event(self._chunking, "cancelled"))
             self.admission.free(self._chunking)
             self._chunking = None
-        if self._active or self._ahead is not None:
-            events += self._decode_step()
+        if self._active or self.decoding.ahead is not None:
+            events += self.decoding.step()
         if self._chunking is None:
             with self._cond:
                 batch, chunked = self.admission.pop(len(self._active))
@@ -322,46 +320,6 @@ class LLMEngine:
         logger.exception("prefill of %s failed", [s.request_id for s in seqs])
         return self._fail(seqs, exc)
 
-    def _decode_step(self) -> list[TokenEvent]:
-        """Accept one decode step of the running requests: the one launched ahead by the last call, or one launched
-        now; first launching the next one when it may run ahead of this one's tokens (run_ahead.py)."""
-        step, self._ahead = self._ahead, None
-        if step is None:  # nothing in flight: the running requests' step, launched now
-            step = self._launch(lag=0)
-        if self.run_ahead and may_run_ahead(step, self._active, self.decode.changed):
-            self._ahead = self._launch(lag=1)
-            self.steps_ahead += 1
-        t = time.perf_counter()
-        tokens = self.readback.read(step, self.step_wait)
-        t1 = time.perf_counter()
-        running = [(s, tok) for s, tok in zip(step.seqs, tokens) if self._runs(s)]  # not cancelled meanwhile
-        events = self._accept([s for s, _ in running], [tok for _, tok in running])
-        self.timing.add("decode_wait", t1 - t)
-        self.timing.add("decode_accept", time.perf_counter() - t1)
-        return events
-
-    def _launch(self, lag: int) -> LaunchedStep:
-        """Load, run and sample one decode step of the running requests, without waiting for it; `lag` 1: the step
-        before it is still on its way to the host (its tokens are not in `generated` yet)."""
-        t0 = time.perf_counter()
-        n = len(self._active)
-        bucket = next(b for b in self.buckets if b >= n)
-        self.decode.load(self._active, bucket)
-        last = max(s.prompt_len + len(s.generated) - 1 for s in self._active) + lag
-        kv_len = next(k for k in self.kv_buckets if k > last)
-        t1 = time.perf_counter()
-        if self._graphs is not None:
-            logits = self._graphs.replay(bucket, kv_len)
-        else:
-            logits = self.decode.forward(bucket, kv_len)
-        self.cache.set_idle()
-        tokens = self.penalties.sample(logits[:n], self._active, 0)
-        self.decode.last_tokens = tokens
-        step = self.readback.start(list(self._active), tokens)
-        self.timing.add("decode_prepare", t1 - t0)
-        self.timing.add("decode_launch", time.perf_counter() - t1)
-        return step
-
     def _runs(self, seq: ActiveRequest) -> bool:
         return 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq
 
@@ -405,7 +363,8 @@ class LLMEngine:
     def _fail(self, seqs: list[ActiveRequest], exc: BaseException) -> list[TokenEvent]:
         """End `seqs` with an 'error' event each and free the slots of those that run (and the KV rows of all)."""
         self.cache.set_idle()
-        self._ahead, self.decode.changed = None, True  # a step launched ahead is dropped; the next load rebuilds
+        self.decoding.ahead = None  # a step launched ahead is dropped
+        self.decode.changed = True  # and the next load rebuilds the inputs from the host
         message = f"{type(exc).__name__}: {exc}"
         events = [self._finish_event(s, "error", error=message) for s in seqs]
         for seq in sorted(seqs, key=lambda s: -s.slot):

@@ -20,12 +20,17 @@ step N's tokens waits for step N only, not for step N+1 queued behind it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlm_triton.engine.step_wait import StepWait
-from vlm_triton.engine.types import ActiveRequest
+from vlm_triton.engine.types import ActiveRequest, TokenEvent
+
+if TYPE_CHECKING:
+    from vlm_triton.engine.engine import LLMEngine
 
 
 @dataclass
@@ -67,9 +72,57 @@ class TokenReadback:
         return LaunchedStep(seqs, tokens, host, done)
 
     @staticmethod
-    def read(step: LaunchedStep, wait: StepWait) -> list[int]:
+    def read(step: LaunchedStep, wait: StepWait, release_gil: bool) -> list[int]:
         """The step's tokens, once its device work is done (waiting as `wait` says: step_wait.py)."""
         if step.done is None or step.host is None:
             return wait.tokens(step.tokens)
-        wait.event(step.done)
+        wait.event(step.done, release_gil)
         return step.host.tolist()
+
+
+class DecodeSteps:
+    """The engine's decode steps: `step()` accepts one, launched ahead by the call before or launched now, after
+    launching the next one when it may run ahead (`enabled`: LLMEngine's `run_ahead`)."""
+
+    def __init__(self, engine: LLMEngine, enabled: bool) -> None:
+        self.engine, self.enabled = engine, enabled
+        self.readback = TokenReadback(engine.max_slots, engine.device)
+        self.ahead: LaunchedStep | None = None  # launched ahead of the step the next call accepts
+        self.launched_ahead = 0  # steps launched before the tokens of the step before reached the host
+
+    def step(self) -> list[TokenEvent]:
+        e = self.engine
+        step, self.ahead = self.ahead, None
+        if step is None:  # nothing in flight: the running requests' step, launched now
+            step = self.launch(lag=0)
+        if self.enabled and may_run_ahead(step, e._active, e.decode.changed):
+            self.ahead = self.launch(lag=1)
+            self.launched_ahead += 1
+        t = time.perf_counter()
+        tokens = self.readback.read(step, e.step_wait, release_gil=self.enabled)
+        t1 = time.perf_counter()
+        running = [(s, tok) for s, tok in zip(step.seqs, tokens) if e._runs(s)]  # not cancelled or ended meanwhile
+        events = e._accept([s for s, _ in running], [tok for _, tok in running])
+        e.timing.add("decode_wait", t1 - t)
+        e.timing.add("decode_accept", time.perf_counter() - t1)
+        return events
+
+    def launch(self, lag: int) -> LaunchedStep:
+        """Load, run and sample one decode step of the running requests, without waiting for it; `lag` 1: the step
+        before it is still on its way to the host (its tokens are not in `generated` yet)."""
+        e = self.engine
+        t0 = time.perf_counter()
+        n = len(e._active)
+        bucket = next(b for b in e.buckets if b >= n)
+        e.decode.load(e._active, bucket)
+        last = max(s.prompt_len + len(s.generated) - 1 for s in e._active) + lag
+        kv_len = next(k for k in e.kv_buckets if k > last)
+        t1 = time.perf_counter()
+        logits = e._graphs.replay(bucket, kv_len) if e._graphs is not None else e.decode.forward(bucket, kv_len)
+        e.cache.set_idle()
+        tokens = e.penalties.sample(logits[:n], e._active, 0)
+        e.decode.last_tokens = tokens
+        step = self.readback.start(list(e._active), tokens)
+        e.timing.add("decode_prepare", t1 - t0)
+        e.timing.add("decode_launch", time.perf_counter() - t1)
+        return step
