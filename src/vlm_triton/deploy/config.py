@@ -64,7 +64,7 @@ class EngineSection:
     # ms) and W1 TPOT at c=64 7.5 -> 10.3 ms. Session 18 (item 46), A B A on one H100 with the vision_encoder stage
     # unbatched (no delay) and the layer scales folded: +26% / +19% out tok/s at W1 / W3 c=64, W1 TTFT at c=1 78 ->
     # 74 ms, W1 TPOT at c=64 10.3-11.1 -> 11.2 ms and at c=1 1.53-1.58 -> 1.86 ms (within the 2 ms target): on by
-    # default where it can run ("auto")
+    # default where it can run ("auto"). That c=1 cost was host work of each step, hidden by run_ahead (item 47)
     vision_in_llm: bool | str = "auto"
     # torch profile: launch a decode step before the tokens of the step before reach the host, whenever nothing can
     # change between them (engine/run_ahead.py; vLLM's async scheduling), so the GPU runs the next step while the host

@@ -42,7 +42,7 @@ class StepWait:
     def event(self, done: torch.cuda.Event, release_gil: bool = False) -> None:
         """Wait for `done` (recorded after a copy of sampled ids to pinned memory, run_ahead.py): with the GIL released
         when `release_gil` (decode steps that run ahead: the GPU has the next step, the host nothing to do; session
-        19's A B A B, item 47: W2 c=64 ITL p99 -14 to -19% and tok/s +1 to +6%) or when asked, otherwise holding it
+        19's A B A B, item 47: W2 c=64 ITL p99 -18 to -19% and tok/s +1 to +6%) or when asked, otherwise holding it
         between polls, as `Tensor.tolist` holds it."""
         if _HOST_WAIT == "event" or (_HOST_WAIT != "tolist" and (release_gil or self.release_gil_when())):
             done.synchronize()
