@@ -131,15 +131,16 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
     from vlm_triton.families import open_family
 
     family = open_family(ckpt)
-    pool = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}  # (engines before the pool lack it)
-    if not run_ahead:  # (nor had engines before item 47 this argument)
-        pool["run_ahead"] = False
+    # only the arguments that differ from the engine's defaults (engines before the pool or item 47 lack them)
+    extra: dict[str, Any] = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}
+    if not run_ahead:
+        extra["run_ahead"] = False
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
                        compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,
                        fuse_projections=fuse_projections,
                        prefill_tokens=prefill_tokens,
-                       prefill_graphs=prefill_graphs, **pool)
+                       prefill_graphs=prefill_graphs, **extra)
     encoder = family.build_vision_encoder(dtype, device)
     return family, engine, encoder
 

@@ -66,14 +66,13 @@ def _seq(rid: str, generated: int, max_new: int, **kw: object) -> object:
 def test_a_step_runs_ahead_only_when_nothing_can_change_before_it() -> None:
     a, b = _seq("a", 3, 10), _seq("b", 8, 10)
     step = LaunchedStep([a, b], torch.zeros(2, dtype=torch.long), None, None)
-    assert may_run_ahead(step, [a, b], changed=False)
-    assert not may_run_ahead(step, [a, b], changed=True)  # a release or a prefill since the step was loaded
-    assert not may_run_ahead(step, [a], changed=False)
+    assert may_run_ahead(step, changed=False)
+    assert not may_run_ahead(step, changed=True)  # a release or a prefill since the step was loaded
     last = _seq("b", 9, 10)  # the step's token is its last: the next step would run without it
-    assert not may_run_ahead(LaunchedStep([a, last], step.tokens, None, None), [a, last], changed=False)
+    assert not may_run_ahead(LaunchedStep([a, last], step.tokens, None, None), changed=False)
     for penalty in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
         pen = _seq("p", 1, 10, **penalty)  # its history takes each token on the host before the next step
-        assert not may_run_ahead(LaunchedStep([a, pen], step.tokens, None, None), [a, pen], changed=False)
+        assert not may_run_ahead(LaunchedStep([a, pen], step.tokens, None, None), changed=False)
 
 
 @pytest.mark.parametrize("max_slots", [1, 3])

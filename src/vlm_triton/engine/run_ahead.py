@@ -43,9 +43,10 @@ class LaunchedStep:
     done: torch.cuda.Event | None
 
 
-def may_run_ahead(step: LaunchedStep, running: list[ActiveRequest], changed: bool) -> bool:
-    """Whether the step after `step` can be launched before `step`'s tokens are read (see the module doc)."""
-    if changed or len(running) != len(step.seqs):
+def may_run_ahead(step: LaunchedStep, changed: bool) -> bool:
+    """Whether the step after `step` can be launched before `step`'s tokens are read (see the module doc); `changed`:
+    the running set changed since `step` was loaded (`DecodeStep.changed`: set by every admission and release)."""
+    if changed:
         return False
     for seq in step.seqs:
         if len(seq.generated) + 1 >= seq.max_new or seq.params.uses_seen or seq.params.uses_counts:
@@ -59,15 +60,17 @@ class TokenReadback:
     def __init__(self, max_slots: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self._buffers = [torch.zeros(max_slots, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []  # recorded again, not made per step
         self._next = 0
 
     def start(self, seqs: list[ActiveRequest], tokens: torch.Tensor) -> LaunchedStep:
+        """Start the copy of `tokens` into the buffer not used by the step launched before (read by then: at most two
+        steps are in flight, and the older is read before a third is launched)."""
         if not self.cuda:
             return LaunchedStep(seqs, tokens, None, None)
-        host = self._buffers[self._next][: tokens.shape[0]]
+        host, done = self._buffers[self._next][: tokens.shape[0]], self._events[self._next]
         self._next ^= 1
         host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
         return LaunchedStep(seqs, tokens, host, done)
 
@@ -95,7 +98,7 @@ class DecodeSteps:
         step, self.ahead = self.ahead, None
         if step is None:  # nothing in flight: the running requests' step, launched now
             step = self.launch(lag=0)
-        if self.enabled and may_run_ahead(step, e._active, e.decode.changed):
+        if self.enabled and may_run_ahead(step, e.decode.changed):
             self.ahead = self.launch(lag=1)
             self.launched_ahead += 1
         t = time.perf_counter()
