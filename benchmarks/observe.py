@@ -26,16 +26,23 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def process_names(server_pid: int, frontend_pid: int | None) -> dict[str, int]:
-    """'tritonserver', 'frontend' and 'stub:<model>' (the Python-backend stub of each model instance) -> pid."""
+    """'tritonserver', 'frontend' (its workers with --workers: 'frontend', 'frontend#2', ...) and 'stub:<model>' (the
+    Python-backend stub of each model instance) -> pid."""
     names = {"tritonserver": server_pid}
     if frontend_pid:
-        names["frontend"] = frontend_pid
+        workers = [c for c in _children(frontend_pid) if b"spawn_main" in _cmdline(c)]  # not the resource tracker
+        for i, pid in enumerate(workers or [frontend_pid]):
+            names["frontend" if i == 0 else f"frontend#{i + 1}"] = pid
     for child in _children(server_pid):
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+        argv = _cmdline(child).split(b"\0")
         model_py = next((a.decode() for a in argv if a.endswith(b"/model.py")), None)
         if model_py:
             model = Path(model_py).parent.parent.name

@@ -6,23 +6,14 @@ Startup problems are printed as one line that says what to do (exit status 2).
 from __future__ import annotations
 
 import argparse
-import errno
-import importlib
-import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 
-import uvicorn
-
-from openai_frontend import loop_lag
-from openai_frontend.app import create_app
-from openai_frontend.engine.triton_grpc import TritonGrpcEngine
+from openai_frontend.serving import bind, configure_logging, serve, server_implementations
 from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
+from openai_frontend.workers import supervise
 from vlm_triton.errors import SetupError
-from vlm_triton.gc_heap import freeze_heap
-from vlm_triton.step_stats import log_timing
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -68,6 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                    help="event loop (default: %(default)s = uvloop when installed, else asyncio)")
     p.add_argument("--http", default="auto", choices=HTTP_PARSERS,
                    help="HTTP/1.1 parser (default: %(default)s = httptools when installed, else h11)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes serving the port; they share --max-inflight and /metrics (default: %(default)s)")
     p.add_argument("--freeze-heap", action=argparse.BooleanOptionalAction, default=True,
                    help="freeze the start-up heap out of Python's garbage collection (default: on)")
     a = p.parse_args(argv)
@@ -88,76 +81,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             loop=a.loop,
             http=a.http,
             freeze_heap=a.freeze_heap,
+            workers=a.workers,
         )
     except ValueError as exc:
         p.error(str(exc))
         raise  # unreachable: p.error exits
 
 
-def _imports(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-def server_implementations(settings: Settings) -> tuple[str, str]:
-    """(event loop, HTTP parser) for uvicorn: 'auto' resolved the way uvicorn resolves it (the C implementation when
-    it imports), so the log names what runs. Asking for one that does not import is a SetupError."""
-    installed = {name: _imports(name) for name in ("uvloop", "httptools")}
-    loop = settings.loop if settings.loop != "auto" else ("uvloop" if installed["uvloop"] else "asyncio")
-    http = settings.http if settings.http != "auto" else ("httptools" if installed["httptools"] else "h11")
-    for name in (loop, http):
-        if name in installed and not installed[name]:
-            raise SetupError(f"{name} is not installed: pip install {name}, or pass --loop asyncio / --http h11")
-    return loop, http
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so a busy port is reported in one line before anything starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise SetupError(f"port {port} is in use; pass --port") from None
-        raise SetupError(f"cannot listen on {host}:{port}: {exc.strerror}; pass --host/--port") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     try:
-        loop, http = server_implementations(settings)
-        sock = bind(settings.host, settings.port)
+        server_implementations(settings)
+        sockets = [bind(settings.host, settings.port, reuse_port=settings.workers > 1) for _ in range(settings.workers)]
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = TritonGrpcEngine(
-        settings.triton_url, settings.model_name, settings.bls_model, stream_timeout_s=settings.triton_timeout_s
-    )
-    config = uvicorn.Config(create_app(engine, settings), log_level=settings.log_level, timeout_graceful_shutdown=5,
-                            loop=loop, http=http)
-    logging.getLogger("openai_frontend").info(
-        "serving %s on http://%s:%d (Triton %s, BLS model %s; %s loop, %s parser)",
-        settings.model_name,
-        settings.host,
-        settings.port,
-        settings.triton_url,
-        settings.bls_model,
-        loop,
-        http,
-    )
-    if settings.freeze_heap:
-        freeze_heap()  # what start-up made lives as long as the process
-    log_timing({"": loop_lag.TIMING}, "frontend")  # VLM_TRITON_STEP_STATS: garbage collections, the loop's lag
-    uvicorn.Server(config).run(sockets=[sock])
+    if settings.workers > 1:
+        return supervise(settings, sockets)
+    serve(settings, sockets[0])
     return 0
 
 

@@ -1,8 +1,20 @@
-"""Prometheus metrics of the frontend, one registry per app (so several apps can live in one process)."""
+"""Prometheus metrics of the frontend, one registry per app (so several apps can live in one process).
+
+With `--workers` > 1 the values live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the
+supervisor before the workers start, openai_frontend/workers.py), and /metrics on any worker reports the sum over
+all of them."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
@@ -36,7 +48,12 @@ class Metrics:
         self.completion_tokens = Counter(
             "vlm_frontend_completion_tokens", "Completion tokens generated", ["endpoint"], registry=r
         )
-        self.inflight = Gauge("vlm_frontend_inflight_requests", "Generation requests being served", registry=r)
+        self.inflight = Gauge("vlm_frontend_inflight_requests", "Generation requests being served", registry=r,
+                              multiprocess_mode="livesum")  # the workers' sum (ignored in one process)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()  # every worker's values, read from their files
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)

@@ -13,6 +13,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openai_frontend.errors import RequestTooLarge, error_response
+from openai_frontend.inflight import InflightLimit
 from openai_frontend.metrics import Metrics
 from openai_frontend.settings import Settings
 from vlm_triton import timeline
@@ -22,11 +23,11 @@ GENERATION_ENDPOINTS: dict[str, str] = {"/v1/chat/completions": "chat", "/v1/com
 
 
 class FrontendGuard:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, inflight: InflightLimit) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
-        self.inflight = 0
+        self.inflight = inflight
         self._bearer = f"Bearer {settings.api_key}".encode() if settings.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,7 +63,7 @@ class FrontendGuard:
         return hmac.compare_digest(given, self._bearer)
 
     async def _generation(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.inflight >= self.settings.max_inflight:
+        if not self.inflight.try_acquire():
             self.metrics.requests.labels(endpoint, "429").inc()
             retry = str(self.settings.retry_after_s)
             response = error_response(
@@ -73,7 +74,6 @@ class FrontendGuard:
             )
             await response(scope, receive, send)
             return
-        self.inflight += 1
         self.metrics.inflight.inc()
         status = 500
         started = time.perf_counter()
@@ -87,7 +87,7 @@ class FrontendGuard:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            self.inflight -= 1
+            self.inflight.release()
             self.metrics.inflight.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

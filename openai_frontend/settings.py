@@ -35,6 +35,9 @@ class Settings:
     # move the start-up objects out of Python's garbage collection once serving (vlm_triton/gc_heap.py): a full
     # collection of them stops every stream of this process for tens of ms
     freeze_heap: bool = True
+    # processes serving the one listening socket (openai_frontend/workers.py); they share the in-flight limit and the
+    # metrics, and a burst of arrivals is taken in by all of them at once
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
@@ -45,5 +48,7 @@ class Settings:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")

@@ -71,10 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         server.start()
         server.wait_ready(args.ready_timeout)
-        frontend = start_frontend(
-            server.grpc_url, cfg.served_name, port=args.port, host=args.host,
-            extra_args=("--api-key", args.api_key) if args.api_key else (),
-        )
+        key = ("--api-key", args.api_key) if args.api_key else ()
+        frontend = start_frontend(server.grpc_url, cfg.served_name, port=args.port, host=args.host,
+                                  extra_args=(*key, "--workers", str(args.frontend_workers)))
         print(f"serving {cfg.served_name!r}: OpenAI API on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)  # also when started from a non-interactive shell (SIG_IGN)
@@ -124,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--allow-media-dir", action="append", default=[], help="allow file:// URLs under DIR")
     serve.add_argument("--api-key", help="require this bearer token on /v1 routes")
+    serve.add_argument("--frontend-workers", type=int, default=1,
+                       help="OpenAI frontend processes sharing the port (default: %(default)s)")
     serve.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
     serve.add_argument("--ready-timeout", type=float, default=600.0)
     serve.set_defaults(func=cmd_serve)

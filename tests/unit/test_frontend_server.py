@@ -21,8 +21,10 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from openai_frontend import Settings, create_app
-from openai_frontend.__main__ import parse_args, server_implementations
+from openai_frontend.__main__ import parse_args
 from openai_frontend.engine.fake import FakeEngine
+from openai_frontend.serving import bind, server_implementations
+from vlm_triton.errors import SetupError
 
 MODEL = "fake-vlm"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello big world"}]
@@ -190,3 +192,27 @@ def test_loop_and_http_flags_resolve_auto_to_what_is_installed() -> None:
         parse_args(["--model-name", "m", "--loop", "trio"])
     with pytest.raises(ValueError, match="http must be one of"):
         Settings(http="h2")
+
+
+def test_workers_flag_and_busy_port() -> None:
+    assert parse_args(["--model-name", "m"]).workers == 1
+    assert parse_args(["--model-name", "m", "--workers", "4"]).workers == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", "m", "--workers", "0"])
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        Settings(workers=0)
+    # the workers' sockets share the port with each other, not with a process already listening on it
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(SetupError, match="is in use"):
+            bind("127.0.0.1", taken.getsockname()[1], reuse_port=True)
+    finally:
+        taken.close()
+    first = bind("127.0.0.1", 0, reuse_port=True)
+    try:
+        second = bind("127.0.0.1", first.getsockname()[1], reuse_port=True)
+        second.close()
+    finally:
+        first.close()

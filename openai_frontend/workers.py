@@ -1,0 +1,106 @@
+"""Several frontend processes serving one port (`--workers N`).
+
+One process's event loop takes requests in one at a time (on an H100 host ~0.7 ms each: the body, its validation,
+the gRPC stream), so the last of a burst of 64 arrivals waits 45-80 ms before reaching Triton (docs/benchmarks.md,
+item 46). With N workers the kernel spreads new connections over them (one SO_REUSEPORT socket each, by a hash of the
+connection's addresses; a shared socket would let the worker that woke last take most of them), and a burst that
+arrives over those connections is taken in N ways at once.
+
+What the workers share:
+- the port: the supervisor binds every worker's socket (a busy port is reported before any worker starts);
+- the in-flight limit: one counter in shared memory, so `--max-inflight` caps the server, not each worker;
+- the metrics: prometheus_client's multiprocess mode (a fresh PROMETHEUS_MULTIPROC_DIR per server unless one is set),
+  so /metrics on any worker reports the whole server.
+
+The supervisor only watches: SIGTERM or SIGINT stops every worker (each finishes its streams, as one process does),
+and a worker that dies stops the server with exit status 1, so that a process manager restarts it whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from multiprocessing.connection import wait
+from typing import Any
+
+from openai_frontend.metrics import MULTIPROC_ENV, multiprocess_dir
+from openai_frontend.serving import configure_logging, serve
+from openai_frontend.settings import Settings
+
+logger = logging.getLogger("openai_frontend")
+
+
+def _worker(settings: Settings, sock: socket.socket, shared_inflight: Any, index: int) -> None:
+    """A worker process (spawned: a fresh interpreter, so gRPC and the event loop start clean)."""
+    configure_logging(settings)
+    try:
+        serve(settings, sock, shared_inflight, worker=f"worker {index + 1}/{settings.workers}: ")
+    except Exception:
+        logger.exception("frontend worker %d failed", index + 1)
+        sys.exit(1)
+
+
+def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
+    """Start one worker per socket (bound to one port with SO_REUSEPORT) and wait for them; the exit status."""
+    from prometheus_client import multiprocess
+
+    made_dir = None
+    if multiprocess_dir() is None:  # the workers inherit the environment: their metrics go to files in this folder
+        made_dir = tempfile.mkdtemp(prefix="vlm-frontend-metrics-")
+        os.environ[MULTIPROC_ENV] = made_dir
+    metrics_dir = multiprocess_dir()
+    ctx = multiprocessing.get_context("spawn")
+    shared_inflight = ctx.Value("i", 0)
+    workers = [ctx.Process(target=_worker, args=(settings, sock, shared_inflight, i), name=f"frontend-worker-{i + 1}")
+               for i, sock in enumerate(sockets)]
+    stopping = False
+
+    def stop(signum: int | None = None, frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.pid is not None and w.exitcode is None:
+                w.terminate()  # SIGTERM: the worker's uvicorn finishes its streams and exits
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        for w in workers:
+            w.start()
+        for sock in sockets:
+            sock.close()  # the workers hold them now
+        logger.info("frontend: %d workers on port %d (pids %s)", len(workers), settings.port,
+                    ", ".join(str(w.pid) for w in workers))
+        running = list(workers)
+        while running:
+            done = wait([w.sentinel for w in running])
+            for w in [w for w in running if w.sentinel in done]:
+                w.join()
+                running.remove(w)
+                if metrics_dir is not None and w.pid is not None:
+                    multiprocess.mark_process_dead(w.pid, metrics_dir)
+                if not stopping:
+                    logger.error("frontend %s (pid %s) exited with code %s; stopping the other workers", w.name,
+                                 w.pid, w.exitcode)
+                    status = 1
+                    stop()
+    finally:
+        stop()
+        for w in workers:
+            if w.pid is not None:
+                w.join(10)
+                if w.exitcode is None:
+                    w.kill()
+                    w.join(5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if made_dir is not None:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(made_dir, ignore_errors=True)
+    return status
