@@ -96,3 +96,78 @@ def test_lanes_overlap_sends_of_different_requests_and_keep_each_request_in_orde
     assert got == {r: list(range(40)) for r in rids}
     assert finals == {r: 1 for r in rids}
     assert len({t.name for t in box._threads}) == lanes
+
+
+def stuck_first_send(order: str) -> tuple[Outbox, list[Delivery], threading.Event, threading.Event]:
+    """An outbox whose first send blocks until `release` is set."""
+    sent: list[Delivery] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def deliver(deliveries: list[Delivery]) -> None:
+        if not sent:
+            first_started.set()
+            release.wait(5)
+        sent.extend(deliveries)
+
+    return Outbox(deliver, order=order), sent, first_started, release
+
+
+def test_queue_sends_first_tokens_and_finals_before_waiting_requests() -> None:
+    box, sent, first_started, release = stuck_first_send("queue")
+    box.put([ev("a", 0, 0), ev("c", 0, 0)])
+    assert first_started.wait(5)  # a's first token is being sent; c's waits
+    box.put([ev("a", 1, 1), ev("c", 1, 1)])
+    box.put([ev("b", 0, 0)])  # a new request: its first token goes before a's waiting tokens
+    box.put([ev("a", 2, 2), ev("c", 2, 2)])
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(sent) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    box.put([ev("a", 3, 3), ev("b", 1, 1), ev("c", 3, 3, "length")])  # c's final goes first
+    box.close()
+    assert [(d.request_id, d.tokens) for d in sent] == [
+        ("a", [0]), ("c", [0, 1, 2]), ("b", [0]), ("a", [1, 2]), ("c", [3]), ("a", [3]), ("b", [1])]
+    assert [d.request_id for d in sent if d.final is not None] == ["c"]
+
+
+def test_queue_moves_a_waiting_request_ahead_when_its_final_arrives() -> None:
+    sent: list[Delivery] = []
+    x_started, release = threading.Event(), threading.Event()
+
+    def deliver(deliveries: list[Delivery]) -> None:
+        if deliveries[0].request_id == "x":
+            x_started.set()
+            release.wait(5)
+        sent.extend(deliveries)
+
+    box = Outbox(deliver)
+    box.put([ev("a", 0, 0), ev("b", 0, 0)])
+    deadline = time.monotonic() + 5
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    box.put([ev("x", 0, 0)])
+    assert x_started.wait(5)
+    box.put([ev("a", 1, 1), ev("b", 1, 1)])  # both wait, a first
+    box.put([ev("b", 2, 2, "stop")])  # b's final: b goes first
+    release.set()
+    box.close()
+    assert [(d.request_id, d.tokens, d.final is not None) for d in sent[2:]] == [
+        ("x", [0], False), ("b", [1, 2], True), ("a", [1], False)]
+
+
+def test_rounds_send_what_piled_up_in_one_round() -> None:
+    rounds: list[list[str]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def deliver(deliveries: list[Delivery]) -> None:
+        rounds.append([d.request_id for d in deliveries])
+        first_started.set()
+        release.wait(5)
+
+    box = Outbox(deliver, order="rounds")
+    box.put([ev("a", 0, 0)])
+    assert first_started.wait(5)
+    box.put([ev("a", 1, 1), ev("b", 0, 0)])
+    release.set()
+    box.close()
+    assert rounds == [["a"], ["a", "b"]]

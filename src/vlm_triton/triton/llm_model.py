@@ -116,7 +116,7 @@ class TritonPythonModel:
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
         self.stream_interval_s = cfg.triton.llm_stream_interval_ms / 1000.0
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
-                             lanes=cfg.triton.llm_send_threads)
+                             lanes=cfg.triton.llm_send_threads, order=cfg.triton.llm_outbox_order)
         print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr,
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
