@@ -18,6 +18,7 @@ and a worker that dies stops the server with exit status 1, so that a process ma
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -36,8 +37,21 @@ from openai_frontend.settings import Settings
 logger = logging.getLogger("openai_frontend")
 
 
-def _worker(settings: Settings, sock: socket.socket, shared_inflight: Any, index: int) -> None:
+def _die_with_supervisor() -> None:
+    """SIGTERM this worker when the supervisor dies, even by SIGKILL (Linux: prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop is all there is
+        pass
+
+
+def _worker(settings: Settings, sock: socket.socket, shared_inflight: Any, index: int,
+            supervisor: int) -> None:
     """A worker process (spawned: a fresh interpreter, so gRPC and the event loop start clean)."""
+    _die_with_supervisor()
+    if os.getppid() != supervisor:  # it died before the line above
+        return
     configure_logging(settings)
     try:
         serve(settings, sock, shared_inflight, worker=f"worker {index + 1}/{settings.workers}: ")
@@ -57,8 +71,8 @@ def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
     metrics_dir = multiprocess_dir()
     ctx = multiprocessing.get_context("spawn")
     shared_inflight = ctx.Value("i", 0)
-    workers = [ctx.Process(target=_worker, args=(settings, sock, shared_inflight, i), name=f"frontend-worker-{i + 1}")
-               for i, sock in enumerate(sockets)]
+    workers = [ctx.Process(target=_worker, args=(settings, sock, shared_inflight, i, os.getpid()),
+                           name=f"frontend-worker-{i + 1}") for i, sock in enumerate(sockets)]
     stopping = False
 
     def stop(signum: int | None = None, frame: Any = None) -> None:

@@ -346,7 +346,8 @@ def _metric(text: str, name: str) -> float:
 def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() -> None:
     """`--workers 2`: two processes serve the port; --max-inflight caps both together (a request held by one worker
     makes every other get 429, whichever worker takes it); /metrics on any worker counts every worker's requests;
-    SIGTERM stops both, and a worker that dies stops the other with exit status 1."""
+    SIGTERM stops both, and a worker that dies stops the other with exit status 1; a supervisor killed outright takes
+    its workers with it."""
 
     async def scenario(fake: FakeTriton, url: str) -> None:
         def run() -> None:
@@ -388,6 +389,16 @@ def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() ->
             finally:
                 if process.poll() is None:
                     process.kill()
+
+            port = _free_port()  # a supervisor killed outright takes its workers with it
+            process = _start_workers(url, port, "--bls-model", "ok")
+            workers = _children(process.pid)
+            process.kill()
+            process.wait(10)
+            deadline = time.monotonic() + 20
+            while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+                assert time.monotonic() < deadline, "workers outlived their supervisor"
+                time.sleep(0.1)
 
         await asyncio.to_thread(run)
 
