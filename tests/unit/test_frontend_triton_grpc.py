@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
 from typing import Any
 
@@ -19,8 +12,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.grpc import InferResult
+from tritonclient.utils import deserialize_bytes_tensor
 
 from openai_frontend import Settings, create_app
 from openai_frontend.engine.base import (
@@ -32,6 +25,7 @@ from openai_frontend.engine.base import (
     SamplingOptions,
 )
 from openai_frontend.engine.triton_grpc import TritonGrpcEngine, build_inputs, map_error, parse_result
+from tests.unit.fake_triton_grpc import FakeTriton, bls_response, final_only, with_fake_triton
 from vlm_triton.contracts import BLS
 
 MESSAGES = (
@@ -111,33 +105,6 @@ def test_map_error(status: str | None, kind: type, http: int) -> None:
 
 
 # --- responses --------------------------------------------------------------------------------------------------
-def bls_response(text: str, finish: str, prompt: int, completion: int, *, final: bool = False) -> Any:
-    response = service_pb2.ModelInferResponse(model_name="bls")
-    values = {
-        "text": ("BYTES", np.array([text.encode()], dtype=np.object_)),
-        "finish_reason": ("BYTES", np.array([finish.encode()], dtype=np.object_)),
-        "prompt_tokens": ("INT32", np.array([prompt], dtype=np.int32)),
-        "completion_tokens": ("INT32", np.array([completion], dtype=np.int32)),
-    }
-    for name, (dtype, array) in values.items():
-        assert BLS.output(name).dtype == dtype
-        out = response.outputs.add()
-        out.name, out.datatype = name, dtype
-        out.shape.extend([1])
-        response.raw_output_contents.append(
-            serialize_byte_tensor(array).item() if dtype == "BYTES" else array.tobytes()
-        )
-    if final:
-        response.parameters["triton_final_response"].bool_param = True
-    return response
-
-
-def final_only() -> Any:
-    response = service_pb2.ModelInferResponse(model_name="bls")
-    response.parameters["triton_final_response"].bool_param = True
-    return response
-
-
 def test_parse_result() -> None:
     chunk, final = parse_result(InferResult(bls_response("Hé", "", 9, 1)))
     assert chunk == GenerationChunk("Hé", None, 9, 1) and final is False
@@ -147,62 +114,6 @@ def test_parse_result() -> None:
 
 
 # --- the streaming path against an in-process gRPC server ---------------------------------------------------------
-class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """Behaves according to the model name the engine asks for (the engine's `bls_model`)."""
-
-    def __init__(self) -> None:
-        self.requests: list[Any] = []
-        self.metadata: list[dict[str, str]] = []
-        self.cancelled = asyncio.Event()
-
-    async def ServerReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerReadyResponse(ready=True)
-
-    async def ModelReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ModelReadyResponse(ready=request.name == "ok")
-
-    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        self.metadata.append({k: v for k, v in context.invocation_metadata()})
-        async for request in request_iterator:
-            self.requests.append(request)
-            stream = service_pb2.ModelStreamInferResponse
-            if request.model_name == "ok":
-                yield stream(infer_response=bls_response("Hel", "", 5, 1))
-                yield stream(infer_response=bls_response("lo", "stop", 5, 2))
-                yield stream(infer_response=final_only())
-            elif request.model_name == "ok_final_with_last":
-                yield stream(infer_response=bls_response("Hello", "length", 5, 3, final=True))
-            elif request.model_name == "invalid":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image 0: unsupported URL scheme 'ftp'")
-            elif request.model_name == "in_band_error":
-                yield stream(error_message="model crashed")
-            elif request.model_name == "no_finish":
-                yield stream(infer_response=bls_response("x", "", 5, 1))
-                yield stream(infer_response=final_only())
-            elif request.model_name == "slow":
-                yield stream(infer_response=bls_response("first", "", 5, 1))
-                try:
-                    await asyncio.sleep(30)
-                except asyncio.CancelledError:
-                    self.cancelled.set()
-                    raise
-
-
-def with_fake_triton(scenario: Callable[[FakeTriton, str], Awaitable[None]], timeout_s: float = 20) -> None:
-    async def main() -> None:
-        fake = FakeTriton()
-        server = grpc.aio.server()
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            await asyncio.wait_for(scenario(fake, f"127.0.0.1:{port}"), timeout_s)
-        finally:
-            await server.stop(0)
-
-    asyncio.run(main())
-
-
 async def generate(engine: TritonGrpcEngine, request_id: str = "chatcmpl-1") -> list[GenerationChunk]:
     request = GenerationRequest(request_id, MESSAGES, SamplingOptions(max_tokens=4))
     return [chunk async for chunk in engine.chat(request)]
@@ -298,108 +209,3 @@ def test_the_app_over_the_grpc_engine() -> None:
         await engine.close()
 
     with_fake_triton(scenario)
-
-
-# --- several frontend processes (`--workers`) over the gRPC engine -------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> set[int]:
-    """The frontend workers of the supervisor `pid` (not multiprocessing's resource tracker, also its child)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                found.add(int(entry))
-    return found
-
-
-def _start_workers(url: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "openai_frontend", "--triton-url", url, "--model-name", "served", "--port",
-               str(port), "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning", *flags]
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + 60
-    while True:  # both workers answer: each has its own pid, and /health is answered by either
-        assert process.poll() is None, f"the frontend exited with {process.returncode}"
-        if len(_children(process.pid)) >= 2:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    return process
-            except httpx.HTTPError:
-                pass
-        assert time.monotonic() < deadline, "the workers did not answer"
-        time.sleep(0.2)
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() -> None:
-    """`--workers 2`: two processes serve the port; --max-inflight caps both together (a request held by one worker
-    makes every other get 429, whichever worker takes it); /metrics on any worker counts every worker's requests;
-    SIGTERM stops both, and a worker that dies stops the other with exit status 1; a supervisor killed outright takes
-    its workers with it."""
-
-    async def scenario(fake: FakeTriton, url: str) -> None:
-        def run() -> None:
-            port = _free_port()
-            process = _start_workers(url, port, "--bls-model", "ok", "--max-inflight", "1")
-            base = f"http://127.0.0.1:{port}"
-            body = {"model": "served", "messages": list(MESSAGES), "max_tokens": 4}
-            try:
-                workers = _children(process.pid)
-                assert len(workers) == 2
-                for _ in range(16):  # fresh connections: the kernel spreads them over the workers
-                    done = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10)
-                    assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"] == "Hello"
-                for _ in range(4):  # every scrape, whichever worker answers it, sees all 16
-                    scraped = httpx.get(f"{base}/metrics", timeout=10).text
-                    assert _metric(scraped, 'vlm_frontend_requests_total{endpoint="chat",status="200"}') == 16
-                    assert _metric(scraped, "vlm_frontend_inflight_requests") == 0
-            finally:
-                process.terminate()
-                assert process.wait(20) == 0
-            assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
-
-            port = _free_port()
-            process = _start_workers(url, port, "--bls-model", "slow", "--max-inflight", "1")
-            base = f"http://127.0.0.1:{port}"
-            try:
-                with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
-                                  timeout=30) as held:  # "slow" holds its stream open
-                    lines = held.iter_lines()  # kept: a dropped iterator closes the stream
-                    assert next(lines).startswith("data: ")
-                    statuses = [httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code
-                                for _ in range(8)]
-                    assert statuses == [429] * 8
-                    scraped = httpx.get(f"{base}/metrics", timeout=10).text
-                    assert _metric(scraped, "vlm_frontend_inflight_requests") == 1
-                victim = min(_children(process.pid))
-                os.kill(victim, signal.SIGKILL)
-                assert process.wait(30) == 1
-            finally:
-                if process.poll() is None:
-                    process.kill()
-
-            port = _free_port()  # a supervisor killed outright takes its workers with it
-            process = _start_workers(url, port, "--bls-model", "ok")
-            workers = _children(process.pid)
-            process.kill()
-            process.wait(10)
-            deadline = time.monotonic() + 20
-            while any(os.path.exists(f"/proc/{pid}") for pid in workers):
-                assert time.monotonic() < deadline, "workers outlived their supervisor"
-                time.sleep(0.1)
-
-        await asyncio.to_thread(run)
-
-    with_fake_triton(scenario, timeout_s=120)
