@@ -121,7 +121,10 @@ class PreprocessSection:
 
 @dataclass(frozen=True)
 class TritonSection:
-    vision_max_batch_size: int = 32  # tiles batched across requests by Triton's dynamic batcher
+    # tiles batched across requests by Triton's dynamic batcher, and the most a round of the llm's vision thread
+    # encodes (engine.vision_in_llm). Smaller rounds hand requests their tables sooner: under W1 load on an H100 16
+    # against 64 gave TTFT p50 -45 to -67% and TPOT 9 -> 14-16 ms at even throughput (docs/benchmarks.md, item 52)
+    vision_max_batch_size: int = 32
     # how long Triton holds a vision_encoder batch open for more requests while the encoder is idle: each W1 image
     # (13 tiles) waited the whole 2 ms of the old default at c=1; under load requests queue behind the busy encoder
     # and are batched without it (docs/benchmarks.md, item 45)
