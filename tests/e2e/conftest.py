@@ -119,12 +119,12 @@ def stack(tiny_internvl3: Path, media_dir: Path, timeline_dir: Path, tmp_path_fa
 
 
 @contextlib.contextmanager
-def running_frontend(stack: Stack, served_name: str, work: Path) -> Iterator[str]:
+def running_frontend(stack: Stack, served_name: str, work: Path, workers: int = 1) -> Iterator[str]:
     """The OpenAI frontend on a free port, talking to `stack`; yields its base URL (…/v1)."""
     log = work / "frontend.log"
     try:
         with frontend_process.running_frontend(stack.grpc_url, served_name, port=free_port(), log_file=log,
-                                               extra_args=("--max-inflight", "64")) as url:
+                                               extra_args=("--max-inflight", "64", "--workers", str(workers))) as url:
             yield url
     except SetupError as exc:
         raise RuntimeError(f"{exc}\n{log.read_text() if log.exists() else ''}") from None
@@ -135,5 +135,7 @@ def frontend(stack: Stack, timeline_dir: Path, tmp_path_factory: pytest.TempPath
     with contextlib.ExitStack() as scope:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("VLM_TRITON_TIMELINE_DIR", str(timeline_dir))
-            url = scope.enter_context(running_frontend(stack, SERVED_NAME, tmp_path_factory.mktemp("frontend")))
+            # two processes on one port (--workers), as GPU deployments run it: every OpenAI e2e test goes through them
+            url = scope.enter_context(running_frontend(stack, SERVED_NAME, tmp_path_factory.mktemp("frontend"),
+                                                       workers=2))
         yield url
