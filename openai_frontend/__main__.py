@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from openai_frontend.serving import bind, configure_logging, serve, server_implementations
+from openai_frontend.serving import bind_workers, configure_logging, serve, server_implementations
 from openai_frontend.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, HTTP_PARSERS, LOOPS, Settings
 from openai_frontend.workers import supervise
 from vlm_triton.errors import SetupError
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings)
     try:
         server_implementations(settings)
-        sockets = [bind(settings.host, settings.port, reuse_port=settings.workers > 1) for _ in range(settings.workers)]
+        sockets = bind_workers(settings.host, settings.port, settings.workers)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+LOCK_TIMEOUT_S = 1.0
+
 
 class InflightLimit:
     """`try_acquire()` takes a place if one is free (False: answer 429); `release()` gives it back. `shared`: a
@@ -25,15 +27,24 @@ class InflightLimit:
                 return False
             self._count += 1
             return True
-        with self._shared.get_lock():  # a few instructions under a process-shared lock: never held across an await
+        lock = self._shared.get_lock()  # held for a few instructions, never across an await
+        if not lock.acquire(timeout=LOCK_TIMEOUT_S):  # a worker died holding it: the supervisor is stopping them all
+            return False
+        try:
             if self._shared.value >= self.limit:
                 return False
             self._shared.value += 1
             return True
+        finally:
+            lock.release()
 
     def release(self) -> None:
         if self._shared is None:
             self._count -= 1
             return
-        with self._shared.get_lock():
-            self._shared.value -= 1
+        lock = self._shared.get_lock()
+        if lock.acquire(timeout=LOCK_TIMEOUT_S):
+            try:
+                self._shared.value -= 1
+            finally:
+                lock.release()

@@ -63,6 +63,16 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def bind_workers(host: str, port: int, workers: int) -> list[socket.socket]:
+    """One listening socket per worker. With several, a plain bind first: SO_REUSEPORT sockets share a port with any
+    other SO_REUSEPORT socket of the same user, so without it a second server started on a port in use would take a
+    share of its connections instead of failing."""
+    if workers == 1:
+        return [bind(host, port)]
+    bind(host, port).close()
+    return [bind(host, port, reuse_port=True) for _ in range(workers)]
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -9,8 +9,8 @@ arrives over those connections is taken in N ways at once.
 What the workers share:
 - the port: the supervisor binds every worker's socket (a busy port is reported before any worker starts);
 - the in-flight limit: one counter in shared memory, so `--max-inflight` caps the server, not each worker;
-- the metrics: prometheus_client's multiprocess mode (a fresh PROMETHEUS_MULTIPROC_DIR per server unless one is set),
-  so /metrics on any worker reports the whole server.
+- the metrics: prometheus_client's multiprocess mode (a fresh PROMETHEUS_MULTIPROC_DIR per server, or the one the
+  deployment sets, emptied of earlier runs' files), so /metrics on any worker reports the whole server.
 
 The supervisor only watches: SIGTERM or SIGINT stops every worker (each finishes its streams, as one process does),
 and a worker that dies stops the server with exit status 1, so that a process manager restarts it whole.
@@ -19,6 +19,7 @@ and a worker that dies stops the server with exit status 1, so that a process ma
 from __future__ import annotations
 
 import ctypes
+import glob
 import logging
 import multiprocessing
 import os
@@ -60,15 +61,35 @@ def _worker(settings: Settings, sock: socket.socket, shared_inflight: Any, index
         sys.exit(1)
 
 
+METRICS_DIR_PREFIX = "vlm-frontend-metrics-"  # + the supervisor's pid + "-": a fresh folder per server
+
+
+def remove_stale_metrics_dirs(parent: str) -> None:
+    """Remove the metrics folders of supervisors that are gone (killed outright, they could not remove their own)."""
+    for path in glob.glob(os.path.join(parent, f"{METRICS_DIR_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def metrics_dir_for_this_run() -> tuple[str, bool]:
+    """(the workers' PROMETHEUS_MULTIPROC_DIR, whether this supervisor made it). A folder set by the deployment is
+    emptied of earlier runs' files, which prometheus_client would otherwise add to this run's values."""
+    given = multiprocess_dir()
+    if given is not None:
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+        return given, False
+    remove_stale_metrics_dirs(tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"), True
+
+
 def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
     """Start one worker per socket (bound to one port with SO_REUSEPORT) and wait for them; the exit status."""
     from prometheus_client import multiprocess
 
-    made_dir = None
-    if multiprocess_dir() is None:  # the workers inherit the environment: their metrics go to files in this folder
-        made_dir = tempfile.mkdtemp(prefix="vlm-frontend-metrics-")
-        os.environ[MULTIPROC_ENV] = made_dir
-    metrics_dir = multiprocess_dir()
+    metrics_dir, made_dir = metrics_dir_for_this_run()
+    os.environ[MULTIPROC_ENV] = metrics_dir  # the workers inherit the environment: their metrics go to files there
     ctx = multiprocessing.get_context("spawn")
     shared_inflight = ctx.Value("i", 0)
     workers = [ctx.Process(target=_worker, args=(settings, sock, shared_inflight, i, os.getpid()),
@@ -86,19 +107,23 @@ def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
     status = 0
     try:
         for w in workers:
+            if stopping:  # a stop signal while starting: start no more, and stop the ones started (below)
+                break
             w.start()
         for sock in sockets:
             sock.close()  # the workers hold them now
-        logger.info("frontend: %d workers on port %d (pids %s)", len(workers), settings.port,
-                    ", ".join(str(w.pid) for w in workers))
-        running = list(workers)
+        if stopping:
+            stop()  # a worker started after the signal was handled did not get it
+        else:
+            logger.info("frontend: %d workers on port %d (pids %s)", len(workers), settings.port,
+                        ", ".join(str(w.pid) for w in workers))
+        running = [w for w in workers if w.pid is not None]
         while running:
             done = wait([w.sentinel for w in running])
             for w in [w for w in running if w.sentinel in done]:
                 w.join()
                 running.remove(w)
-                if metrics_dir is not None and w.pid is not None:
-                    multiprocess.mark_process_dead(w.pid, metrics_dir)
+                multiprocess.mark_process_dead(w.pid, metrics_dir)
                 if not stopping:
                     logger.error("frontend %s (pid %s) exited with code %s; stopping the other workers", w.name,
                                  w.pid, w.exitcode)
@@ -114,7 +139,7 @@ def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
                     w.join(5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if made_dir is not None:
+        if made_dir:
             os.environ.pop(MULTIPROC_ENV, None)
-            shutil.rmtree(made_dir, ignore_errors=True)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

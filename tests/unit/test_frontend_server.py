@@ -5,8 +5,11 @@ Also what only a real socket shows: a client that disconnects makes the engine s
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +26,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from openai_frontend import Settings, create_app
 from openai_frontend.__main__ import parse_args
 from openai_frontend.engine.fake import FakeEngine
-from openai_frontend.serving import bind, server_implementations
+from openai_frontend.serving import bind, bind_workers, server_implementations
+from openai_frontend.workers import METRICS_DIR_PREFIX, metrics_dir_for_this_run, remove_stale_metrics_dirs
 from vlm_triton.errors import SetupError
 
 MODEL = "fake-vlm"
@@ -214,5 +218,35 @@ def test_workers_flag_and_busy_port() -> None:
     try:
         second = bind("127.0.0.1", first.getsockname()[1], reuse_port=True)
         second.close()
+        first.listen()  # a running --workers server: a second one on its port is refused, not let in beside it
+        with pytest.raises(SetupError, match="is in use"):
+            bind_workers("127.0.0.1", first.getsockname()[1], 2)
     finally:
         first.close()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    group = bind_workers("127.0.0.1", port, 3)
+    assert [s.getsockname()[1] for s in group] == [port] * 3
+    for s in group:
+        s.close()
+
+
+def test_stale_metrics_dirs_of_dead_supervisors_are_removed(tmp_path: Any) -> None:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getpid()
+    for pid in (dead, alive):
+        (tmp_path / f"{METRICS_DIR_PREFIX}{pid}-x").mkdir()
+    (tmp_path / "unrelated").mkdir()
+    remove_stale_metrics_dirs(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{METRICS_DIR_PREFIX}{alive}-x", "unrelated"])
+
+
+def test_a_metrics_dir_set_by_the_deployment_is_emptied_of_earlier_runs(tmp_path: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "counter_12345.db").write_bytes(b"old run")
+    (tmp_path / "keep.txt").write_text("not ours")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert metrics_dir_for_this_run() == (str(tmp_path), False)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
