@@ -81,8 +81,8 @@ class FakeSender:
 
 
 def test_a_failed_send_ends_only_that_request(adapters: types.SimpleNamespace) -> None:
-    """One request's send raising (a broken response channel) must not lose the other requests' tokens in the same
-    outbox round: the failing request is cancelled in the engine and ends with an error, the others go on."""
+    """One request's send raising (a broken response channel) ends that request only: it is cancelled in the engine
+    and ends with an error, and the next delivery (another request's) goes on."""
     import threading
 
     from vlm_triton.engine.outbox import Delivery
@@ -99,7 +99,8 @@ def test_a_failed_send_ends_only_that_request(adapters: types.SimpleNamespace) -
         "bad": llm._Active(None, bad, "c", True, [], 5, outputs),
         "good": llm._Active(types.SimpleNamespace(is_cancelled=lambda: False), good, "c", True, [], 5, outputs),
     }
-    model._deliver([Delivery("bad", [1, 2]), Delivery("good", [3])])
+    model._deliver(Delivery("bad", [1, 2]))
+    model._deliver(Delivery("good", [3]))
     assert cancelled == ["bad"] and "bad" not in model._active and "good" in model._active
     assert [flags for _, flags in bad.sent] == [1]  # the final error response
     assert [r.names for r, _ in good.sent] == [["output_ids"]] and model._active["good"].tokens == [3]
@@ -129,9 +130,9 @@ def test_the_stream_interval_holds_tokens_for_the_next_response_and_the_final_on
 
     for token, dt in ((1, 0.0), (2, 0.004), (3, 0.004), (4, 0.004), (5, 0.001)):
         clock[0] += dt
-        model._deliver([Delivery("r", [token])])
+        model._deliver(Delivery("r", [token]))
     final = TokenEvent(request_id="r", token_id=6, finished=True, finish_reason="length", index=5, prompt_tokens=5)
-    model._deliver([Delivery("r", [6], final)])
+    model._deliver(Delivery("r", [6], final))
     assert sent_ids == [[1], [2, 3, 4], [5, 6]]  # the first at once, then >= 10 ms apart, the rest with the final
     assert [flags for _, flags in sender.sent] == [0, 0, 1]
 

@@ -1,11 +1,12 @@
-"""The llm's outbox: the engine thread never waits on sends, and tokens that pile up leave together, in order."""
+"""The llm's outbox: the engine thread never waits on sends, tokens that pile up leave together in order, and first
+tokens and finals go before the requests that wait."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from vlm_triton.engine.outbox import Delivery, Outbox, coalesce
+from vlm_triton.engine.outbox import Delivery, Outbox, SendQueue
 from vlm_triton.engine.types import TokenEvent
 
 
@@ -13,24 +14,28 @@ def ev(rid: str, token: int | None, index: int, reason: str | None = None) -> To
     return TokenEvent(rid, token, reason is not None, reason, index, 5)  # type: ignore[arg-type]
 
 
-def test_coalesce_groups_by_request_in_order() -> None:
-    events = [ev("a", 1, 0), ev("b", 7, 0), ev("a", 2, 1), ev("b", 8, 1, "length"), ev("a", 3, 2)]
-    got = coalesce(events)
-    assert [(d.request_id, d.tokens) for d in got] == [("a", [1, 2, 3]), ("b", [7, 8])]
-    assert got[0].final is None and got[1].final is not None and got[1].final.finish_reason == "length"
+def test_send_queue_merges_each_requests_events_in_order() -> None:
+    q = SendQueue()
+    q.add([ev("a", 1, 3), ev("b", 7, 5), ev("a", 2, 4), ev("b", 8, 6, "length"), ev("a", 3, 5)])
+    b, a = q.pop(), q.pop()  # b's final goes first
+    assert not q
+    assert (a.request_id, a.tokens, a.final) == ("a", [1, 2, 3], None)
+    assert (b.request_id, b.tokens) == ("b", [7, 8]) and b.final is not None and b.final.finish_reason == "length"
 
 
 def test_tokenless_final_events() -> None:
-    (d,) = coalesce([ev("a", 4, 0), ev("a", None, 1, "cancelled")])
+    q = SendQueue()
+    q.add([ev("a", 4, 2), ev("a", None, 3, "cancelled")])
+    d = q.pop()
     assert d.tokens == [4] and d.final is not None and d.final.finish_reason == "cancelled"
 
 
 def test_slow_deliveries_do_not_block_put_and_merge_what_piled_up() -> None:
-    rounds: list[list[Delivery]] = []
+    sent: list[Delivery] = []
     first_started, release = threading.Event(), threading.Event()
 
-    def deliver(deliveries: list[Delivery]) -> None:
-        rounds.append(deliveries)
+    def deliver(delivery: Delivery) -> None:
+        sent.append(delivery)
         first_started.set()
         release.wait(5)
 
@@ -44,17 +49,17 @@ def test_slow_deliveries_do_not_block_put_and_merge_what_piled_up() -> None:
     assert time.perf_counter() - t0 < 0.5
     release.set()
     box.close()
-    assert [d.tokens for r in rounds for d in r] == [[0], list(range(1, 51))]
-    assert rounds[-1][0].final is not None
+    assert [d.tokens for d in sent] == [[0], list(range(1, 51))]
+    assert sent[-1].final is not None
 
 
 def test_a_failing_delivery_is_reported_and_the_thread_goes_on() -> None:
     errors: list[BaseException] = []
     seen: list[str] = []
 
-    def deliver(deliveries: list[Delivery]) -> None:
-        seen.extend(d.request_id for d in deliveries)
-        if deliveries[0].request_id == "bad":
+    def deliver(delivery: Delivery) -> None:
+        seen.append(delivery.request_id)
+        if delivery.request_id == "bad":
             raise RuntimeError("send failed")
 
     box = Outbox(deliver, on_error=errors.append)
@@ -73,18 +78,17 @@ def test_lanes_overlap_sends_of_different_requests_and_keep_each_request_in_orde
     got: dict[str, list[int]] = {}
     finals: dict[str, int] = {}
 
-    def deliver(deliveries: list[Delivery]) -> None:
-        for d in deliveries:
-            with lock:
-                in_send.add(d.request_id)
-                if len(in_send) > 1:
-                    overlap.set()
-            time.sleep(0.002)  # a send is a round trip: mostly waiting
-            with lock:
-                in_send.discard(d.request_id)
-                got.setdefault(d.request_id, []).extend(d.tokens)
-                if d.final is not None:
-                    finals[d.request_id] = finals.get(d.request_id, 0) + 1
+    def deliver(d: Delivery) -> None:
+        with lock:
+            in_send.add(d.request_id)
+            if len(in_send) > 1:
+                overlap.set()
+        time.sleep(0.002)  # a send is a round trip: mostly waiting
+        with lock:
+            in_send.discard(d.request_id)
+            got.setdefault(d.request_id, []).extend(d.tokens)
+            if d.final is not None:
+                finals[d.request_id] = finals.get(d.request_id, 0) + 1
 
     box = Outbox(deliver, lanes=lanes)
     rids = [f"r{i}" for i in range(16)]
@@ -98,22 +102,22 @@ def test_lanes_overlap_sends_of_different_requests_and_keep_each_request_in_orde
     assert len({t.name for t in box._threads}) == lanes
 
 
-def stuck_first_send(order: str) -> tuple[Outbox, list[Delivery], threading.Event, threading.Event]:
+def stuck_first_send() -> tuple[Outbox, list[Delivery], threading.Event, threading.Event]:
     """An outbox whose first send blocks until `release` is set."""
     sent: list[Delivery] = []
     first_started, release = threading.Event(), threading.Event()
 
-    def deliver(deliveries: list[Delivery]) -> None:
+    def deliver(delivery: Delivery) -> None:
         if not sent:
             first_started.set()
             release.wait(5)
-        sent.extend(deliveries)
+        sent.append(delivery)
 
-    return Outbox(deliver, order=order), sent, first_started, release
+    return Outbox(deliver), sent, first_started, release
 
 
 def test_queue_sends_first_tokens_and_finals_before_waiting_requests() -> None:
-    box, sent, first_started, release = stuck_first_send("queue")
+    box, sent, first_started, release = stuck_first_send()
     box.put([ev("a", 0, 0), ev("c", 0, 0)])
     assert first_started.wait(5)  # a's first token is being sent; c's waits
     box.put([ev("a", 1, 1), ev("c", 1, 1)])
@@ -134,11 +138,11 @@ def test_queue_moves_a_waiting_request_ahead_when_its_final_arrives() -> None:
     sent: list[Delivery] = []
     x_started, release = threading.Event(), threading.Event()
 
-    def deliver(deliveries: list[Delivery]) -> None:
-        if deliveries[0].request_id == "x":
+    def deliver(delivery: Delivery) -> None:
+        if delivery.request_id == "x":
             x_started.set()
             release.wait(5)
-        sent.extend(deliveries)
+        sent.append(delivery)
 
     box = Outbox(deliver)
     box.put([ev("a", 0, 0), ev("b", 0, 0)])
@@ -154,20 +158,3 @@ def test_queue_moves_a_waiting_request_ahead_when_its_final_arrives() -> None:
     assert [(d.request_id, d.tokens, d.final is not None) for d in sent[2:]] == [
         ("x", [0], False), ("b", [1, 2], True), ("a", [1], False)]
 
-
-def test_rounds_send_what_piled_up_in_one_round() -> None:
-    rounds: list[list[str]] = []
-    first_started, release = threading.Event(), threading.Event()
-
-    def deliver(deliveries: list[Delivery]) -> None:
-        rounds.append([d.request_id for d in deliveries])
-        first_started.set()
-        release.wait(5)
-
-    box = Outbox(deliver, order="rounds")
-    box.put([ev("a", 0, 0)])
-    assert first_started.wait(5)
-    box.put([ev("a", 1, 1), ev("b", 0, 0)])
-    release.set()
-    box.close()
-    assert rounds == [["a"], ["a", "b"]]

@@ -148,10 +148,6 @@ class TritonSection:
     # send to a BLS caller is a synchronous round trip through tritonserver and the BLS stub, so one thread caps
     # the responses per second under load
     llm_send_threads: int = 1
-    # The order of the llm's sends (engine/outbox.py). "queue": one request at a time, a request's first tokens and
-    # its final event before the others, so a first token waits for one send, not a round. "rounds": everything
-    # queued is sent in one round (to session 19), and what arrives meanwhile waits for the next round
-    llm_outbox_order: str = "queue"
     # Least time between two streamed responses of one llm request (vLLM's and TensorRT-LLM's stream_interval, in
     # time): tokens made in between leave together in the next response. Each response costs a tensor, a response
     # object and a send in the llm stub and as much again in the BLS, all under their GIL. 0: every round sends (the
@@ -289,7 +285,6 @@ class DeploymentConfig:
             (self.triton.bls_detokenize in ("postprocess", "inline"),
              f"triton.bls_detokenize must be postprocess or inline, got {self.triton.bls_detokenize!r}"),
             (self.triton.llm_send_threads >= 1, "triton.llm_send_threads must be >= 1"),
-            (self.triton.llm_outbox_order in ("queue", "rounds"), "triton.llm_outbox_order must be queue or rounds"),
             (self.triton.llm_stream_interval_ms >= 0, "triton.llm_stream_interval_ms must be >= 0 (0: off)"),
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.preprocess.image_threads >= 0,

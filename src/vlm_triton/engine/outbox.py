@@ -6,11 +6,11 @@ H100 the stack's TPOT was 2.3x the bare engine's). The engine thread only queues
 delivers them, one request at a time, each delivery carrying every token that request produced since its last one.
 Under light load that is one token per response; under heavy load responses grow instead of falling behind.
 
-The order of sends (`order="queue"`, the default): requests wait in one queue, in the order their tokens arrived,
-and a request that was just sent joins its end again; a request's first tokens and its final event go before every
-waiting one. So a new request's first token waits for the one send in progress, not for a whole round of sends to
-the other running requests (at W2 c=64 on an H100 a round of 64 sends took ~41-49 ms). `order="rounds"` (sessions
-5-19): everything queued when a round starts is sent in one round, and what arrives meanwhile waits for the next.
+The order of sends: requests wait in one queue, in the order their tokens arrived, and a request that was just sent
+joins its end again; a request's first token and its final event go before every waiting one. So a new request's
+first token waits for the one send in progress, not for a round of sends to the other running requests (sessions
+5-19 sent in such rounds: at W2 c=64 on an H100 a round of 64 sends took ~41-49 ms, and the queue gained 9-15% of
+tokens per second, docs/benchmarks.md item 49).
 """
 
 from __future__ import annotations
@@ -27,23 +27,11 @@ from vlm_triton.engine.types import TokenEvent
 
 @dataclass
 class Delivery:
-    """What one request gets in one round: its new tokens in order and, on its last round, the final event."""
+    """What one request gets in one send: its new tokens in order and, on its last send, the final event."""
 
     request_id: str
     tokens: list[int] = field(default_factory=list)
     final: TokenEvent | None = None
-
-
-def coalesce(events: Iterable[TokenEvent]) -> list[Delivery]:
-    """Group events by request, in first-seen order, keeping each request's tokens in order."""
-    deliveries: dict[str, Delivery] = {}
-    for event in events:
-        delivery = deliveries.setdefault(event.request_id, Delivery(event.request_id))
-        if event.token_id is not None:
-            delivery.tokens.append(event.token_id)
-        if event.finished:
-            delivery.final = event
-    return list(deliveries.values())
 
 
 class SendQueue:
@@ -52,7 +40,6 @@ class SendQueue:
     def __init__(self) -> None:
         self._urgent: dict[str, Delivery] = {}  # first tokens and final events (dicts keep insertion order)
         self._waiting: dict[str, Delivery] = {}
-        self._started: set[str] = set()  # requests that have had a delivery and not yet their final one
 
     def __bool__(self) -> bool:
         return bool(self._urgent or self._waiting)
@@ -63,7 +50,8 @@ class SendQueue:
             delivery = self._urgent.get(rid) or self._waiting.get(rid)
             if delivery is None:
                 delivery = Delivery(rid)
-                (self._urgent if event.finished or rid not in self._started else self._waiting)[rid] = delivery
+                urgent = event.finished or event.index == 0  # index: the token's place among the generated ones
+                (self._urgent if urgent else self._waiting)[rid] = delivery
             elif event.finished and rid in self._waiting:
                 self._urgent[rid] = self._waiting.pop(rid)
             if event.token_id is not None:
@@ -73,22 +61,13 @@ class SendQueue:
 
     def pop(self) -> Delivery:
         """The next delivery to send (the queue must not be empty)."""
-        queue_ = self._urgent or self._waiting
-        delivery = queue_.pop(next(iter(queue_)))
-        if delivery.final is None:
-            self._started.add(delivery.request_id)
-        else:
-            self._started.discard(delivery.request_id)
-        return delivery
-
-
-ORDERS = ("queue", "rounds")
+        pending = self._urgent or self._waiting
+        return pending.pop(next(iter(pending)))
 
 
 class Outbox:
-    """`put` (any thread, never blocks) queues engine events; outbox threads call `deliver` with coalesced
-    deliveries (one at a time with `order="queue"`, a round's with "rounds"). An exception from `deliver` is passed
-    to `on_error` and the thread goes on.
+    """`put` (any thread, never blocks) queues engine events; outbox threads call `deliver` with one delivery at a
+    time. An exception from `deliver` is passed to `on_error` and the thread goes on.
 
     With `lanes` > 1, each request belongs to one of `lanes` threads (by its id), so its deliveries stay in order
     while sends of different requests overlap: a send is a synchronous round trip through other processes (the
@@ -96,27 +75,21 @@ class Outbox:
 
     def __init__(
         self,
-        deliver: Callable[[list[Delivery]], None],
+        deliver: Callable[[Delivery], None],
         on_error: Callable[[BaseException], None] | None = None,
         name: str = "llm-outbox",
         lanes: int = 1,
-        order: str = "queue",
     ) -> None:
         if lanes < 1:
             raise ValueError("an outbox needs at least one lane")
-        if order not in ORDERS:
-            raise ValueError(f"outbox order must be one of {', '.join(ORDERS)}, got {order!r}")
         self._deliver = deliver
         self._on_error = on_error
-        # "wake": from a put to the thread taking it (rounds: to the round's start); "deliver": one delivery (queue)
-        # or one round (rounds)
-        self.timing = StepTiming()
-        run = self._run_queue if order == "queue" else self._run
+        self.timing = StepTiming()  # "wake": from a put to the thread taking it; "deliver": one delivery
         self._queues: list[queue.SimpleQueue[tuple[float, list[TokenEvent]] | None]] = []
         self._threads: list[threading.Thread] = []
         for i in range(lanes):
             q: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None] = queue.SimpleQueue()
-            thread = threading.Thread(target=run, args=(q,), name=f"{name}-{i}" if lanes > 1 else name,
+            thread = threading.Thread(target=self._run, args=(q,), name=f"{name}-{i}" if lanes > 1 else name,
                                       daemon=True)
             self._queues.append(q)
             self._threads.append(thread)
@@ -144,34 +117,6 @@ class Outbox:
             thread.join(timeout)
 
     def _run(self, inbox: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None]) -> None:
-        while True:
-            batch = inbox.get()
-            woke = time.perf_counter()
-            events: list[TokenEvent] = []
-            stop = batch is None
-            if batch is not None:
-                self.timing.add("wake", woke - batch[0])
-                events.extend(batch[1])
-            while not stop:  # take everything already queued: one round for all of it
-                try:
-                    more = inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                else:
-                    events.extend(more[1])
-            if events:
-                try:
-                    self._deliver(coalesce(events))
-                    self.timing.add("deliver", time.perf_counter() - woke)
-                except Exception as exc:  # noqa: BLE001 - a failed send must not stop the other requests' tokens
-                    if self._on_error is not None:
-                        self._on_error(exc)
-            if stop:
-                return
-
-    def _run_queue(self, inbox: queue.SimpleQueue[tuple[float, list[TokenEvent]] | None]) -> None:
         pending = SendQueue()
         stop = False
         while not (stop and not pending):
@@ -192,7 +137,7 @@ class Outbox:
             delivery = pending.pop()
             started = time.perf_counter()
             try:
-                self._deliver([delivery])
+                self._deliver(delivery)
                 self.timing.add("deliver", time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - a failed send must not stop the other requests' tokens
                 if self._on_error is not None:

@@ -116,7 +116,7 @@ class TritonPythonModel:
         self._active_gauge = self._metric_family.Metric(labels={"model": args["model_name"]})
         self.stream_interval_s = cfg.triton.llm_stream_interval_ms / 1000.0
         self.outbox = Outbox(self._deliver, on_error=lambda exc: log.exception("llm delivery failed", exc_info=exc),
-                             lanes=cfg.triton.llm_send_threads, order=cfg.triton.llm_outbox_order)
+                             lanes=cfg.triton.llm_send_threads)
         print(f"[{args['model_name']}] engine: {describe(self.engine)}; torch threads {threads}", file=sys.stderr,
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
@@ -258,14 +258,13 @@ class TritonPythonModel:
             self._active_gauge.set(len(self._active))
             return active
 
-    def _deliver(self, deliveries: list[Delivery]) -> None:
-        """Runs on the outbox thread: one response per request per round, with every token it has produced since
-        its last one (so a slow send never stalls the engine, and falling behind makes responses longer, not late)."""
-        for delivery in deliveries:
-            try:
-                self._deliver_one(delivery)
-            except Exception as exc:  # noqa: BLE001 - one request's failed send must not lose the others' tokens
-                self._abandon(delivery.request_id, exc)
+    def _deliver(self, delivery: Delivery) -> None:
+        """Runs on the outbox thread: one response with every token the request has produced since its last one (so
+        a slow send never stalls the engine, and falling behind makes responses longer, not late)."""
+        try:
+            self._deliver_one(delivery)
+        except Exception as exc:  # noqa: BLE001 - one request's failed send must not lose the others' tokens
+            self._abandon(delivery.request_id, exc)
 
     def _abandon(self, request_id: str, exc: BaseException) -> None:
         """A send to this request failed: stop its generation and end it with an error (best effort)."""
