@@ -9,7 +9,11 @@ set -euo pipefail
 BUNDLE=${1:-.bundle}
 PY=${PYTHON:-python3}
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$BUNDLE"/wheels/*.whl
+WHEELS="$BUNDLE/wheels"
+if [ -f "$BUNDLE/wheels.tar.xz" ]; then  # the wheels stored uncompressed, xz over all of them (make_bundle.py)
+  WHEELS=$(mktemp -d) && tar -xJf "$BUNDLE/wheels.tar.xz" -C "$WHEELS"
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$WHEELS"/*.whl
 tar -xJf "$BUNDLE/triton.tar.xz" -C "$SITE"
 printf '%s\n%s\n' "$PWD/src" "$PWD" > "$SITE/vlm_triton_checkout.pth"
 # perf_analyzer (benchmarks/perf_bls.py looks beside the interpreter) with libb64 in its own folder; a wrapper adds

@@ -9,17 +9,21 @@ Contents of `.bundle/`:
                   site-packages folder (an empty pytriton/__init__.py makes `pytriton` importable there).
   perf.tar.xz     perf_analyzer 2.51 (from tritonclient[all]'s wheel data, beside this interpreter) and the libb64 it
                   links (GPU images lack it), as bin/perf_analyzer and lib/; about 4.5 MiB.
-  wheels/         numpy 1.26.4 (cp312; the Triton Python stub garbles BYTES tensors with numpy 2) and the small
+  wheels.tar.xz   numpy 1.26.4 (cp312; the Triton Python stub garbles BYTES tensors with numpy 2) and the small
                   packages the stack needs that a GPU image with torch/transformers may lack (fastapi, starlette,
                   pydantic(-core), uvicorn, uvloop, httptools, tritonclient, python-rapidjson, protobuf<5, ...);
-                  pystack with --with-pystack, py-spy with --with-pyspy.
-On the GPU host `benchmarks/gpu_setup.sh` installs both into the interpreter that holds torch.
+                  pystack with --with-pystack, py-spy with --with-pyspy. The wheels are downloaded to
+                  .bundle-cache/wheels and stored here re-zipped without compression, then xz -9 over all of them:
+                  17 MiB instead of the 28 MiB of the downloaded (deflated) wheels, which makes room for perf.tar.xz.
+                  Each file inside a wheel is unchanged, so its RECORD hashes hold and pip installs it as downloaded.
+On the GPU host `benchmarks/gpu_setup.sh` installs them into the interpreter that holds torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -94,8 +98,6 @@ def build_triton(out: Path, py: str) -> Path:
 
 def build_perf(out: Path) -> Path | None:
     """perf_analyzer + libb64.so.0d, xz -9: the Triton-level view of the GPU run (benchmarks/perf_bls.py)."""
-    import shutil
-
     binary = Path(sys.executable).parent / "perf_analyzer"
     if not binary.is_file():
         binary = Path(shutil.which("perf_analyzer") or "")
@@ -127,10 +129,9 @@ def slim_tritonclient(wheel: Path) -> None:
     slim.replace(wheel)
 
 
-def download_wheels(out: Path, py: str, extras: tuple[str, ...] = ()) -> None:
-    """The wheels, plus the optional ones named in `extras` (PYSTACK, PYSPY); optional wheels not asked for are
-    removed from an earlier bundle."""
-    dest = out / "wheels"
+def download_wheels(dest: Path, py: str, extras: tuple[str, ...] = ()) -> list[Path]:
+    """The wheels in `dest` (a cache: pip skips those already there), plus the optional ones named in `extras`
+    (PYSTACK, PYSPY); optional wheels not asked for are removed from it. Returns the wheels to bundle."""
     dest.mkdir(parents=True, exist_ok=True)
     for spec in (PYSTACK, PYSPY):
         if spec not in extras:
@@ -143,12 +144,43 @@ def download_wheels(out: Path, py: str, extras: tuple[str, ...] = ()) -> None:
     subprocess.run(cmd + WHEELS + list(extras), check=True)
     for wheel in dest.glob("tritonclient-*.whl"):
         slim_tritonclient(wheel)
+    return sorted(dest.glob("*.whl"))
+
+
+def stored_copy(wheel: Path, target: Path) -> None:
+    """`wheel` re-zipped without compression (every member's bytes and metadata as they were), so that xz over all
+    the wheels sees their contents instead of deflate streams."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item.filename), compress_type=zipfile.ZIP_STORED)
+
+
+def build_wheels(out: Path, wheels: list[Path]) -> Path:
+    """out/wheels.tar.xz: the stored copies of `wheels` (rebuilt when the set of wheels changed; xz -9 takes about
+    a minute on 2 cores)."""
+    import tempfile
+
+    target, listing = out / "wheels.tar.xz", out / ".wheels.txt"
+    names = "\n".join(w.name for w in wheels) + "\n"
+    if target.is_file() and listing.is_file() and listing.read_text() == names:
+        return target
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(target, "w:xz", preset=9) as tar:
+        for wheel in wheels:
+            stored = Path(tmp) / wheel.name
+            stored_copy(wheel, stored)
+            tar.add(stored, wheel.name)
+            stored.unlink()
+    listing.write_text(names)
+    return target
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".bundle")
     ap.add_argument("--python", default=PY, help="the GPU host's Python (major.minor), default %(default)s")
+    ap.add_argument("--cache", type=Path, default=ROOT / ".bundle-cache", help="where the wheels are downloaded")
     ap.add_argument("--force", action="store_true", help="rebuild triton.tar.xz even if it exists (xz: minutes)")
     ap.add_argument("--with-pystack", action="store_true", help="add pystack (stall hunts; 6.4 MiB)")
     ap.add_argument("--with-pyspy", action="store_true", help="add py-spy (stack_variants --profile; 2.9 MiB)")
@@ -162,11 +194,13 @@ def main() -> None:
         (args.out / "perf.tar.xz").unlink(missing_ok=True)
     elif args.force or not (args.out / "perf.tar.xz").is_file():
         print("wrote", build_perf(args.out))
-    download_wheels(args.out, args.python, tuple(spec for spec, wanted in ((PYSTACK, args.with_pystack),
-                                                                       (PYSPY, args.with_pyspy)) if wanted))
+    extras = tuple(spec for spec, wanted in ((PYSTACK, args.with_pystack), (PYSPY, args.with_pyspy)) if wanted)
+    wheels = download_wheels(args.cache / "wheels", args.python, extras)
+    shutil.rmtree(args.out / "wheels", ignore_errors=True)  # the layout before wheels.tar.xz
+    print("wrote", build_wheels(args.out, wheels))
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     for f in sorted(args.out.rglob("*")):
-        if f.is_file():
+        if f.is_file() and not f.name.startswith("."):
             print(f"{f.stat().st_size / 2**20:8.1f} MiB  {f.relative_to(args.out)}")
     print(f"{total / 2**20:8.1f} MiB  total (the device tool carries at most 64 MiB with the working tree)")
     if total > 62 * 2**20:
