@@ -1,0 +1,117 @@
+"""The llm's vision path at c=1, phase by phase, and the vision encoder replayed from a CUDA graph.
+
+    python -m benchmarks.inline_vision_micro --preset internvl3-1b [--repeats 20]
+
+For W1 (one 1792x1344 image: 12 tiles + the thumbnail) and W3 (four 448x448 images, one tile each), as the llm gets
+them with `engine.vision_in_llm` (decoded planes in host memory and their image grids), times in one process
+(median ms, synchronised):
+
+    tiles    `VisionRunner.tiles` per image: the planes copied to the device and cut there
+    encode   `VisionRunner.encode` of those tiles (normalise + the eager encoder)
+    forward  the encoder alone on the normalised tiles (eager)
+    graph    the same forward replayed from a CUDA graph captured for that tile count (and its largest difference
+             from eager: 0 when the graph runs the same kernels)
+    round    one `InlineVision` job end to end: submitted, encoded on the vision thread's stream, table handed over
+
+Item 50 (docs/benchmarks.md) put W3's "llm.execute -> llm.encoded" at 12.6 ms in the stack on an H100, against
+7.5-8.1 ms for a 4-tile eager forward alone: this splits the difference, and tells whether the eager forward is
+bound by the host's kernel launches (graph well below forward) at the tile counts W1 and W3 send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.vision_micro import build_encoder, encoder_arguments
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    times = []
+    for k in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def workload_units(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(planes uint8 [N, 3, Hmax, Wmax], grids int32 [N, 5]) as preprocess sends them with device tiles."""
+    from vlm_triton.multimodal.pixels import image_planes
+    from vlm_triton.multimodal.tiling import image_grid
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h))
+              for w, h in sizes]
+    return torch.from_numpy(image_planes(images)), torch.tensor([image_grid(w, h) for w, h in sizes],
+                                                                dtype=torch.int32)
+
+
+def graphed(encoder: torch.nn.Module, example: torch.Tensor) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """A CUDA graph of `encoder(example)`: (replay, its static output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            encoder(example)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = encoder(example)
+    return graph.replay, out
+
+
+def main() -> None:
+    ap = encoder_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = ap.parse_args()
+    from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
+    from vlm_triton.multimodal.vision_runner import VisionRunner
+
+    device = torch.device(args.device)
+    family, encoder, dtype = build_encoder(args.preset, args.work, device)
+    runner = VisionRunner(family, dtype, device, out_dtype=dtype, max_tiles=64, encoder=encoder)
+    inline = InlineVision(runner, max_tiles=64)
+    workloads = {"W1": [(1792, 1344)], "W3": [(448, 448)] * 4}
+    print(f"{args.preset} vision in the llm, {device}, {dtype}, median of {args.repeats}")
+    print("| workload | tiles | tiles ms | encode ms | forward ms | graph ms | graph max diff | round ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for name, sizes in workloads.items():
+            planes, grids = workload_units(sizes)
+            units = runner.tiles(planes, grids)
+            pixels = family.normalize_pixels(units, runner.lut)
+            tiles_ms = median_ms(lambda: runner.tiles(planes, grids), device, args.repeats)
+            encode_ms = median_ms(lambda: runner.encode([units]), device, args.repeats)
+            forward_ms = median_ms(lambda: encoder(pixels), device, args.repeats)
+            graph_ms, diff = "-", "-"
+            if device.type == "cuda":
+                replay, out = graphed(encoder, pixels)
+                graph_ms = f"{median_ms(replay, device, args.repeats):.2f}"
+                diff = f"{(out.float() - encoder(pixels).float()).abs().max().item():.3g}"
+
+            def round_trip() -> None:
+                done = threading.Event()
+                inline.submit(VisionJob(f"job-{time.monotonic_ns()}", planes, grids, None,
+                                        lambda table: done.set(), lambda exc: done.set()))
+                done.wait()
+
+            round_ms = median_ms(round_trip, device, args.repeats)
+            print(f"| {name} | {units.shape[0]} | {tiles_ms:.2f} | {encode_ms:.2f} | {forward_ms:.2f} | {graph_ms} | "
+                  f"{diff} | {round_ms:.2f} |")
+    inline.close()
+
+
+if __name__ == "__main__":
+    main()
