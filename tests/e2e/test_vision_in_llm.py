@@ -99,3 +99,52 @@ def test_a_cancelled_image_request_frees_its_slot(inline_stack: Stack, wait_for_
     after = bls_generate(inline_stack.grpc_url, [image(f"file://{inline_stack.media_dir}/small.png", "Hi")],
                          max_tokens=3, ignore_eos=True)
     assert after.error is None and after.completion_tokens == 3
+
+
+def preprocess(stack: Stack, messages: list[dict[str, Any]], encoded: bool | None) -> grpcclient.InferResult:
+    import json
+
+    import numpy as np
+
+    inputs = [grpcclient.InferInput("messages", [1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([json.dumps(messages).encode()], dtype=np.object_))
+    if encoded is not None:
+        inputs.append(grpcclient.InferInput("encoded_images", [1], "BOOL"))
+        inputs[-1].set_data_from_numpy(np.array([encoded]))
+    return grpcclient.InferenceServerClient(stack.grpc_url).infer("preprocess", inputs)
+
+
+def test_preprocess_sends_the_images_as_fetched_to_a_caller_that_decodes_them(inline_stack: Stack) -> None:
+    """What the bls asks for with engine.vision_in_llm: each image's bytes and grid, no planes; the ensemble (no
+    ask) still gets the decoded planes, whose grids agree."""
+    media = inline_stack.media_dir
+    files = [f"{media}/wide.png", f"{media}/square.jpg"]
+    parts = [{"type": "image_url", "image_url": {"url": f"file://{f}"}} for f in files]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "Compare them."}]}]
+    asked = preprocess(inline_stack, messages, encoded=True)
+    plain = preprocess(inline_stack, messages, encoded=None)
+    assert list(asked.as_numpy("image_data")) == [Path(f).read_bytes() for f in files]
+    assert asked.as_numpy("pixel_values").shape[0] == 0
+    assert plain.as_numpy("image_data").shape == (0,) and plain.as_numpy("pixel_values").shape[0] == len(files)
+    assert (asked.as_numpy("image_grids") == plain.as_numpy("image_grids")).all()
+    assert (asked.as_numpy("input_ids") == plain.as_numpy("input_ids")).all()
+
+
+def test_an_image_that_fails_to_decode_in_the_llm_is_the_callers_error(inline_stack: Stack) -> None:
+    """Its header reads in preprocess, its pixels do not: the llm's decode fails the request with INVALID_ARGUMENT
+    (the message preprocess would have given), and the stack goes on serving."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    media = inline_stack.media_dir
+    buf = BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="PNG")
+    (media / "cut-body.png").write_bytes(buf.getvalue()[:-40])
+    got = bls_generate(inline_stack.grpc_url, [image(f"file://{media}/cut-body.png", "What is this?")], max_tokens=3)
+    assert got.error is not None and got.error.status() == "StatusCode.INVALID_ARGUMENT", got.error
+    assert "truncated or corrupt" in got.error.message()
+    after = bls_generate(inline_stack.grpc_url, [image(f"file://{media}/small.png", "Hi")], max_tokens=3,
+                         ignore_eos=True)
+    assert after.error is None and after.completion_tokens == 3
+    assert llm_active_requests(inline_stack) == 0
