@@ -103,11 +103,7 @@ REQUEST_OPTIONS: tuple[TensorSpec, ...] = (
 # tensors feed the llm unchanged; the BLS reads them the same way.
 PREPROCESS = ModelContract(
     role="preprocess",
-    inputs=(
-        TensorSpec("messages", "BYTES", (1,)),
-        # the caller decodes images itself (the bls with engine.vision_in_llm): with device tiles, send image_data
-        TensorSpec("encoded_images", "BOOL", (1,), optional=True),
-    ),
+    inputs=(TensorSpec("messages", "BYTES", (1,)),),
     outputs=(
         TensorSpec("input_ids", "INT32", (1, -1)),
         TensorSpec("input_lengths", "INT32", (1, 1)),
@@ -125,9 +121,6 @@ PREPROCESS = ModelContract(
         TensorSpec("image_grids", "INT32", (-1, 5)),
         # always true: asks the llm for num_input_tokens (the ensemble's prompt_tokens; tensorrt_llm needs the flag)
         TensorSpec("return_num_input_tokens", "BOOL", (1, 1)),
-        # with encoded_images: each image's fetched bytes, one per image_grids row, and pixel_values [0, 3, 0, 0];
-        # [0] otherwise (multimodal.encoded_images)
-        TensorSpec("image_data", "BYTES", (-1,)),
     ),
 )
 
@@ -197,7 +190,6 @@ LLM_VISION_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1), optional=True, ragged=True),
     TensorSpec("tgt_sizes", "INT32", (-1, 2), optional=True, ragged=True),
     TensorSpec("image_grids", "INT32", (-1, 5), optional=True, ragged=True),
-    TensorSpec("image_data", "BYTES", (-1,), optional=True, ragged=True),  # instead of pixel_values: encoded images
 )
 
 # --- postprocess: stateless incremental detokenization; the caller threads the state through -------------------

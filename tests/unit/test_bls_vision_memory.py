@@ -79,9 +79,3 @@ def test_with_vision_in_llm_the_bls_hands_the_units_to_the_llm(bls: types.Module
     assert FakeRequest.made == []
     assert [(t.name(), t.shape()) for t in units] == [("pixel_values", [1, 5, 3, 4, 4]), ("image_grids", [1, 5, 5])]
     assert torch.equal(units[0].value[0], prepared(5).pixel_values.value)
-    # images preprocess sent as fetched (the bls asks for them with vision_in_llm): their bytes instead of pixels
-    data = FakeTensor("image_data", np.array([b"jpeg-1", b"png-2"], dtype=np.object_))
-    encoded = replace(prepared(0), num_tiles=2, image_data=data, unit_extras=(FakeTensor("image_grids", grids[:2]),))
-    units = asyncio.run(stages.encode_images(encoded))
-    assert [(t.name(), t.shape()) for t in units] == [("image_data", [1, 2]), ("image_grids", [1, 2, 5])]
-    assert list(units[0].as_numpy()[0]) == [b"jpeg-1", b"png-2"] and FakeRequest.made == []

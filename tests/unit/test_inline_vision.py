@@ -215,11 +215,10 @@ def test_the_switch_renders_the_llm_pixel_inputs_for_the_torch_profile_only(tmp_
 
     off = llm_inputs(_cfg(engine={"device": "cpu"}))
     on = llm_inputs(_cfg(engine={"device": "cpu", "vision_in_llm": True}))
-    assert set(on) - set(off) == {"pixel_values", "tgt_sizes", "image_grids", "image_data"}
+    assert set(on) - set(off) == {"pixel_values", "tgt_sizes", "image_grids"}
     pixels = on["pixel_values"]
     assert pb.DataType.Name(pixels.data_type) == "TYPE_UINT8" and tuple(pixels.dims) == (-1, 3, -1, -1)
-    assert pb.DataType.Name(on["image_data"].data_type) == "TYPE_STRING" and tuple(on["image_data"].dims) == (-1,)
-    assert all(on[n].optional for n in ("pixel_values", "tgt_sizes", "image_grids", "image_data"))
+    assert all(on[n].optional for n in ("pixel_values", "tgt_sizes", "image_grids"))
     with pytest.raises(SetupError, match="vision_in_llm needs the torch profile"):
         _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"vision_in_llm": True})
 

@@ -67,25 +67,3 @@ def test_images_load_on_the_pool_only_with_threads(tmp_path: Path, threads: int)
     assert done.wait(10 if threads > 1 else 0.2) == (threads > 1)  # one thread: nothing runs before it is asked
     assert pending.finished() == (16, 8) and pending.size == (16, 8)
     assert len(where) == 1 and where[0].startswith("vlm-image") == (threads > 1)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 8])
-def test_without_decode_only_the_fetch_runs_ahead(tmp_path: Path, threads: int) -> None:
-    """decode=False (images sent as fetched): the bytes and the header's size, with nothing decoded unless asked;
-    a body that does not decode still fails when its pixels are asked for, a missing file when its size is."""
-    import threading
-
-    (tmp_path / "a.png").write_bytes(_png(16, 8))
-    (tmp_path / "cut.png").write_bytes(_png(12, 4)[:-30])
-    fetcher = MediaFetcher(MediaPolicy(allowed_local_dirs=(tmp_path,)))
-    decoded = threading.Event()
-    urls = [f"file://{tmp_path}/{n}" for n in ("a.png", "cut.png", "missing.png")]
-    good, cut, missing = open_images(fetcher, urls, threads=threads, finish=lambda img: decoded.set(), decode=False)
-    assert good.data == (tmp_path / "a.png").read_bytes() and good.size == (16, 8)
-    assert cut.size == (12, 4) and cut.data == (tmp_path / "cut.png").read_bytes()
-    assert not decoded.wait(0.2)  # fetched, not decoded
-    with pytest.raises(InvalidRequest, match="does not exist"):
-        missing.data
-    with pytest.raises(InvalidRequest, match="truncated or corrupt"):
-        cut.result()
-    assert good.result().size == (16, 8) and decoded.is_set()  # decoded here, when asked

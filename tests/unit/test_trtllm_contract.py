@@ -56,7 +56,6 @@ class Recorder:
             "tgt_sizes": np.zeros((0, 2), np.int32),  # fixed-size tiles: the encoder needs no patch grid
             "image_grids": np.zeros((0, 5), np.int32),  # tiles cut in preprocess (the trtllm profile always does)
             "return_num_input_tokens": np.ones((1, 1), np.bool_),
-            "image_data": np.zeros((0,), np.object_),  # images as fetched: only when the bls asks (vision_in_llm)
         }
         # the fake follows the contract: names and shapes
         assert {k: v.ndim for k, v in values.items()} == {s.name: len(s.dims) for s in contracts.PREPROCESS.outputs}

@@ -33,9 +33,6 @@ class PreprocessLimits:
     # send decoded images and their grids (`PreparedPrompt.image_grids`) for the vision encoder to cut into tiles on
     # its device, instead of the tiles (families with `device_tiles`; requests with images only)
     device_tiles: bool = False
-    # with device_tiles: send each image's fetched bytes (`PreparedPrompt.image_data`), its header read but its pixels
-    # not decoded, for the consumer to decode (`multimodal.encoded_images`); set per request by the bls's ask
-    encoded_images: bool = False
 
     @classmethod
     def from_deployment(cls, cfg: "DeploymentConfig", family: "ModelFamily | None" = None) -> "PreprocessLimits":
@@ -88,9 +85,6 @@ class PreparedPrompt:
     # int32 [N, 5] (width, height, cols, rows, thumbnail) per unit when pixel_values holds decoded images [N, 3,
     # Hmax, Wmax] (zero padded) that the vision encoder cuts into tiles (`ModelFamily.tiles_from_images`)
     image_grids: np.ndarray | None = None
-    # with `PreprocessLimits.encoded_images`: each image's bytes as fetched, in the order of image_grids, instead of its
-    # decoded planes (pixel_values then has no units)
-    image_data: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

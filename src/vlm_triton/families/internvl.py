@@ -134,11 +134,9 @@ class InternVLFamily(ModelFamily):
         max_tiles = limits.max_tiles_per_image or int(self.config.get("max_dynamic_patch", 12))
         # the vision encoder cuts the tiles from the decoded images (same bytes), for requests with images only
         on_device = limits.device_tiles and all(isinstance(p, ImagePart) for p in parts)
-        encoded = on_device and limits.encoded_images  # the consumer decodes them (multimodal.encoded_images)
         # with threads, the images are fetched and decoded (and their planes made) while the prompt is built
         images = iter(open_images(media, [p.url for p in parts if isinstance(p, ImagePart)],
-                                  threads=limits.image_threads, finish=plane_array if on_device else None,
-                                  decode=not encoded))
+                                  threads=limits.image_threads, finish=plane_array if on_device else None))
         tiling = {"min_num": int(self.config.get("min_dynamic_patch", 1)), "max_num": max_tiles,
                   "image_size": self.image_size, "use_thumbnail": bool(self.config.get("use_thumbnail", True))}
         units: list[np.ndarray | PendingTiles] = []  # the tiles behind each `<image>` (an image's may still be made)
@@ -179,10 +177,6 @@ class InternVLFamily(ModelFamily):
         slots = ids == self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         num_image_tokens = int(slots.sum())
         ids[slots] = self.vocab_size + np.arange(num_image_tokens)  # unique fake id per image token
-        if decoded and encoded:
-            return PreparedPrompt(ids.astype(np.int32), np.zeros((0, 3, 0, 0), np.uint8), num_image_tokens, prompt,
-                                  image_grids=np.asarray(grids, dtype=np.int32),
-                                  image_data=tuple(image.data for image in decoded))
         if decoded:
             planes = pack_planes([image.finished() for image in decoded])
             return PreparedPrompt(ids.astype(np.int32), planes, num_image_tokens, prompt,

@@ -28,7 +28,6 @@ import torch
 
 from vlm_triton.engine.observe import StepTiming
 from vlm_triton.errors import InvalidRequest
-from vlm_triton.multimodal.encoded_images import PendingPlanes
 from vlm_triton.multimodal.vision_runner import VisionRunner
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
 @dataclass(frozen=True)
 class VisionJob:
     job_id: str
-    pixels: torch.Tensor | PendingPlanes  # uint8 units [N, 3, ...] (tiles, or decoded images with grids)
+    pixels: torch.Tensor  # uint8 units [N, 3, ...] (tiles, or decoded images with grids)
     grids: torch.Tensor | None  # image_grids [N, 5] when the units are decoded images
     tgt_sizes: torch.Tensor | None  # [N, 2] for variable-size tiles (MiniCPM-V)
     ready: Callable[[torch.Tensor], None]  # the table [rows, H] on the device; runs under the worker's lock: be quick

@@ -38,7 +38,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
@@ -127,15 +126,14 @@ class MediaFetcher:
 
     def load_image(self, url: str) -> Image.Image:
         """Fetch and decode an image; returns a fully loaded RGB `PIL.Image`."""
-        opened = self.open_image(url)
-        return load_rgb(opened.image, opened.source)
+        return load_rgb(*self.open_image(url))
 
-    def open_image(self, url: str) -> "OpenedImage":
-        """Fetch an image and read its header only (format and pixel limit checked): the lazy image, a name for
-        errors, and the bytes it was read from. `load_rgb` decodes its pixels."""
+    def open_image(self, url: str) -> tuple[Image.Image, str]:
+        """Fetch an image and read its header only (format and pixel limit checked): (the lazy image, a name for
+        errors). `load_rgb` decodes its pixels."""
         data = self.fetch_bytes(url)
         source = "image in data: URL" if url.strip()[:5].lower() == "data:" else f"image {_short(url.strip())!r}"
-        return OpenedImage(open_image_bytes(data, policy=self.policy, source=source), source, data)
+        return open_image_bytes(data, policy=self.policy, source=source), source
 
     # ----------------------------------------------------------------------------------------------- data:
     def _fetch_data(self, url: str) -> bytes:
@@ -302,12 +300,6 @@ class MediaFetcher:
         except httpx.HTTPError as exc:
             raise InvalidRequest(f"reading media URL {_short(url)!r} failed ({exc})") from None
         return b"".join(chunks)
-
-
-class OpenedImage(NamedTuple):
-    image: Image.Image  # header read, pixels not yet decoded
-    source: str  # how errors name it
-    data: bytes  # the fetched bytes
 
 
 def decode_image(data: bytes, *, policy: MediaPolicy | None = None, source: str = "image") -> Image.Image:

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from vlm_triton.multimodal.encoded_images import PendingPlanes
-
 
 class VisionRunner:
     def __init__(self, family: Any, dtype: torch.dtype, device: torch.device, *, out_dtype: torch.dtype,
@@ -30,11 +28,9 @@ class VisionRunner:
         # the table in the encoder dtype: casting each entry once equals casting every normalised float32 pixel
         self.lut = torch.from_numpy(family.pixel_lut()).to(device, dtype)
 
-    def tiles(self, pixels: "torch.Tensor | PendingPlanes", grids: torch.Tensor | None = None) -> torch.Tensor:
+    def tiles(self, pixels: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
         """A request's uint8 tiles: `pixels` as sent (wherever they are), or cut on the device from its decoded
-        images when it has `image_grids` (images sent as fetched: their planes once decoded, `PendingPlanes`)."""
-        if isinstance(pixels, PendingPlanes):
-            pixels = pixels.result()
+        images when it has `image_grids`."""
         if grids is None:
             return pixels
         return self.family.tiles_from_images(pixels.to(self.device, non_blocking=True), grids)

@@ -57,7 +57,7 @@ class Prepared:
 
     input_ids: np.ndarray  # int32 [L]
     pixel_values: Any  # [N, 3, ...] raw uint8 (torch) or FP16 normalised (trtllm); N == 0 for text-only prompts
-    num_tiles: int  # N: vision-encoder items (tiles, or images the encoder cuts into tiles, decoded or as fetched)
+    num_tiles: int  # N: vision-encoder items (tiles, or decoded images the encoder cuts into tiles)
     end_id: int
     pad_id: int
     stop_words_list: np.ndarray  # int32 [2, K] in the tensorrt_llm format
@@ -65,8 +65,6 @@ class Prepared:
     prompt_table_extra_ids: np.ndarray | None = None  # uint64 [L]: 0 for text, image-content ids (KV reuse)
     # per-item tensors that go with pixel_values to the vision encoder (contracts.UNIT_EXTRAS: tgt_sizes, image_grids)
     unit_extras: tuple[Any, ...] = ()
-    # the images as fetched, instead of pixel_values, for an llm that decodes them (multimodal.encoded_images)
-    image_data: Any = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -53,7 +53,7 @@ from vlm_triton.triton.vision_client import prompt_table
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
-    *UNIT_EXTRAS, "image_data",
+    *UNIT_EXTRAS,
 ]
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
@@ -64,11 +64,6 @@ def _scalar_tensor(name: str, value: Any, dtype: type) -> Any:
 
 def _out(response: Any, name: str) -> Any:
     return pb_utils.get_output_tensor_by_name(response, name)
-
-
-def _batched(tensor: Any) -> Any:
-    """A stage's output tensor as an llm input: the same memory with the llm's batch dim in front."""
-    return torch_output(tensor.name(), from_dlpack(tensor.to_dlpack()).unsqueeze(0))
 
 
 def _int(response: Any, name: str) -> int:
@@ -164,11 +159,8 @@ class TritonStages(StageClient):
         self.vision_in_llm = vision_in_llm  # the llm encodes the images (no vision_encoder call)
 
     async def preprocess(self, messages_json: str) -> Prepared:
-        inputs = [text_output("messages", messages_json)]
-        if self.vision_in_llm:  # the llm decodes the images (multimodal.encoded_images): preprocess only fetches them
-            inputs.append(pb_utils.Tensor("encoded_images", np.array([True], dtype=np.bool_)))
         request = pb_utils.InferenceRequest(
-            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=inputs,
+            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)],
             request_id=timeline.current(),
         )
         response = check_response(await request.async_exec(), "preprocess")
@@ -176,29 +168,24 @@ class TritonStages(StageClient):
         pixels = _out(response, "pixel_values")
         extra_ids = _out(response, "prompt_table_extra_ids")
         extras = [_out(response, name) for name in UNIT_EXTRAS]
-        encoded = _out(response, "image_data")
-        encoded = encoded if encoded is not None and encoded.shape()[0] else None
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy().reshape(-1),
             pixel_values=pixels,
-            num_tiles=int(encoded.shape()[0] if encoded is not None else pixels.shape()[0]),
+            num_tiles=int(pixels.shape()[0]),
             end_id=_int(response, "end_id"),
             pad_id=_int(response, "pad_id"),
             stop_words_list=_out(response, "stop_words_list").as_numpy().reshape(2, -1),
             prompt_vocab_size=_int(response, "prompt_vocab_size"),
             prompt_table_extra_ids=None if extra_ids is None else extra_ids.as_numpy().reshape(-1),
             unit_extras=tuple(t for t in extras if t is not None and t.shape()[0]),  # empty: none for this request
-            image_data=encoded,
         )
 
     async def encode_images(self, prepared: Prepared) -> list[Any]:
         """The llm inputs that carry the request's images: its prompt table, or with engine.vision_in_llm its vision
         units as preprocess made them (contracts.LLM_VISION_INPUTS, with the llm's batch dim) for the llm to encode."""
         if self.vision_in_llm:
-            if prepared.image_data is not None:  # the images as fetched, and their grids
-                data = pb_utils.Tensor("image_data", prepared.image_data.as_numpy().reshape(1, -1))
-                return [data, *(_batched(t) for t in prepared.unit_extras)]
-            return [_batched(t) for t in (prepared.pixel_values, *prepared.unit_extras)]
+            units = [prepared.pixel_values, *prepared.unit_extras]
+            return [torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units]
         # Host memory by default: no CUDA tensor may ever reach this stub. The first one makes Triton share its CUDA
         # memory pool with the stub, and in Python backends before r26.07 that handshake can leave the stub's
         # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also

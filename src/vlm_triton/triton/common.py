@@ -12,7 +12,6 @@ import time
 import logging
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +27,6 @@ from vlm_triton.triton.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from vlm_triton.families import ModelFamily
-    from vlm_triton.multimodal.media import MediaPolicy
 
 log = logging.getLogger("vlm_triton")
 
@@ -156,21 +154,6 @@ def load_family(cfg: DeploymentConfig) -> "ModelFamily":
     from vlm_triton.families import open_family  # imported here: the bls stage never needs model code
 
     return open_family(cfg.model.checkpoint)
-
-
-def media_policy(cfg: DeploymentConfig) -> "MediaPolicy":
-    """What media a deployment's requests may bring (limits.*): preprocess fetches under it, and a stage that decodes
-    the images preprocess fetched (multimodal.encoded_images) decodes under it too."""
-    from vlm_triton.multimodal.media import MediaPolicy
-
-    lim = cfg.limits
-    return MediaPolicy(
-        allowed_local_dirs=tuple(Path(d) for d in lim.allowed_local_media_dirs),
-        allow_private_networks=lim.allow_private_networks,
-        max_bytes=lim.max_media_bytes,
-        max_image_pixels=lim.max_image_pixels,
-        timeout_s=lim.media_timeout_s,
-    )
 
 
 def torch_device_dtype(cfg: DeploymentConfig) -> tuple[torch.device, torch.dtype]:

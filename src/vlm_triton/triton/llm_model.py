@@ -20,7 +20,6 @@ from vlm_triton.engine.outbox import Delivery, Outbox
 from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.families.base import PreprocessLimits
-from vlm_triton.multimodal.encoded_images import PendingPlanes
 from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
 from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.multimodal.warmup import warm_up_vision
@@ -34,7 +33,6 @@ from vlm_triton.triton.common import (
     load_deployment,
     load_family,
     log,
-    media_policy,
     requested_outputs,
     response_of,
     set_torch_threads,
@@ -123,9 +121,6 @@ class TritonPythonModel:
               flush=True)
         # engine.vision_in_llm: requests bring their vision units, encoded here on a thread of their own
         self.vision = inline_vision(cfg, family, device, dtype)
-        # images sent as fetched (multimodal.encoded_images) are decoded here, on the image pool
-        self.media_policy = media_policy(cfg)
-        self.decode_threads = PreprocessLimits.from_deployment(cfg, family).image_threads
         if self.vision is not None:
             if device.type == "cuda" and cfg.triton.stage_warm_up:  # loads the CUDA kernels
                 limits = PreprocessLimits.from_deployment(cfg, family)
@@ -213,25 +208,16 @@ class TritonPythonModel:
             raise
 
     def _vision_units(self, request: Any, table: Any) -> tuple[Any, Any, Any] | None:
-        """The request's vision units (pixel_values, image_grids, tgt_sizes without the batch dim), or None. Images
-        sent as fetched (image_data) start decoding on the image pool now: their pixels are a `PendingPlanes`."""
+        """The request's vision units (pixel_values, image_grids, tgt_sizes without the batch dim), or None."""
         pixels = get_torch(request, "pixel_values")
-        data = get_array(request, "image_data")
-        if (pixels is None or not pixels.numel()) and (data is None or not data.size):
+        if pixels is None or not pixels.numel():
             return None
         if self.vision is None:
-            raise InvalidRequest("pixel_values and image_data reach the llm only with engine.vision_in_llm")
+            raise InvalidRequest("pixel_values reach the llm only with engine.vision_in_llm")
         if table is not None:
-            raise InvalidRequest("send pixel_values (or image_data) or prompt_embedding_table, not both")
+            raise InvalidRequest("send pixel_values or prompt_embedding_table, not both")
         grids, tgt_sizes = (get_torch(request, name) for name in ("image_grids", "tgt_sizes"))
-        grids, tgt_sizes = (None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
-        if data is not None and data.size:
-            if grids is None:
-                raise InvalidRequest("image_data needs the images' image_grids")
-            pixels = PendingPlanes(list(data.reshape(-1)), grids.numpy(), self.media_policy,
-                                   threads=self.decode_threads)
-            return pixels, grids, tgt_sizes
-        return pixels[0], grids, tgt_sizes
+        return pixels[0], *(None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
 
     def _encode_then_add(self, generation: GenerationRequest, units: tuple[Any, Any, Any]) -> None:
         """Queue the request's units to the vision thread; the engine gets the request with its table."""

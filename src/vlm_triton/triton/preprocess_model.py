@@ -5,6 +5,7 @@ What the llm takes is shaped as the llm takes it ([1, ...], see contracts.PREPRO
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,18 +13,16 @@ import triton_python_backend_utils as pb_utils
 
 from vlm_triton import timeline
 from vlm_triton.families.base import PreprocessLimits
-from vlm_triton.multimodal.media import MediaFetcher
+from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
 from vlm_triton.multimodal.warmup import warm_up_prompt
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.contracts import NUMPY_DTYPES
 from vlm_triton.triton.common import (
     error_response,
-    get_scalar,
     get_text,
     load_deployment,
     load_family,
-    media_policy,
     rendered_parameter,
     stage_ready,
     warm_up,
@@ -58,7 +57,16 @@ class TritonPythonModel:
         cfg = load_deployment(args)
         self.family = load_family(cfg)
         self.tokenizer = self.family.load_tokenizer()
-        self.media = MediaFetcher(media_policy(cfg))
+        lim = cfg.limits
+        self.media = MediaFetcher(
+            MediaPolicy(
+                allowed_local_dirs=tuple(Path(d) for d in lim.allowed_local_media_dirs),
+                allow_private_networks=lim.allow_private_networks,
+                max_bytes=lim.max_media_bytes,
+                max_image_pixels=lim.max_image_pixels,
+                timeout_s=lim.media_timeout_s,
+            )
+        )
         # where tiles are cut, as the renderer decided for every stage (render.device_tile_budget)
         rendered = rendered_parameter(args, "device_tiles")
         self.limits = (PreprocessLimits.from_deployment(cfg, self.family) if rendered is None
@@ -89,11 +97,7 @@ class TritonPythonModel:
             raw = get_text(request, "messages")
             if raw is None:
                 raise InvalidRequest("the 'messages' input is required")
-            limits = self.limits
-            # images as fetched, for a caller that decodes them (not with content ids: those hash decoded bytes)
-            if limits.device_tiles and not self.content_ids and get_scalar(request, "encoded_images", False):
-                limits = replace(limits, encoded_images=True)
-            prepared = self.family.prepare(parse_messages(raw), self.media, limits)
+            prepared = self.family.prepare(parse_messages(raw), self.media, self.limits)
             timeline.mark("pre.prepared", rid)
             ids = prepared.input_ids.astype(np.int32)
             raw = np.ascontiguousarray(prepared.pixel_values)
@@ -118,7 +122,6 @@ class TritonPythonModel:
                 pb_utils.Tensor("tgt_sizes", _per_unit(prepared.tgt_sizes, 2)),
                 pb_utils.Tensor("image_grids", _per_unit(prepared.image_grids, 5)),
                 pb_utils.Tensor("return_num_input_tokens", np.ones((1, 1), dtype=np.bool_)),
-                pb_utils.Tensor("image_data", np.array(prepared.image_data, dtype=np.object_).reshape(-1)),
             ]
             timeline.mark("pre.done", rid)
             return pb_utils.InferenceResponse(output_tensors=outputs)
