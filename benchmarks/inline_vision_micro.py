@@ -12,6 +12,10 @@ them with `engine.vision_in_llm` (decoded planes in host memory and their image 
     graph    the same forward replayed from a CUDA graph captured for that tile count (and its largest difference
              from eager: 0 when the graph runs the same kernels)
     round    one `InlineVision` job end to end: submitted, encoded on the vision thread's stream, table handed over
+    inside   the vision thread's own time for that round (`InlineVision.timing` "round": first job taken to stream
+             synchronised), so round - inside is the hand-offs between threads
+    side     cut + encode on this thread inside a side CUDA stream (the stream alone, no thread)
+    engine   the round with VLM_TRITON_VISION_STREAM=engine (the vision thread on the current stream)
 
 Item 50 (docs/benchmarks.md) put W3's "llm.execute -> llm.encoded" at 12.6 ms in the stack on an H100, against
 7.5-8.1 ms for a 4-tile eager forward alone: this splits the difference, and tells whether the eager forward is
@@ -21,6 +25,7 @@ bound by the host's kernel launches (graph well below forward) at the tile count
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
@@ -83,10 +88,15 @@ def main() -> None:
     family, encoder, dtype = build_encoder(args.preset, args.work, device)
     runner = VisionRunner(family, dtype, device, out_dtype=dtype, max_tiles=64, encoder=encoder)
     inline = InlineVision(runner, max_tiles=64)
+    os.environ["VLM_TRITON_VISION_STREAM"] = "engine"  # read when an InlineVision is made
+    inline_engine = InlineVision(runner, max_tiles=64)
+    os.environ.pop("VLM_TRITON_VISION_STREAM")
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
     workloads = {"W1": [(1792, 1344)], "W3": [(448, 448)] * 4}
     print(f"{args.preset} vision in the llm, {device}, {dtype}, median of {args.repeats}")
-    print("| workload | tiles | tiles ms | encode ms | forward ms | graph ms | graph max diff | round ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | tiles | tiles ms | encode ms | forward ms | graph ms | graph max diff | round ms | inside ms "
+          "| side ms | engine ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for name, sizes in workloads.items():
             planes, grids = workload_units(sizes)
@@ -101,16 +111,26 @@ def main() -> None:
                 graph_ms = f"{median_ms(replay, device, args.repeats):.2f}"
                 diff = f"{(out.float() - encoder(pixels).float()).abs().max().item():.3g}"
 
-            def round_trip() -> None:
+            def round_trip(vision: InlineVision = inline) -> None:
                 done = threading.Event()
-                inline.submit(VisionJob(f"job-{time.monotonic_ns()}", planes, grids, None,
+                vision.submit(VisionJob(f"job-{time.monotonic_ns()}", planes, grids, None,
                                         lambda table: done.set(), lambda exc: done.set()))
                 done.wait()
 
+            def on_side_stream() -> None:
+                with torch.cuda.stream(side):
+                    runner.encode([runner.tiles(planes, grids)])
+                side.synchronize()
+
+            inline.timing.take()
             round_ms = median_ms(round_trip, device, args.repeats)
+            inside_ms = inline.timing.take()["round"]["mean_ms"]
+            side_ms = f"{median_ms(on_side_stream, device, args.repeats):.2f}" if side is not None else "-"
+            engine_ms = median_ms(lambda: round_trip(inline_engine), device, args.repeats)
             print(f"| {name} | {units.shape[0]} | {tiles_ms:.2f} | {encode_ms:.2f} | {forward_ms:.2f} | {graph_ms} | "
-                  f"{diff} | {round_ms:.2f} |")
+                  f"{diff} | {round_ms:.2f} | {inside_ms:.2f} | {side_ms} | {engine_ms:.2f} |")
     inline.close()
+    inline_engine.close()
 
 
 if __name__ == "__main__":
