@@ -166,6 +166,7 @@ def build_wheels(out: Path, wheels: list[Path]) -> Path:
     names = "\n".join(w.name for w in wheels) + "\n"
     if target.is_file() and listing.is_file() and listing.read_text() == names:
         return target
+    listing.unlink(missing_ok=True)  # written back only once the archive is whole
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(target, "w:xz", preset=9) as tar:
         for wheel in wheels:
             stored = Path(tmp) / wheel.name
