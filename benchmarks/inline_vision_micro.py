@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -36,20 +35,7 @@ import torch
 from PIL import Image
 
 from benchmarks.vision_micro import build_encoder, encoder_arguments
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    times = []
-    for k in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if k >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from benchmarks.vision_stage_micro import median_ms
 
 
 def workload_units(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +117,6 @@ def build_perf(out: Path) -> Path | None:
 def slim_tritonclient(wheel: Path) -> None:
     """Drop perf_analyzer/perf_client (2 x 20 MB) from the tritonclient wheel: the stack needs only its Python
     gRPC client, and the bundle must stay under 64 MiB. (perf_analyzer also needs libb64, absent on GPU images.)"""
-    import zipfile
-
     slim = wheel.with_suffix(".slim")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
@@ -150,8 +150,6 @@ def download_wheels(dest: Path, py: str, extras: tuple[str, ...] = ()) -> list[P
 def stored_copy(wheel: Path, target: Path) -> None:
     """`wheel` re-zipped without compression (every member's bytes and metadata as they were), so that xz over all
     the wheels sees their contents instead of deflate streams."""
-    import zipfile
-
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as dst:
         for item in src.infolist():
             dst.writestr(item, src.read(item.filename), compress_type=zipfile.ZIP_STORED)
@@ -160,8 +158,6 @@ def stored_copy(wheel: Path, target: Path) -> None:
 def build_wheels(out: Path, wheels: list[Path]) -> Path:
     """out/wheels.tar.xz: the stored copies of `wheels` (rebuilt when the set of wheels changed; xz -9 takes about
     a minute on 2 cores)."""
-    import tempfile
-
     target, listing = out / "wheels.tar.xz", out / ".wheels.txt"
     names = "\n".join(w.name for w in wheels) + "\n"
     if target.is_file() and listing.is_file() and listing.read_text() == names:

@@ -33,13 +33,18 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def frontend_workers(pid: int) -> list[int]:
+    """The worker processes of an OpenAI frontend started with `--workers` (spawned children of `pid`; not
+    multiprocessing's resource tracker, also its child); [] for a frontend of one process."""
+    return [c for c in _children(pid) if b"spawn_main" in _cmdline(c)]
+
+
 def process_names(server_pid: int, frontend_pid: int | None) -> dict[str, int]:
     """'tritonserver', 'frontend' (its workers with --workers: 'frontend', 'frontend#2', ...) and 'stub:<model>' (the
     Python-backend stub of each model instance) -> pid."""
     names = {"tritonserver": server_pid}
     if frontend_pid:
-        workers = [c for c in _children(frontend_pid) if b"spawn_main" in _cmdline(c)]  # not the resource tracker
-        for i, pid in enumerate(workers or [frontend_pid]):
+        for i, pid in enumerate(frontend_workers(frontend_pid) or [frontend_pid]):
             names["frontend" if i == 0 else f"frontend#{i + 1}"] = pid
     for child in _children(server_pid):
         argv = _cmdline(child).split(b"\0")

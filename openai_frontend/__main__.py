@@ -92,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     configure_logging(settings)
     try:
-        server_implementations(settings)
+        implementations = server_implementations(settings)
         sockets = bind_workers(settings.host, settings.port, settings.workers)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if settings.workers > 1:
-        return supervise(settings, sockets)
-    serve(settings, sockets[0])
+        return supervise(settings, sockets, implementations)
+    serve(settings, sockets[0], implementations)
     return 0
 
 

@@ -77,10 +77,12 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serve(settings: Settings, sock: socket.socket, shared_inflight: Any = None, worker: str = "") -> None:
-    """Serve on `sock` until told to stop (SIGINT / SIGTERM). `shared_inflight` and `worker` ("worker 2/4 ") come
-    from the supervisor of several workers."""
-    loop, http = server_implementations(settings)
+def serve(settings: Settings, sock: socket.socket, implementations: tuple[str, str], shared_inflight: Any = None,
+          worker: str = "") -> None:
+    """Serve on `sock` until told to stop (SIGINT / SIGTERM), with the (event loop, HTTP parser) that
+    `server_implementations` resolved. `shared_inflight` and `worker` ("worker 2/4 ") come from the supervisor of
+    several workers."""
+    loop, http = implementations
     engine = TritonGrpcEngine(
         settings.triton_url, settings.model_name, settings.bls_model, stream_timeout_s=settings.triton_timeout_s
     )

@@ -47,15 +47,15 @@ def _die_with_supervisor() -> None:
         pass
 
 
-def _worker(settings: Settings, sock: socket.socket, shared_inflight: Any, index: int,
-            supervisor: int) -> None:
+def _worker(settings: Settings, sock: socket.socket, implementations: tuple[str, str], shared_inflight: Any,
+            index: int, supervisor: int) -> None:
     """A worker process (spawned: a fresh interpreter, so gRPC and the event loop start clean)."""
     _die_with_supervisor()
     if os.getppid() != supervisor:  # it died before the line above
         return
     configure_logging(settings)
     try:
-        serve(settings, sock, shared_inflight, worker=f"worker {index + 1}/{settings.workers}: ")
+        serve(settings, sock, implementations, shared_inflight, worker=f"worker {index + 1}/{settings.workers}: ")
     except Exception:
         logger.exception("frontend worker %d failed", index + 1)
         sys.exit(1)
@@ -84,15 +84,16 @@ def metrics_dir_for_this_run() -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"), True
 
 
-def supervise(settings: Settings, sockets: list[socket.socket]) -> int:
-    """Start one worker per socket (bound to one port with SO_REUSEPORT) and wait for them; the exit status."""
+def supervise(settings: Settings, sockets: list[socket.socket], implementations: tuple[str, str]) -> int:
+    """Start one worker per socket (bound to one port with SO_REUSEPORT) and wait for them; the exit status.
+    `implementations`: the (event loop, HTTP parser) each worker runs (`serving.server_implementations`)."""
     from prometheus_client import multiprocess
 
     metrics_dir, made_dir = metrics_dir_for_this_run()
     os.environ[MULTIPROC_ENV] = metrics_dir  # the workers inherit the environment: their metrics go to files there
     ctx = multiprocessing.get_context("spawn")
     shared_inflight = ctx.Value("i", 0)
-    workers = [ctx.Process(target=_worker, args=(settings, sock, shared_inflight, i, os.getpid()),
+    workers = [ctx.Process(target=_worker, args=(settings, sock, implementations, shared_inflight, i, os.getpid()),
                            name=f"frontend-worker-{i + 1}") for i, sock in enumerate(sockets)]
     stopping = False
 

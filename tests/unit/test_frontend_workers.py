@@ -12,6 +12,7 @@ import time
 
 import httpx
 
+from benchmarks.observe import frontend_workers
 from tests.unit.fake_triton_grpc import FakeTriton, with_fake_triton
 
 MESSAGES = ({"role": "user", "content": "hello"},)
@@ -23,21 +24,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> set[int]:
-    """The frontend workers of the supervisor `pid` (not multiprocessing's resource tracker, also its child)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                found.add(int(entry))
-    return found
-
-
 def _start_workers(url: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "openai_frontend", "--triton-url", url, "--model-name", "served", "--port",
                str(port), "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning", *flags]
@@ -45,7 +31,7 @@ def _start_workers(url: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 60
     while True:  # both workers answer: each has its own pid, and /health is answered by either
         assert process.poll() is None, f"the frontend exited with {process.returncode}"
-        if len(_children(process.pid)) >= 2:
+        if len(frontend_workers(process.pid)) >= 2:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     return process
@@ -72,7 +58,7 @@ def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() ->
             base = f"http://127.0.0.1:{port}"
             body = {"model": "served", "messages": list(MESSAGES), "max_tokens": 4}
             try:
-                workers = _children(process.pid)
+                workers = frontend_workers(process.pid)
                 assert len(workers) == 2
                 for _ in range(16):  # fresh connections: the kernel spreads them over the workers
                     done = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10)
@@ -99,7 +85,7 @@ def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() ->
                     assert statuses == [429] * 8
                     scraped = httpx.get(f"{base}/metrics", timeout=10).text
                     assert _metric(scraped, "vlm_frontend_inflight_requests") == 1
-                victim = min(_children(process.pid))
+                victim = min(frontend_workers(process.pid))
                 os.kill(victim, signal.SIGKILL)
                 assert process.wait(30) == 1
             finally:
@@ -108,7 +94,7 @@ def test_workers_share_the_inflight_limit_and_the_metrics_and_stop_together() ->
 
             port = _free_port()  # a supervisor killed outright takes its workers with it
             process = _start_workers(url, port, "--bls-model", "ok")
-            workers = _children(process.pid)
+            workers = frontend_workers(process.pid)
             process.kill()
             process.wait(10)
             deadline = time.monotonic() + 20
