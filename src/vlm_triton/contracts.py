@@ -108,6 +108,9 @@ PREPROCESS = ModelContract(
         TensorSpec("input_ids", "INT32", (1, -1)),
         TensorSpec("input_lengths", "INT32", (1, 1)),
         TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
+        # engine.vision_in_llm, when the caller asks for it: where uint8 pixel_values wait in preprocess's shared-memory
+        # pool (multimodal/plane_pool.py; pixel_values is then [0, 3, H, W]); [1, 0] when they are sent by value
+        TensorSpec("pixel_ref", "INT64", (1, -1)),
         TensorSpec("end_id", "INT32", (1, 1)),
         TensorSpec("pad_id", "INT32", (1, 1)),
         TensorSpec("stop_words_list", "INT32", (1, 2, -1)),
@@ -188,6 +191,7 @@ LLM = ModelContract(
 # preprocess's pixel_values, tgt_sizes and image_grids of one request, with the llm's batch dim in front ([1, N, ...])
 LLM_VISION_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1), optional=True, ragged=True),
+    TensorSpec("pixel_ref", "INT64", (-1,), optional=True, ragged=True),  # instead of pixel_values (plane_pool.py)
     TensorSpec("tgt_sizes", "INT32", (-1, 2), optional=True, ragged=True),
     TensorSpec("image_grids", "INT32", (-1, 5), optional=True, ragged=True),
 )

@@ -1,5 +1,6 @@
 """`engine.vision_in_llm` on the real tritonserver: the bls sends each request's decoded images to the llm, which
 cuts and encodes them on its own thread (no vision_encoder call, the embeddings never leave the llm's device).
+The images go by reference through preprocess's plane pool (plane_pool.py), by value for the ensemble.
 Greedy tokens equal transformers' InternVL on the same weights, streamed or not; concurrent image requests get
 their own outputs (the llm batches their images); the ensemble, which still calls the vision_encoder stage (loaded
 at its first request), agrees; a request cancelled while its images are encoded, or after, frees its slot."""
@@ -38,12 +39,27 @@ def test_greedy_tokens_equal_transformers(inline_stack: Stack, tiny_internvl3_hf
         inline_stack.checkpoint, tiny_internvl3_hf, inline_stack.media_dir, messages, MAX_NEW)
     tokenizer = open_family(inline_stack.checkpoint).load_tokenizer()
     encoded_by_the_stage = vision_encoder_calls(inline_stack)
+    sent_before = planes_sent(inline_stack)
     for stream in (True, False):
         got = bls_generate(inline_stack.grpc_url, messages, max_tokens=MAX_NEW, stream=stream)
         assert got.error is None, got.error.message()
         assert (got.prompt_tokens, got.completion_tokens) == (prompt_len, len(ref_tokens))
         assert got.text == tokenizer.decode(ref_tokens, skip_special_tokens=True)
     assert vision_encoder_calls(inline_stack) == encoded_by_the_stage  # the llm encoded them
+    # read from preprocess's plane pool (preprocess.plane_pool_mib), not sent through Triton
+    assert planes_sent(inline_stack) == {**sent_before, "reference": sent_before["reference"] + 2}
+
+
+def planes_sent(stack: Stack) -> dict[str, float]:
+    """preprocess's vlm_preprocess_image_planes_total, by how the planes went (reference or value)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.server.ports.metrics}/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    found = {line.split('sent="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in lines if line.startswith("vlm_preprocess_image_planes_total{")}
+    assert set(found) == {"reference", "value"}, lines
+    return found
 
 
 def vision_encoder_calls(stack: Stack) -> int:
@@ -70,7 +86,9 @@ def test_concurrent_image_requests_get_their_own_outputs(inline_stack: Stack) ->
 def test_the_ensemble_still_encodes_through_the_vision_encoder_stage(inline_stack: Stack) -> None:
     messages = cases(inline_stack.media_dir)["two_images"]
     want = bls_generate(inline_stack.grpc_url, messages, max_tokens=MAX_NEW)
+    by_value = planes_sent(inline_stack)["value"]
     got = ensemble_generate(inline_stack.grpc_url, messages, max_tokens=MAX_NEW, temperature=0.0)
+    assert planes_sent(inline_stack)["value"] == by_value + 1  # the ensemble does not ask for pixel_ref
     assert want.error is None and got.error is None, (got.error or want.error).message()
     assert (got.text, got.prompt_tokens, got.completion_tokens) == (want.text, want.prompt_tokens,
                                                                      want.completion_tokens)

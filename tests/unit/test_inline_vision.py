@@ -201,6 +201,42 @@ def test_a_refused_hand_over_fails_the_job_and_ids_are_unique_while_encoding(int
     assert isinstance(got["refused"], ValueError) and isinstance(got["held"], torch.Tensor)
 
 
+def test_each_job_is_released_once_its_pixels_are_no_longer_read(internvl: ModelFamily, media_dir: Path) -> None:
+    """Pixels read in place from preprocess's pool go back after their round's encode, when their job fails or when
+    it is cancelled in the queue; a job whose pixels were overwritten meanwhile fails instead of being handed over."""
+    released: list[str] = []
+    gate = threading.Event()
+    device = _device_prepare(internvl, media_dir, "tall.png")
+    bad_grids = device.image_grids * np.array([1, 1, 1, 1, 5], np.int32)
+
+    def job(outcomes: Outcomes, name: str, pixels: np.ndarray, grids: Any = None, intact: bool = True) -> VisionJob:
+        def release() -> bool:
+            if name == "running":
+                assert gate.is_set(), "released while its forward still reads it"
+            released.append(name)
+            return intact
+
+        return replace(outcomes.job(name, pixels, grids), release=release)
+
+    with gated_vision(internvl) as (vision, encoder, outcomes):
+        vision.submit(job(outcomes, "running", _tiles(2, 0)))
+        assert encoder.entered.wait(30)
+        vision.submit(job(outcomes, "queued", _tiles(2, 1)))
+        vision.submit(job(outcomes, "bad", device.pixel_values, bad_grids))
+        vision.submit(job(outcomes, "overwritten", _tiles(1, 2), intact=False))
+        vision.submit(job(outcomes, "good", _tiles(1, 3)))
+        assert vision.cancel("queued")
+        assert released == ["queued"]  # at once: no round reads it
+        gate.set()
+        encoder.release.set()
+        got = outcomes.wait(4)
+        assert vision.pending() == 0
+    assert sorted(released) == ["bad", "good", "overwritten", "queued", "running"]  # each once
+    assert isinstance(got["running"], torch.Tensor) and isinstance(got["good"], torch.Tensor)
+    assert isinstance(got["bad"], Exception)
+    assert isinstance(got["overwritten"], RuntimeError) and "expired in transit" in str(got["overwritten"])
+
+
 def _cfg(**sections: dict) -> DeploymentConfig:
     return DeploymentConfig.from_dict({"model": {"checkpoint": "/models/x"}, **sections})
 
@@ -215,10 +251,10 @@ def test_the_switch_renders_the_llm_pixel_inputs_for_the_torch_profile_only(tmp_
 
     off = llm_inputs(_cfg(engine={"device": "cpu"}))
     on = llm_inputs(_cfg(engine={"device": "cpu", "vision_in_llm": True}))
-    assert set(on) - set(off) == {"pixel_values", "tgt_sizes", "image_grids"}
+    assert set(on) - set(off) == {"pixel_values", "pixel_ref", "tgt_sizes", "image_grids"}
     pixels = on["pixel_values"]
     assert pb.DataType.Name(pixels.data_type) == "TYPE_UINT8" and tuple(pixels.dims) == (-1, 3, -1, -1)
-    assert all(on[n].optional for n in ("pixel_values", "tgt_sizes", "image_grids"))
+    assert all(on[n].optional for n in ("pixel_values", "pixel_ref", "tgt_sizes", "image_grids"))
     with pytest.raises(SetupError, match="vision_in_llm needs the torch profile"):
         _cfg(model={"checkpoint": "/models/x", "profile": "trtllm"}, engine={"vision_in_llm": True})
 

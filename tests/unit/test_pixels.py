@@ -228,6 +228,7 @@ def _preprocess(adapters: types.SimpleNamespace, family: ModelFamily, pixel_dtyp
     model.end_id = model.pad_id = 0
     model.stop_words = adapters.preprocess.stop_words_list([])
     model.pixel_dtype, model.content_ids = pixel_dtype, True
+    model.planes = None  # planes by value (test_plane_pool.py: by reference)
     return model
 
 

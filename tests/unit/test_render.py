@@ -88,7 +88,7 @@ def test_deployment_file_errors_name_the_problem(tmp_path: Path) -> None:
     assert DeploymentConfig.load(toml).limits.allowed_local_media_dirs == ("/a",)
     with pytest.raises(SetupError, match=r"preprocess.image_threads must be >= 0"):
         DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "preprocess": {"image_threads": -1}})
-    known = r"known: \['image_resize', 'image_threads'\]"
+    known = r"known: \['image_resize', 'image_threads', 'plane_pool_mib'\]"
     with pytest.raises(SetupError, match=r"unknown keys in \[preprocess\]: \['threads'\]; " + known):
         DeploymentConfig.from_dict({"model": {"checkpoint": "x"}, "preprocess": {"threads": 2}})
 

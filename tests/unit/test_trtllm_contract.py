@@ -55,6 +55,7 @@ class Recorder:
             "prompt_table_extra_ids": np.where(ids >= VOCAB, 5, 0).astype(np.uint64)[None],
             "tgt_sizes": np.zeros((0, 2), np.int32),  # fixed-size tiles: the encoder needs no patch grid
             "image_grids": np.zeros((0, 5), np.int32),  # tiles cut in preprocess (the trtllm profile always does)
+            "pixel_ref": np.zeros((1, 0), np.int64),  # by value (the vision_encoder stage encodes them)
             "return_num_input_tokens": np.ones((1, 1), np.bool_),
         }
         # the fake follows the contract: names and shapes

@@ -117,6 +117,10 @@ class PreprocessSection:
     # On an H100, device cut W1's TTFT by 15-19% at c=1 and c=16 and W3's by a third at c=16 (docs/benchmarks.md,
     # item 36)
     image_resize: str = "auto"
+    # engine.vision_in_llm: MiB of /dev/shm per preprocess instance into which it writes each request's images for the
+    # llm to read (multimodal/plane_pool.py), instead of sending them through Triton and the bls; 0: by value. Requests
+    # that find it full, or a host whose /dev/shm cannot hold it, send them by value
+    plane_pool_mib: int = 128
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,8 @@ class DeploymentConfig:
             (self.triton.bls_stall_timeout_s >= 0, "triton.bls_stall_timeout_s must be >= 0 (0: no deadline)"),
             (self.preprocess.image_threads >= 0,
              f"preprocess.image_threads must be >= 0 (0: auto), got {self.preprocess.image_threads}"),
+            (self.preprocess.plane_pool_mib >= 0,
+             f"preprocess.plane_pool_mib must be >= 0 (0: by value), got {self.preprocess.plane_pool_mib}"),
             (self.preprocess.image_resize in IMAGE_RESIZE,
              f"preprocess.image_resize must be one of {', '.join(IMAGE_RESIZE)}, got {self.preprocess.image_resize!r}"),
             (e.vision_in_llm in (True, False, "auto"),

@@ -11,6 +11,10 @@ lives until its request ends, long after the engine step that read it has synchr
 A job whose tiles cannot be made fails alone; an encoder error fails the jobs of its round. `cancel` drops a job not
 yet handed over, and after it returns True the job's callbacks are never called: a job is handed over (`ready`)
 under the same lock, so a cancel either finds it here or finds it gone to the engine.
+
+A job's `release` runs once its pixels are no longer read (after its round's encode, or when it fails or is
+cancelled before its round): pixels read from preprocess's shared-memory pool (plane_pool.py) go back to it then,
+and a job whose pixels were overwritten meanwhile (`release` returns False) fails instead of being handed over.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class VisionJob:
     tgt_sizes: torch.Tensor | None  # [N, 2] for variable-size tiles (MiniCPM-V)
     ready: Callable[[torch.Tensor], None]  # the table [rows, H] on the device; runs under the worker's lock: be quick
     failed: Callable[[BaseException], None]
+    release: Callable[[], bool] = lambda: True  # its pixels are no longer read; False: they were not intact
+
+
+EXPIRED = "the request's images expired in transit (preprocess's plane pool took them back; see preprocess.plane_pool_mib)"
 
 
 class InlineVision:
@@ -84,8 +92,11 @@ class InlineVision:
             if job_id not in self._tracked:
                 return False
             self._tracked.discard(job_id)
+            dropped = [j for j in self._queue if j.job_id == job_id]
             self._queue = deque(j for j in self._queue if j.job_id != job_id)
-            return True
+        for job in dropped:  # a job in a round is released by its round
+            job.release()
+        return True
 
     def pending(self) -> int:
         """Jobs submitted and not yet handed over, failed or cancelled."""
@@ -132,6 +143,7 @@ class InlineVision:
                 try:
                     units = self.runner.tiles(job.pixels, job.grids)
                 except Exception as exc:  # noqa: BLE001 - this job's error
+                    job.release()
                     self._fail(job, exc)
                     continue
                 made.append((job, units))
@@ -142,15 +154,21 @@ class InlineVision:
                 embeds, sizes = self.runner.encode([u for _, u in made], [j.tgt_sizes for j, _ in made])
                 if self._stream is not None:
                     self._stream.synchronize()
+                elif self.runner.device.type == "cuda":  # the copies of pinned pixels are done before `release`
+                    torch.cuda.current_stream(self.runner.device).synchronize()
             except Exception as exc:  # noqa: BLE001 - fails the round's jobs, the thread goes on
                 for job, _ in made:
+                    job.release()
                     self._fail(job, exc)
                 return
         elapsed = time.perf_counter() - start
         self.timing.add("round", elapsed)
         self.timing.add(f"round_of_{len(made)}_requests_{tiles}_tiles", elapsed)
         for (job, _), part in zip(made, torch.split(embeds, sizes)):
-            self._hand_over(job, part.reshape(-1, part.shape[-1]))
+            if job.release():
+                self._hand_over(job, part.reshape(-1, part.shape[-1]))
+            else:
+                self._fail(job, RuntimeError(EXPIRED))
 
     def _hand_over(self, job: VisionJob, table: torch.Tensor) -> None:
         error = None

@@ -65,6 +65,7 @@ class Prepared:
     prompt_table_extra_ids: np.ndarray | None = None  # uint64 [L]: 0 for text, image-content ids (KV reuse)
     # per-item tensors that go with pixel_values to the vision encoder (contracts.UNIT_EXTRAS: tgt_sizes, image_grids)
     unit_extras: tuple[Any, ...] = ()
+    pixel_ref: Any = None  # with engine.vision_in_llm: where the pixel_values wait (plane_pool.py); None: by value
 
     @property
     def prompt_tokens(self) -> int:

@@ -55,6 +55,7 @@ PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
     *UNIT_EXTRAS,
 ]
+REF_LEN = 9  # plane_pool.REF_LEN (not imported: the bls never maps a pool)
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
 
@@ -159,19 +160,23 @@ class TritonStages(StageClient):
         self.vision_in_llm = vision_in_llm  # the llm encodes the images (no vision_encoder call)
 
     async def preprocess(self, messages_json: str) -> Prepared:
+        outputs = [*PREPROCESS_OUT, "pixel_ref"] if self.vision_in_llm else PREPROCESS_OUT
         request = pb_utils.InferenceRequest(
-            model_name="preprocess", requested_output_names=PREPROCESS_OUT, inputs=[text_output("messages", messages_json)],
+            model_name="preprocess", requested_output_names=outputs, inputs=[text_output("messages", messages_json)],
             request_id=timeline.current(),
         )
         response = check_response(await request.async_exec(), "preprocess")
         timeline.mark("bls.preprocessed")
         pixels = _out(response, "pixel_values")
+        ref = _out(response, "pixel_ref") if self.vision_in_llm else None
+        by_reference = ref is not None and ref.shape()[-1] == REF_LEN
         extra_ids = _out(response, "prompt_table_extra_ids")
         extras = [_out(response, name) for name in UNIT_EXTRAS]
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy().reshape(-1),
             pixel_values=pixels,
-            num_tiles=int(pixels.shape()[0]),
+            num_tiles=int(ref.as_numpy()[0, 5]) if by_reference else int(pixels.shape()[0]),
+            pixel_ref=ref if by_reference else None,
             end_id=_int(response, "end_id"),
             pad_id=_int(response, "pad_id"),
             stop_words_list=_out(response, "stop_words_list").as_numpy().reshape(2, -1),
@@ -184,8 +189,12 @@ class TritonStages(StageClient):
         """The llm inputs that carry the request's images: its prompt table, or with engine.vision_in_llm its vision
         units as preprocess made them (contracts.LLM_VISION_INPUTS, with the llm's batch dim) for the llm to encode."""
         if self.vision_in_llm:
-            units = [prepared.pixel_values, *prepared.unit_extras]
-            return [torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units]
+            by_value = prepared.pixel_ref is None
+            units = [prepared.pixel_values] if by_value else []
+            units.extend(prepared.unit_extras)
+            inputs = [torch_output(t.name(), from_dlpack(t.to_dlpack()).unsqueeze(0)) for t in units]
+            # pixel_ref is [1, REF_LEN] already: the llm reads the planes from preprocess's pool
+            return inputs if by_value else [prepared.pixel_ref, *inputs]
         # Host memory by default: no CUDA tensor may ever reach this stub. The first one makes Triton share its CUDA
         # memory pool with the stub, and in Python backends before r26.07 that handshake can leave the stub's
         # parent-to-stub thread waiting forever (triton-inference-server/python_backend#439). That thread also

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from vlm_triton import timeline
@@ -21,6 +22,7 @@ from vlm_triton.engine.types import GenerationRequest, parse_stop_words_list
 from vlm_triton.errors import InvalidRequest
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
+from vlm_triton.multimodal.plane_pool import PlaneReader, pin_for
 from vlm_triton.multimodal.vision_runner import VisionRunner
 from vlm_triton.multimodal.warmup import warm_up_vision
 from vlm_triton.triton.common import (
@@ -70,6 +72,16 @@ class _Active:
         })
 
 
+@dataclass(frozen=True)
+class _Units:
+    """A request's vision units as the llm received them (without the batch dim)."""
+
+    pixels: Any  # torch uint8 [N, 3, ...], or None when they wait in preprocess's pool
+    grids: Any
+    tgt_sizes: Any
+    ref: Any = None  # pixel_ref [REF_LEN] (plane_pool.py)
+
+
 def inline_vision(cfg: Any, family: Any, device: Any, dtype: Any) -> InlineVision | None:
     """The llm's own vision encoder with engine.vision_in_llm (tiles per forward: the bls's vision_chunk)."""
     if not cfg.vision_in_llm:
@@ -82,6 +94,7 @@ def inline_vision(cfg: Any, family: Any, device: Any, dtype: Any) -> InlineVisio
 class TritonPythonModel:
     stream_interval_s = 0.0  # triton.llm_stream_interval_ms
     vision: InlineVision | None = None  # engine.vision_in_llm
+    planes: PlaneReader | None = None  # engine.vision_in_llm: preprocess's pools, mapped as requests name them
 
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
@@ -127,6 +140,7 @@ class TritonPythonModel:
                 warm_up(args["model_name"], "the vision encoder",
                         lambda: warm_up_vision(self.vision.runner, family, limits))
             self.engine.step_wait.release_gil_when = self.vision.busy  # while images are encoded (step_wait.py)
+            self.planes = PlaneReader(on_map=pin_for(device))
         self.engine.start(self.outbox.put)
         timing = {"": self.engine.timing, "outbox_": self.outbox.timing}
         if self.vision is not None:
@@ -207,19 +221,25 @@ class TritonPythonModel:
             self._forget(internal_id)
             raise
 
-    def _vision_units(self, request: Any, table: Any) -> tuple[Any, Any, Any] | None:
-        """The request's vision units (pixel_values, image_grids, tgt_sizes without the batch dim), or None."""
+    def _vision_units(self, request: Any, table: Any) -> _Units | None:
+        """The request's vision units (pixel_values or the reference to them in preprocess's pool, image_grids and
+        tgt_sizes, without the batch dim), or None."""
         pixels = get_torch(request, "pixel_values")
-        if pixels is None or not pixels.numel():
+        ref = get_array(request, "pixel_ref")
+        by_reference = ref is not None and ref.size > 0
+        if not by_reference and (pixels is None or not pixels.numel()):
             return None
-        if self.vision is None:
+        if self.vision is None or self.planes is None:
             raise InvalidRequest("pixel_values reach the llm only with engine.vision_in_llm")
         if table is not None:
             raise InvalidRequest("send pixel_values or prompt_embedding_table, not both")
+        if by_reference and pixels is not None and pixels.numel():
+            raise InvalidRequest("send pixel_values or pixel_ref, not both")
         grids, tgt_sizes = (get_torch(request, name) for name in ("image_grids", "tgt_sizes"))
-        return pixels[0], *(None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
+        grids, tgt_sizes = (None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
+        return _Units(None, grids, tgt_sizes, ref) if by_reference else _Units(pixels[0], grids, tgt_sizes)
 
-    def _encode_then_add(self, generation: GenerationRequest, units: tuple[Any, Any, Any]) -> None:
+    def _encode_then_add(self, generation: GenerationRequest, units: _Units) -> None:
         """Queue the request's units to the vision thread; the engine gets the request with its table."""
         request_id = generation.request_id
 
@@ -232,8 +252,16 @@ class TritonPythonModel:
             if active is not None:
                 active.sender.send(error_response(exc), flags=FINAL)
 
-        pixels, grids, tgt_sizes = units
-        self.vision.submit(VisionJob(request_id, pixels, grids, tgt_sizes, ready, failed))
+        if units.ref is None:
+            self.vision.submit(VisionJob(request_id, units.pixels, units.grids, units.tgt_sizes, ready, failed))
+            return
+        lease = self.planes.open(units.ref)  # read in place; given back when the encoder is done with them
+        try:
+            self.vision.submit(VisionJob(request_id, torch.from_numpy(lease.array), units.grids, units.tgt_sizes,
+                                         ready, failed, lease.release))
+        except Exception:
+            lease.release()
+            raise
 
     def _cancel_client(self, client_id: str) -> None:
         with self._lock:

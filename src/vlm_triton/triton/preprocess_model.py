@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from vlm_triton import timeline
 from vlm_triton.families.base import PreprocessLimits
 from vlm_triton.multimodal.media import MediaFetcher, MediaPolicy
+from vlm_triton.multimodal.plane_pool import PlanePool
 from vlm_triton.multimodal.warmup import warm_up_prompt
 from vlm_triton.prompt.messages import parse_messages
 from vlm_triton.errors import InvalidRequest
@@ -53,6 +54,8 @@ def _per_unit(value: np.ndarray | None, width: int) -> np.ndarray:
 
 
 class TritonPythonModel:
+    _sent: dict[str, Any] = {}  # the counters of image_planes_total, by how the planes were sent
+
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.family = load_family(cfg)
@@ -82,6 +85,16 @@ class TritonPythonModel:
         # content ids of image rows only matter to tensorrt_llm's KV-cache reuse; hashing 13 tiles costs ~15 ms per
         # request (their bytes), so without reuse every row is 0 (what the llm sees when no ids are given)
         self.content_ids = cfg.engine.enable_kv_cache_reuse
+        # engine.vision_in_llm: uint8 planes go to the llm by reference when the caller asks for pixel_ref
+        self.planes = PlanePool.create(cfg.preprocess.plane_pool_mib) if cfg.vision_in_llm else None
+        self._metric_family = pb_utils.MetricFamily(  # must outlive its metrics
+            name="vlm_preprocess_image_planes_total",
+            description="Requests whose uint8 images preprocess sent, by how: sent=reference (its plane pool, "
+                        "preprocess.plane_pool_mib) or sent=value (in the response)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._sent = {how: self._metric_family.Metric(labels={"model": args["model_name"], "sent": how})
+                      for how in ("reference", "value")}
         if cfg.triton.stage_warm_up:
             warm_up(args["model_name"], "media requests",
                     lambda: warm_up_prompt(self.family, self.limits, self.media))
@@ -89,6 +102,24 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self.__scalar(r) for r in requests]
+
+    def finalize(self) -> None:
+        if self.planes is not None:
+            self.planes.close()
+        self._sent, self._metric_family = {}, None  # while the stub can still tell tritonserver (llm_model.py)
+
+    def _by_reference(self, request: Any, pixels: np.ndarray) -> np.ndarray | None:
+        """pixel_ref [1, REF_LEN] of the planes now in the pool, or None (sent by value: not asked for, not uint8
+        images, or no room)."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or not pixels.shape[0]:
+            return None
+        ref = None
+        if self.planes is not None and "pixel_ref" in request.requested_output_names():
+            ref = self.planes.put(pixels)
+        counter = self._sent.get("value" if ref is None else "reference")
+        if counter is not None:
+            counter.increment(1)
+        return None if ref is None else ref.reshape(1, -1)
 
     def __scalar(self, request: Any) -> Any:
         rid = request.request_id() if timeline.enabled() else ""  # the bls names its call with the frontend's id
@@ -110,10 +141,14 @@ class TritonPythonModel:
                                                    image_grids=prepared.image_grids)
             else:
                 extra_ids = np.zeros(ids.shape[0], dtype=np.uint64)
+            ref = self._by_reference(request, pixels)
+            if ref is not None:
+                pixels = pixels[:0]  # [0, 3, H, W]: the planes are in the pool
             outputs = [
                 pb_utils.Tensor("input_ids", ids.reshape(1, -1)),
                 pb_utils.Tensor("input_lengths", _scalar(ids.shape[0])),
                 pb_utils.Tensor("pixel_values", pixels),
+                pb_utils.Tensor("pixel_ref", np.zeros((1, 0), np.int64) if ref is None else ref),
                 pb_utils.Tensor("end_id", _scalar(self.end_id)),
                 pb_utils.Tensor("pad_id", _scalar(self.pad_id)),
                 pb_utils.Tensor("stop_words_list", self.stop_words[None]),
