@@ -209,7 +209,10 @@ class FakeSender:
 class FakeBlsRequest:
     def __init__(self) -> None:
         self.sender = FakeSender()
-        self.inputs = {"messages": FakeTensor("messages", np.array([b"[]"], dtype=np.object_))}
+        self.tensors = [FakeTensor("messages", np.array([b"[]"], dtype=np.object_))]
+
+    def inputs(self) -> list[FakeTensor]:
+        return self.tensors
 
     def get_response_sender(self) -> FakeSender:
         return self.sender

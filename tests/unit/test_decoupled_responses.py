@@ -7,8 +7,10 @@ from __future__ import annotations
 import types
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
+from tests.unit import fake_triton
 from tests.unit.fake_triton import adapters_with, fake_pb_utils
 from vlm_triton.pipeline.orchestrator import Chunk
 
@@ -146,3 +148,29 @@ def test_finalize_drops_the_metrics_after_stopping_the_engine_and_outbox(adapter
     model.finalize()
     assert calls == ["engine", "outbox"]
     assert model._active_gauge is None and model._metric_family is None
+
+
+class ListingRequest:
+    """A request as the Python backend has it: `inputs()` lists (and wraps) every input tensor on each call."""
+
+    def __init__(self, tensors: list[Any]) -> None:
+        self.tensors, self.listed = tensors, 0
+
+    def inputs(self) -> list[Any]:
+        self.listed += 1
+        return list(self.tensors)
+
+
+def test_inputs_are_listed_once_per_request_and_read_as_from_the_request(adapters: types.SimpleNamespace) -> None:
+    common = adapters.common
+    request = ListingRequest([fake_triton.FakeTensor("max_tokens", np.array([[7]], np.int32)),
+                              fake_triton.FakeTensor("stop", np.array([b"a", b"b"], dtype=np.object_)),
+                              fake_triton.FakeTensor("messages", np.array([b"[1]"], dtype=np.object_))])
+    inputs = common.input_tensors(request)
+    assert request.listed == 1 and set(inputs) == {"max_tokens", "stop", "messages"}
+    assert common.get_scalar(inputs, "max_tokens", 0) == 7 and common.get_scalar(inputs, "seed", None) is None
+    assert common.get_texts(inputs, "stop") == ["a", "b"] and common.get_text(inputs, "messages") == "[1]"
+    assert common.get_torch(inputs, "max_tokens").tolist() == [[7]] and common.get_array(inputs, "top_p") is None
+    options = adapters.bls.read_options(inputs, default_max_tokens=512)
+    assert (options.max_tokens, options.stop, options.temperature) == (7, ("a", "b"), 0.0)
+    assert request.listed == 1  # every read above used the one listing

@@ -36,6 +36,7 @@ from vlm_triton.triton.common import (
     get_scalar,
     get_text,
     get_texts,
+    input_tensors,
     load_deployment,
     load_family,
     log,
@@ -310,6 +311,7 @@ def _cancel_done(task: asyncio.Task[None]) -> None:
 
 
 def read_options(request: Any, default_max_tokens: int) -> RequestOptions:
+    """A request's sampling options (`request`: the request or its `input_tensors`)."""
     seed = get_scalar(request, "seed", None)
     return RequestOptions(
         max_tokens=int(get_scalar(request, "max_tokens", default_max_tokens)),
@@ -368,10 +370,11 @@ class TritonPythonModel:
         timeline.mark("bls.execute")
         sent = False
         try:
-            messages = get_text(request, "messages")
+            inputs = input_tensors(request)
+            messages = get_text(inputs, "messages")
             if messages is None:
                 raise InvalidRequest("the 'messages' input is required")
-            options = read_options(request, self.default_max_tokens)
+            options = read_options(inputs, self.default_max_tokens)
             requested = requested_outputs(request)
             chunks = run_pipeline(self.stages, messages, options, stall_timeout_s=self.stall_timeout_s)
             polled = time.monotonic()

@@ -167,8 +167,19 @@ def set_torch_threads(cfg: DeploymentConfig) -> int:
     return torch.get_num_threads()
 
 
+def input_tensors(request: Any) -> dict[str, Any]:
+    """A request's input tensors by name, for the get_* helpers below: one walk of `request.inputs()`, where each
+    `pb_utils.get_input_tensor_by_name` walks (and wraps) all of them again, ~10 us a lookup for the llm's ~20."""
+    return {t.name(): t for t in request.inputs()}
+
+
+def _input(source: Any, name: str) -> Any:
+    """An input tensor of a request, or of its `input_tensors` dict; None when absent."""
+    return source.get(name) if isinstance(source, dict) else pb_utils.get_input_tensor_by_name(source, name)
+
+
 def get_array(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    tensor = _input(request, name)
     return None if tensor is None else tensor.as_numpy()
 
 
@@ -194,7 +205,7 @@ def get_texts(request: Any, name: str) -> list[str]:
 
 
 def get_torch(request: Any, name: str) -> torch.Tensor | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    tensor = _input(request, name)
     return None if tensor is None else from_dlpack(tensor.to_dlpack())
 
 

@@ -32,6 +32,7 @@ from vlm_triton.triton.common import (
     get_array,
     get_scalar,
     get_torch,
+    input_tensors,
     load_deployment,
     load_family,
     log,
@@ -162,46 +163,47 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             client_id = request.request_id() or ""
             trace(f"execute {client_id!r}")
-            if get_scalar(request, "stop", False):
+            inputs = input_tensors(request)
+            if get_scalar(inputs, "stop", False):
                 self._cancel_client(client_id)
                 sender.send(flags=FINAL)
                 continue
             try:
-                self._admit(request, sender, client_id)
+                self._admit(request, inputs, sender, client_id)
             except Exception as exc:  # noqa: BLE001
                 sender.send(error_response(exc), flags=FINAL)
         return None
 
-    def _admit(self, request: Any, sender: Any, client_id: str) -> None:
-        ids = get_array(request, "input_ids")
+    def _admit(self, request: Any, inputs: dict[str, Any], sender: Any, client_id: str) -> None:
+        ids = get_array(inputs, "input_ids")
         if ids is None:
             raise InvalidRequest("input_ids is required")
         ids = ids.reshape(-1)
-        length = int(get_scalar(request, "input_lengths", ids.shape[0]))
+        length = int(get_scalar(inputs, "input_lengths", ids.shape[0]))
         if not 0 < length <= ids.shape[0]:
             raise InvalidRequest(f"input_lengths {length} does not fit {ids.shape[0]} input_ids")
         ids = ids[:length]
-        table = get_torch(request, "prompt_embedding_table")
+        table = get_torch(inputs, "prompt_embedding_table")
         if table is not None:  # [1, R, H] as sent; R == 0 (the ensemble's text-only requests) means no table
             table = table.reshape(-1, table.shape[-1]) if table.numel() else None
-        units = self._vision_units(request, table)
+        units = self._vision_units(inputs, table)
         internal_id = f"{client_id}#{next(self._ids)}"
-        streaming = bool(get_scalar(request, "streaming", False))
-        exclude = bool(get_scalar(request, "exclude_input_in_output", True))  # as the rendered tensorrt_llm
-        seed = get_scalar(request, "seed", None)
+        streaming = bool(get_scalar(inputs, "streaming", False))
+        exclude = bool(get_scalar(inputs, "exclude_input_in_output", True))  # as the rendered tensorrt_llm
+        seed = get_scalar(inputs, "seed", None)
         generation = GenerationRequest(
             request_id=internal_id,
             input_ids=ids,
-            max_new_tokens=int(get_scalar(request, "request_output_len", 16)),
+            max_new_tokens=int(get_scalar(inputs, "request_output_len", 16)),
             prompt_embedding_table=table,
-            end_id=int(get_scalar(request, "end_id", -1)),
-            stop_words=parse_stop_words_list(get_array(request, "stop_words_list")),
-            temperature=float(get_scalar(request, "temperature", 1.0)),
-            top_k=int(get_scalar(request, "runtime_top_k", 0)),
-            top_p=float(get_scalar(request, "runtime_top_p", 1.0)),
-            repetition_penalty=float(get_scalar(request, "repetition_penalty", 1.0)),
-            presence_penalty=float(get_scalar(request, "presence_penalty", 0.0)),
-            frequency_penalty=float(get_scalar(request, "frequency_penalty", 0.0)),
+            end_id=int(get_scalar(inputs, "end_id", -1)),
+            stop_words=parse_stop_words_list(get_array(inputs, "stop_words_list")),
+            temperature=float(get_scalar(inputs, "temperature", 1.0)),
+            top_k=int(get_scalar(inputs, "runtime_top_k", 0)),
+            top_p=float(get_scalar(inputs, "runtime_top_p", 1.0)),
+            repetition_penalty=float(get_scalar(inputs, "repetition_penalty", 1.0)),
+            presence_penalty=float(get_scalar(inputs, "presence_penalty", 0.0)),
+            frequency_penalty=float(get_scalar(inputs, "frequency_penalty", 0.0)),
             seed=None if seed is None else int(seed),
         )
         prefix = [] if streaming or exclude else ids.tolist()
@@ -221,11 +223,11 @@ class TritonPythonModel:
             self._forget(internal_id)
             raise
 
-    def _vision_units(self, request: Any, table: Any) -> _Units | None:
+    def _vision_units(self, inputs: dict[str, Any], table: Any) -> _Units | None:
         """The request's vision units (pixel_values or the reference to them in preprocess's pool, image_grids and
         tgt_sizes, without the batch dim), or None."""
-        pixels = get_torch(request, "pixel_values")
-        ref = get_array(request, "pixel_ref")
+        pixels = get_torch(inputs, "pixel_values")
+        ref = get_array(inputs, "pixel_ref")
         by_reference = ref is not None and ref.size > 0
         if not by_reference and (pixels is None or not pixels.numel()):
             return None
@@ -235,7 +237,7 @@ class TritonPythonModel:
             raise InvalidRequest("send pixel_values or prompt_embedding_table, not both")
         if by_reference and pixels is not None and pixels.numel():
             raise InvalidRequest("send pixel_values or pixel_ref, not both")
-        grids, tgt_sizes = (get_torch(request, name) for name in ("image_grids", "tgt_sizes"))
+        grids, tgt_sizes = (get_torch(inputs, name) for name in ("image_grids", "tgt_sizes"))
         grids, tgt_sizes = (None if t is None or not t.numel() else t[0] for t in (grids, tgt_sizes))
         return _Units(None, grids, tgt_sizes, ref) if by_reference else _Units(pixels[0], grids, tgt_sizes)
 
