@@ -2,7 +2,8 @@
 another process too; a released record's room is reused and an unreleased one's is not; a full pool answers None
 (the caller sends by value); references that name no pool, another token, a stale generation or a bad shape are
 refused; records held past stale_s are taken back only when room is needed, and their late reader finds them
-gone; a pool that cannot be made leaves planes by value; close removes the file. The preprocess adapter sends a
+gone; a pool that cannot be made, or would leave /dev/shm short of the reserve Triton's stubs need, leaves planes by
+value; close removes the file. The preprocess adapter sends a
 reference only when its caller asks for pixel_ref (the bls with engine.vision_in_llm, not the ensemble) and the
 pool has room."""
 
@@ -144,8 +145,17 @@ def test_no_pool_means_planes_by_value(shm_dir: Path, monkeypatch: pytest.Monkey
     assert PlanePool.create(0) is None
     with pytest.raises(ValueError, match="at least"):
         PlanePool(BLOCK - 1)
+    pool = PlanePool(BLOCK)
     with pytest.raises(ValueError, match="uint8"):
-        PlanePool(BLOCK).put(np.zeros((1, 3, 4, 4), np.float32))
+        pool.put(np.zeros((1, 3, 4, 4), np.float32))
+    pool.close()
+    free = plane_pool.SHM_RESERVE + 3 * 1024 * 1024  # a /dev/shm with 3 MiB to spare above the reserve
+    monkeypatch.setattr(plane_pool.os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=free, f_frsize=1))
+    made = PlanePool.create(2)
+    assert made is not None and made.put(_planes(1, 8, 8, 0)) is not None
+    made.close()
+    assert PlanePool.create(4) is None  # it would eat into the reserve: by value
+    assert not list(shm_dir.iterdir())
     monkeypatch.setattr(plane_pool, "SHM_DIR", shm_dir / "missing")
     assert PlanePool.create(1) is None
 

@@ -19,8 +19,9 @@ generation when it opens the planes and again when it releases them, so planes o
 takes back records held longer than `stale_s`, when it needs the room) fail their request instead of feeding it
 other pixels. A request dropped between preprocess and the llm leaves its record until then.
 
-When the pool has no room (or /dev/shm is too small to make it), `put` returns None and preprocess sends the planes
-by value as before.
+When the pool has no room, `put` returns None and preprocess sends the planes by value as before; so it does with no
+pool at all, when /dev/shm cannot hold one and still keep SHM_RESERVE free for Triton's own stubs (e.g. a container
+started with Docker's default 64 MB /dev/shm).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ PREFIX = "vlm-triton-planes"
 MAGIC = 0x564C4D504C414E45  # "VLMPLANE"
 BLOCK = 64 * 1024
 RECORDS = 256
+SHM_RESERVE = 512 * 1024 * 1024  # /dev/shm a pool leaves free (Triton's Python backend keeps its stubs' tensors there)
 _HEADER_WORDS = 4  # magic, token, records, data bytes
 _RECORD_WORDS = 4  # filled, released, offset, bytes: arrays of RECORDS words each
 DATA_OFFSET = mmap.PAGESIZE * -(-(8 * (_HEADER_WORDS + _RECORD_WORDS * RECORDS)) // mmap.PAGESIZE)
@@ -109,10 +111,15 @@ class PlanePool:
 
     @classmethod
     def create(cls, mib: int, **kwargs: float) -> PlanePool | None:
-        """A pool of `mib` MiB, or None (planes by value) when mib is 0 or it cannot be made here."""
+        """A pool of `mib` MiB, or None (planes by value) when mib is 0 or it cannot be made here: /dev/shm must keep
+        SHM_RESERVE free besides it, for the shared memory of Triton's own Python backend stubs."""
         if mib <= 0:
             return None
         try:
+            fs = os.statvfs(SHM_DIR)
+            free = fs.f_bavail * fs.f_frsize
+            if free < mib * 1024 * 1024 + SHM_RESERVE:
+                raise OSError(f"{free >> 20} MiB free, and {SHM_RESERVE >> 20} MiB must stay free for Triton")
             return cls(mib * 1024 * 1024, **kwargs)
         except OSError as exc:
             log.warning("planes go by value: no %d MiB plane pool in %s (%s)", mib, SHM_DIR, exc)
