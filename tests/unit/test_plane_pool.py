@@ -96,6 +96,10 @@ def test_references_that_name_no_planes_are_refused() -> None:
         with pytest.raises(InvalidRequest, match=message):
             reader.open(bad)
     assert np.array_equal(reader.open(ref).array, _planes(1, 10, 10, 0))  # the good one still opens
+    for content in (b"", bytes(2 * BLOCK)):  # a file with a pool's name that is not one: too short, no magic
+        plane_pool.pool_path(1, 5).write_bytes(content)
+        with pytest.raises(InvalidRequest, match="no plane pool"):
+            reader.open(np.array([1, 5, 0, 1, 0, 1, 3, 4, 4], np.int64))
 
 
 def test_stale_records_are_taken_back_only_when_room_is_needed() -> None:

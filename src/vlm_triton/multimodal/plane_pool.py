@@ -235,11 +235,15 @@ class PlaneReader:
             except OSError:
                 raise InvalidRequest("pixel_ref names no plane pool on this host") from None
             try:
-                mm = _map(fd, os.fstat(fd).st_size)
+                size = os.fstat(fd).st_size
+                mm = _map(fd, size) if size > DATA_OFFSET else None
             finally:
                 os.close(fd)
-            view = _Layout(mm)
-            if int(view.header[0]) != MAGIC or int(view.header[1]) != token:
+            view = None if mm is None else _Layout(mm)
+            if view is None or int(view.header[0]) != MAGIC or int(view.header[1]) != token:
+                if mm is not None:
+                    del view
+                    mm.close()
                 raise InvalidRequest("pixel_ref names no plane pool on this host")
             if self._on_map is not None:
                 self._on_map(mm)
