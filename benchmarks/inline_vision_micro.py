@@ -1,6 +1,6 @@
 """The llm's vision path at c=1, phase by phase, and the vision encoder replayed from a CUDA graph.
 
-    python -m benchmarks.inline_vision_micro --preset internvl3-1b [--repeats 20]
+    python -m benchmarks.inline_vision_micro --preset internvl3-1b [--repeats 20] [--compiled]
 
 For W1 (one 1792x1344 image: 12 tiles + the thumbnail) and W3 (four 448x448 images, one tile each), as the llm gets
 them with `engine.vision_in_llm` (decoded planes in host memory and their image grids), times in one process
@@ -16,6 +16,8 @@ them with `engine.vision_in_llm` (decoded planes in host memory and their image 
              synchronised), so round - inside is the hand-offs between threads
     side     cut + encode on this thread inside a side CUDA stream (the stream alone, no thread)
     engine   the round with VLM_TRITON_VISION_STREAM=engine (the vision thread on the current stream)
+    compiled with --compiled: the forward through `torch.compile(encoder)` (inductor, one compile per tile count, not
+             timed), and its largest difference from eager (fused pointwise ops round differently)
 
 Item 50 (docs/benchmarks.md) put W3's "llm.execute -> llm.encoded" at 12.6 ms in the stack on an H100, against
 7.5-8.1 ms for a 4-tile eager forward alone: this splits the difference, and tells whether the eager forward is
@@ -66,6 +68,7 @@ def graphed(encoder: torch.nn.Module, example: torch.Tensor) -> tuple[Callable[[
 
 def main() -> None:
     ap = encoder_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--compiled", action="store_true", help="also time the forward under torch.compile")
     args = ap.parse_args()
     from vlm_triton.multimodal.inline_vision import InlineVision, VisionJob
     from vlm_triton.multimodal.vision_runner import VisionRunner
@@ -80,9 +83,10 @@ def main() -> None:
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     workloads = {"W1": [(1792, 1344)], "W3": [(448, 448)] * 4}
     print(f"{args.preset} vision in the llm, {device}, {dtype}, median of {args.repeats}")
+    compiled = torch.compile(encoder) if args.compiled else None
     print("| workload | tiles | tiles ms | encode ms | forward ms | graph ms | graph max diff | round ms | inside ms "
-          "| side ms | engine ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| side ms | engine ms | compiled ms | compiled max diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for name, sizes in workloads.items():
             planes, grids = workload_units(sizes)
@@ -113,8 +117,13 @@ def main() -> None:
             inside_ms = inline.timing.take()["round"]["mean_ms"]
             side_ms = f"{median_ms(on_side_stream, device, args.repeats):.2f}" if side is not None else "-"
             engine_ms = median_ms(lambda: round_trip(inline_engine), device, args.repeats)
+            compiled_ms, compiled_diff = "-", "-"
+            if compiled is not None:
+                compiled_diff = f"{(compiled(pixels).float() - encoder(pixels).float()).abs().max().item():.3g}"
+                compiled_ms = f"{median_ms(lambda: compiled(pixels), device, args.repeats):.2f}"
             print(f"| {name} | {units.shape[0]} | {tiles_ms:.2f} | {encode_ms:.2f} | {forward_ms:.2f} | {graph_ms} | "
-                  f"{diff} | {round_ms:.2f} | {inside_ms:.2f} | {side_ms} | {engine_ms:.2f} |")
+                  f"{diff} | {round_ms:.2f} | {inside_ms:.2f} | {side_ms} | {engine_ms:.2f} | {compiled_ms} | "
+                  f"{compiled_diff} |")
     inline.close()
     inline_engine.close()
 
