@@ -109,7 +109,7 @@ PREPROCESS = ModelContract(
         TensorSpec("input_lengths", "INT32", (1, 1)),
         TensorSpec("pixel_values", PIXEL, (-1, 3, -1, -1)),
         # engine.vision_in_llm, when the caller asks for it: where uint8 pixel_values wait in preprocess's shared-memory
-        # pool (multimodal/plane_pool.py; pixel_values is then [0, 3, H, W]); [1, 0] when they are sent by value
+        # pool (multimodal/plane_pool.py; pixel_values is then [N, 3, 0, 0]); [1, 0] when they are sent by value
         TensorSpec("pixel_ref", "INT64", (1, -1)),
         TensorSpec("end_id", "INT32", (1, 1)),
         TensorSpec("pad_id", "INT32", (1, 1)),

@@ -229,7 +229,18 @@ def _preprocess(adapters: types.SimpleNamespace, family: ModelFamily, pixel_dtyp
     model.stop_words = adapters.preprocess.stop_words_list([])
     model.pixel_dtype, model.content_ids = pixel_dtype, True
     model.planes = None  # planes by value (test_plane_pool.py: by reference)
+    model._sent = {"reference": Counter(), "value": Counter()}  # vlm_preprocess_image_planes_total
     return model
+
+
+class Counter:
+    """A stand-in for a Triton counter metric."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def increment(self, by: int) -> None:
+        self.value += by
 
 
 def _outputs(response: Any) -> dict[str, np.ndarray]:

@@ -56,7 +56,6 @@ PREPROCESS_OUT = [
     "input_ids", "pixel_values", "end_id", "pad_id", "stop_words_list", "prompt_vocab_size", "prompt_table_extra_ids",
     *UNIT_EXTRAS,
 ]
-REF_LEN = 9  # plane_pool.REF_LEN (not imported: the bls never maps a pool)
 POSTPROCESS_OUT = ["text", "prefix_offset", "read_offset", "held_text", "stopped"]
 
 
@@ -170,13 +169,13 @@ class TritonStages(StageClient):
         timeline.mark("bls.preprocessed")
         pixels = _out(response, "pixel_values")
         ref = _out(response, "pixel_ref") if self.vision_in_llm else None
-        by_reference = ref is not None and ref.shape()[-1] == REF_LEN
+        by_reference = ref is not None and ref.shape()[-1] > 0  # [1, 0]: by value
         extra_ids = _out(response, "prompt_table_extra_ids")
         extras = [_out(response, name) for name in UNIT_EXTRAS]
         return Prepared(
             input_ids=_out(response, "input_ids").as_numpy().reshape(-1),
             pixel_values=pixels,
-            num_tiles=int(ref.as_numpy()[0, 5]) if by_reference else int(pixels.shape()[0]),
+            num_tiles=int(pixels.shape()[0]),
             pixel_ref=ref if by_reference else None,
             end_id=_int(response, "end_id"),
             pad_id=_int(response, "pad_id"),

@@ -54,8 +54,6 @@ def _per_unit(value: np.ndarray | None, width: int) -> np.ndarray:
 
 
 class TritonPythonModel:
-    _sent: dict[str, Any] = {}  # the counters of image_planes_total, by how the planes were sent
-
     def initialize(self, args: dict[str, Any]) -> None:
         cfg = load_deployment(args)
         self.family = load_family(cfg)
@@ -116,9 +114,7 @@ class TritonPythonModel:
         ref = None
         if self.planes is not None and "pixel_ref" in request.requested_output_names():
             ref = self.planes.put(pixels)
-        counter = self._sent.get("value" if ref is None else "reference")
-        if counter is not None:
-            counter.increment(1)
+        self._sent["value" if ref is None else "reference"].increment(1)
         return None if ref is None else ref.reshape(1, -1)
 
     def __scalar(self, request: Any) -> Any:
@@ -143,7 +139,7 @@ class TritonPythonModel:
                 extra_ids = np.zeros(ids.shape[0], dtype=np.uint64)
             ref = self._by_reference(request, pixels)
             if ref is not None:
-                pixels = pixels[:0]  # [0, 3, H, W]: the planes are in the pool
+                pixels = pixels[:, :, :0, :0]  # [N, 3, 0, 0]: the planes are in the pool
             outputs = [
                 pb_utils.Tensor("input_ids", ids.reshape(1, -1)),
                 pb_utils.Tensor("input_lengths", _scalar(ids.shape[0])),
