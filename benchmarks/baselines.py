@@ -125,7 +125,7 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
                  cuda_graphs: bool = True, compile_pointwise: bool = True,
                  prefill_pointwise: bool = EngineSection.prefill_pointwise,
                  fuse_projections: bool = EngineSection.fuse_projections, prefill_tokens: int = 8192,
-                 prefill_graphs: bool = True, kv_cache_tokens: int = 0,
+                 prefill_graphs: bool = True, kv_cache_tokens: int = 0, kv_page_tokens: int = 0,
                  run_ahead: bool = EngineSection.run_ahead) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family
@@ -135,6 +135,8 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
     extra: dict[str, Any] = {"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens else {}
     if not run_ahead:
         extra["run_ahead"] = False
+    if kv_page_tokens:
+        extra["kv_page_tokens"] = kv_page_tokens
     engine = LLMEngine(family.build_language_model(dtype, device), max_slots=max_slots, max_seq_len=max_seq_len,
                        device=device, dtype=dtype, vocab_size=family.vocab_size, use_cuda_graphs=cuda_graphs,
                        compile_pointwise=compile_pointwise, prefill_pointwise=prefill_pointwise,

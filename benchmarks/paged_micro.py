@@ -7,7 +7,8 @@
    pages), each checked against an fp32 reference over the gathered K/V.
 2. Time per call of decode at the engine's shapes (CUDA graph of 24 calls, like 24 layers): the slot cache as the
    engine runs it now (rows of [slots * L, KVH, D], `seqused_k`), and the paged pool at each accepted page size with
-   the sequences' pages scattered over the pool.
+   the sequences' pages scattered over the pool; and the engine's own paged decode kernel
+   (engine/paged_attention.py, Triton) at each of `--triton-pages`, with its error against the fp32 reference.
 Prints a table (microseconds per call).
 """
 
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--pages", default="16,32,64,128,256")
+    p.add_argument("--triton-pages", default="16,64")
     a = p.parse_args()
     print(torch.__version__, torch.cuda.get_device_name())
     print(torch.ops.aten._flash_attention_forward.default._schema)
@@ -108,8 +110,10 @@ def main() -> None:
         if d.startswith("ok") and pf.startswith("ok"):
             accepted.append(page)
     scale = a.dim ** -0.5
-    print("\n| batch | context | slot rows us | " + " | ".join(f"paged {p} us" for p in accepted) + " |")
-    print("|---|---|---|" + "---|" * len(accepted))
+    tpages = [int(x) for x in a.triton_pages.split(",") if x]
+    print("\n| batch | context | slot rows us | " + " | ".join(f"paged {p} us" for p in accepted)
+          + "".join(f" | triton paged {p} us (max err)" for p in tpages) + " |")
+    print("|---|---|---|" + "---|" * (len(accepted) + len(tpages)))
     for batch, ctx in [(1, 4096), (1, 768), (16, 768), (64, 768), (64, 4096), (64, 2048)]:
         q = torch.randn(batch, a.heads, a.dim, device="cuda", dtype=torch.bfloat16)
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -130,7 +134,24 @@ def main() -> None:
             us = time_graph(lambda: paged_call(q, pool, cu_q, cu_k, lengths, table, 1, ctx, False, scale))
             cells.append(f"{us:.1f}")
             del pool
+        for page in tpages:
+            cells.append(triton_cell(q, lengths, batch, ctx, page, a.kv_heads, a.dim, scale))
         print(f"| {batch} | {ctx} | " + " | ".join(cells) + " |")
+
+
+def triton_cell(q: torch.Tensor, lengths: torch.Tensor, batch: int, ctx: int, page: int, kvh: int, dim: int,
+                scale: float) -> str:
+    """The engine's paged decode kernel over scattered pages: microseconds per call and max |err| vs fp32."""
+    from vlm_triton.engine.paged_attention import paged_decode, reference_decode
+
+    width = -(-4096 // page)
+    pool = Pool(batch * width + 4, page, kvh, dim, torch.bfloat16)
+    table = pool.table([ctx] * batch, width)
+    k, v = pool.k.view(-1, kvh, dim), pool.v.view(-1, kvh, dim)
+    us = time_graph(lambda: paged_decode(q, k, v, table, lengths, page=page, max_len=ctx, scale=scale))
+    got = paged_decode(q, k, v, table, lengths, page=page, max_len=ctx, scale=scale).float()
+    ref = reference_decode(q.float(), k.float(), v.float(), table, lengths, page=page, max_len=ctx, scale=scale)
+    return f"{us:.1f} ({(got - ref).abs().max().item():.4f})"
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def test_varlen_decode_inputs_match_generate(kind: str, monkeypatch: pytest.Monk
         calls.append(query.shape[0])
         return torch.cat(out)
 
-    monkeypatch.setattr(decode, "decode_reads_rows", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(decode, "decode_reads_rows", lambda device, dtype, head_dim, **_: True)
     monkeypatch.setattr(attention, "flash_decode", varlen_reference)
     plan = join_plan(70)
     events = run_plan(make_engine(model, max_slots=4), plan)

@@ -44,6 +44,10 @@ class EngineSection:
     # max_seq_len. trtllm profile: the tensorrt_llm model's max_tokens_in_paged_kv_cache (0: unset,
     # kv_cache_free_gpu_mem_fraction sizes it)
     kv_cache_tokens: int = 0
+    # torch profile: > 0 makes the KV pool pages of this many tokens (vLLM's block_size, TensorRT-LLM's
+    # tokens_per_block): a request takes any free pages instead of one contiguous run, so the pool never
+    # fragments; decode attends through a page table (engine/paged_attention.py). 0: contiguous runs
+    kv_page_tokens: int = 0
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
@@ -284,6 +288,7 @@ class DeploymentConfig:
             (e.vision_gpu >= 0, "engine.vision_gpu must be >= 0"),
             (e.max_num_tokens >= 0, "engine.max_num_tokens must be >= 0 (0: the default, at least max_input_len)"),
             (e.torch_threads >= 0, "engine.torch_threads must be >= 0 (0: auto)"),
+            (e.kv_page_tokens >= 0, "engine.kv_page_tokens must be >= 0 (0: contiguous runs)"),
             (e.kv_cache_tokens == 0 or e.kv_cache_tokens >= e.max_seq_len,
              f"engine.kv_cache_tokens must be 0 (max_slots * max_seq_len) or >= max_seq_len={e.max_seq_len}"),
             (self.triton.bls_detokenize in ("postprocess", "inline"),

@@ -37,6 +37,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from vlm_triton.engine.paged_attention import kernel_available, paged_decode
+
 NAME = "vlm_slot"
 DECODE_BACKENDS = {"auto": None, "sdpa": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
                    "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -65,11 +67,24 @@ class DecodeRows:
 
 
 @dataclass(frozen=True)
+class PagedRows:
+    """The paged decode kernel's inputs besides q/k/v (engine/paged_attention.py), device tensors of a decode step:
+    each row's used KV length and its request's page table."""
+
+    lengths: torch.Tensor  # [B] int32: position + 1
+    table: torch.Tensor  # [B, pages] int32
+    page: int  # rows per page
+    max_k: int  # the step's KV-length bucket (>= every length)
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """A packed prefill's sequences: query rows [cu_q[b], cu_q[b + 1]) of the packed tokens attend to the cache rows
     [cu_k[b], cu_k[b] + used_k[b]) (the request's rows from position 0 to the sequence's end). Device tensors
     (int32) of a fixed size (unused sequences are empty); `max_q` bounds every sequence's query length. `spans` is
-    the same on the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph)."""
+    the same on the host, (q0, q1, k_row0, k_len) per sequence, for the per-sequence path (None inside a CUDA graph).
+    `k_index` (a paged cache): the attention first gathers these cache rows, and cu_k and the spans' k_row0 are
+    offsets into what it gathered."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor
@@ -77,6 +92,7 @@ class PackedRows:
     max_q: int
     max_k: int
     spans: tuple[tuple[int, int, int, int], ...] | None
+    k_index: torch.Tensor | None = None
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: PackedRows,
@@ -85,6 +101,8 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if key.dim() != 3 or value.dim() != 3:
         raise RuntimeError("packed prefill needs the cache's row pool as key/value")
     k_rows, v_rows = key, value
+    if packed.k_index is not None:
+        k_rows, v_rows = key.index_select(0, packed.k_index), value.index_select(0, packed.k_index)
     heads, kv_heads = query.shape[1], key.shape[1]
     if flash_supported(query.device, query.dtype, query.shape[-1]):
         q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
@@ -125,9 +143,12 @@ def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def decode_reads_rows(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether a decode step of a `vlm_slot` model attends with FA2 over the cache's row pool (so the cache returns
-    the pool, not padded K/V): the 'auto' backend on a device and dtype FlashAttention-2 takes."""
+def decode_reads_rows(device: torch.device, dtype: torch.dtype, head_dim: int, *, paged: bool = False) -> bool:
+    """Whether a decode step of a `vlm_slot` model attends over the cache's row pool (so the cache returns the pool,
+    not padded K/V): the 'auto' backend on a device and dtype FlashAttention-2 takes, or for a paged cache the
+    paged decode kernel (engine/paged_attention.py)."""
+    if paged:
+        return _decode_backend == "auto" and kernel_available(device, dtype, head_dim)
     return _decode_backend == "auto" and flash_supported(device, dtype, head_dim)
 
 
@@ -151,8 +172,12 @@ def slot_attention(
         return packed_attention(query, key, value, packed, scaling or dim**-0.5), None
     rows = kwargs.get("slot_decode")
     if key.dim() == 3:
+        if q_len == 1 and isinstance(rows, PagedRows):
+            out = paged_decode(query.view(batch, heads, dim), key, value, rows.table, rows.lengths, page=rows.page,
+                               max_len=rows.max_k, scale=scaling or dim**-0.5)
+            return out.view(batch, 1, heads, dim), None
         if q_len != 1 or not isinstance(rows, DecodeRows):
-            raise RuntimeError("the cache's row pool reaches attention only for packed prefill and FA2 decode")
+            raise RuntimeError("the cache's row pool reaches attention only for packed prefill and pool decode")
         return flash_decode(query, key, value, rows, scaling or dim**-0.5), None
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if q_len == 1 and heads % kv_heads == 0:

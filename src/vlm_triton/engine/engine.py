@@ -1,10 +1,11 @@
 """Continuous-batching LLM engine over a transformers causal LM and a pooled KV cache.
 
 KV memory is one pool of `kv_cache_tokens` rows per layer (kv_cache.py). A request is admitted (admission.py) when
-a decode slot is free (at most `max_slots` run at once) and the pool has a contiguous run of rows for everything it
-can reach; it keeps that run until it ends, so nothing is ever evicted or recomputed (TensorRT-LLM's
-`guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows, is handed out in runs of `max_seq_len`
-(the slots of a fixed layout); a pool set explicitly hands out just what each request can reach (kv_pool.py).
+a decode slot is free (at most `max_slots` run at once) and the pool has the rows of everything it can reach: a
+contiguous run, or with `kv_page_tokens` pages of that many rows; it keeps them until it ends, so nothing is ever
+evicted or recomputed (TensorRT-LLM's `guaranteed_no_evict`). The default pool, `max_slots * max_seq_len` rows, is
+handed out in runs of `max_seq_len` (the slots of a fixed layout) unless paged; a pool set explicitly hands out just
+what each request can reach (kv_pool.py).
 
 Each `step()`:
 1. applies pending cancellations (event 'cancelled', slot and KV rows freed);
@@ -91,6 +92,7 @@ class LLMEngine:
         prefill_tokens: int = 8192,
         prefill_graphs: bool = True,
         kv_cache_tokens: int = 0,
+        kv_page_tokens: int = 0,
         run_ahead: bool = True,
     ) -> None:
         """`model` is a built HF causal LM already on `device` in `dtype` (eval mode is set here). `backbone` /
@@ -102,7 +104,8 @@ class LLMEngine:
         (engine/fused_linear.py). `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
-        0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout). `run_ahead` launches
+        0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout); `kv_page_tokens` > 0
+        makes it pages of that many rows (kv_pool.PagePool; decode through engine/paged_attention.py). `run_ahead` launches
         a decode step before the tokens of the one before reach the host when nothing can change between them
         (run_ahead.py)."""
         if max_slots < 1 or max_seq_len < 2:
@@ -114,19 +117,20 @@ class LLMEngine:
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
         self.admission = Admission.sized(kv_cache_tokens, max_slots=max_slots, max_seq_len=max_seq_len,
-                                         prefill_tokens=self.prefill_tokens)
+                                         prefill_tokens=self.prefill_tokens, page_tokens=kv_page_tokens)
+        self.kv_page_tokens = int(kv_page_tokens)
         self.cache = PooledKVCache(num_layers=spec.num_layers, capacity=self.admission.pool.capacity,
                                    kv_heads=spec.kv_heads, head_dim=spec.head_dim, dtype=dtype, device=self.device)
         self.buckets = sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)})
         self.kv_buckets = kv_length_buckets(max_seq_len, min_kv_bucket)
         self.decode = DecodeStep(self.backbone, self.lm_head, self.cache, max_slots=max_slots, max_seq_len=max_seq_len,
                                  bool_mask=spec.bool_mask, slot_attention=spec.packed, head_dim=spec.head_dim,
-                                 dtype=dtype)
+                                 dtype=dtype, page=self.kv_page_tokens)
         self.prefill: PrefillForward | PackedPrefill
         if spec.packed:
             self.prefill = PackedPrefill(self.backbone, self.cache, vocab_size=vocab_size, dtype=dtype,
                                          max_tokens=min(self.prefill_tokens, max_slots * (max_seq_len - 1)),
-                                         max_rows=max_slots, max_seq_len=max_seq_len)
+                                         max_rows=max_slots, max_seq_len=max_seq_len, paged=self.kv_page_tokens > 0)
         else:
             self.prefill = PrefillForward(self.backbone, self.cache, vocab_size=vocab_size, bool_mask=spec.bool_mask,
                                           dtype=dtype)

@@ -70,3 +70,44 @@ class RowPool:
     def free_runs(self) -> list[tuple[int, int]]:
         """(start, length) of every free run, by start (for tests and logs)."""
         return list(zip(self._starts, self._lengths))
+
+
+class PagePool:
+    """Free pages of `page` rows each, pages [0, pages): a request takes any free pages, not one run, so a pool
+    never fragments (kv_cache.py maps position p of a request to row `pages[p // page] * page + p % page`)."""
+
+    def __init__(self, pages: int, page: int) -> None:
+        if pages < 1 or page < 1:
+            raise ValueError(f"a page pool needs at least 1 page of at least 1 row, got {pages} x {page}")
+        self.pages, self.page = pages, page
+        self.capacity = pages * page
+        self._free = list(range(pages - 1, -1, -1))  # a stack: the lowest page is handed out first
+        self._taken = bytearray(pages)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free) * self.page
+
+    def pages_for(self, rows: int) -> int:
+        return -(-rows // self.page)
+
+    def reserve(self, rows: int) -> list[int] | None:
+        """Pages for `rows` rows now reserved (in position order); None when fewer are free."""
+        if rows < 1:
+            raise ValueError(f"reserve at least 1 row, got {rows}")
+        n = self.pages_for(rows)
+        if n > len(self._free):
+            return None
+        taken = self._free[-n:][::-1]
+        del self._free[-n:]
+        for p in taken:
+            self._taken[p] = 1
+        return taken
+
+    def release(self, pages: list[int]) -> None:
+        """Give back reserved pages."""
+        if any(not 0 <= p < self.pages or not self._taken[p] for p in pages) or len(set(pages)) != len(pages):
+            raise ValueError(f"pages {pages} are not all reserved")
+        for p in pages:
+            self._taken[p] = 0
+        self._free.extend(reversed(pages))

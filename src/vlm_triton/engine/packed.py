@@ -13,6 +13,11 @@ Layout of a step with T real tokens in bucket Tb >= T: token i of sequence b sit
 position start_b + i and writes its K/V to cache row kv_start_b + start_b + i (kv_cache.py, mode "packed"); the
 attention of sequence b reads its rows [kv_start_b, kv_start_b + end_b). Padding tokens [T, Tb) write to the
 pool's trash row, which belongs to no request, and belong to no sequence, so their outputs are never read.
+
+With a paged pool (kv_pool.PagePool) a request's rows are not one span, so the attention gathers them first
+(`PackedRows.k_index`): for whole prompts (start 0) the rows the step itself writes, `rows[:Tb]` (a static buffer,
+so this too is captured), with sequence b at offset cu_q[b]; for a chunk of a long prompt (start > 0), every row of
+its positions [0, end), eagerly.
 """
 
 from __future__ import annotations
@@ -55,13 +60,14 @@ def _fields(buf: torch.Tensor, t: int, b: int) -> tuple[torch.Tensor, ...]:
 
 class PackedPrefill:
     def __init__(self, backbone: nn.Module, cache: PooledKVCache, *, vocab_size: int, dtype: torch.dtype,
-                 max_tokens: int, max_rows: int, max_seq_len: int) -> None:
+                 max_tokens: int, max_rows: int, max_seq_len: int, paged: bool = False) -> None:
         self.backbone, self.cache, self.vocab_size, self.dtype = backbone, cache, vocab_size, dtype
         self.embed: nn.Module = backbone.get_input_embeddings()  # type: ignore[operator]
         self.device, self.seq_len = cache.device, max_seq_len
         self.buckets = token_buckets(max_tokens)
         self.max_tokens, self.max_rows = self.buckets[-1], max_rows
-        self.trash_row = cache.trash_row
+        self.trash_row, self.paged = cache.trash_row, paged
+        self.chunk_index: torch.Tensor | None = None  # a paged chunk's rows of positions [0, end), of the last load
         hidden = int(self.embed.weight.shape[1])  # type: ignore[union-attr]
         t, b = self.max_tokens, max_rows
         self.embeds = torch.zeros(t, hidden, dtype=dtype, device=self.device)
@@ -81,11 +87,12 @@ class PackedPrefill:
         hidden state of each row's last position in range, [B, hidden]."""
         spans = self.load(seqs, start=start, end=end)
         total = spans[-1][1]
-        if self.graphs is not None:
+        if self.graphs is not None and self.chunk_index is None:
             bucket = next(b for b in self.buckets if b >= total)
             return self.graphs.replay(bucket)[: len(seqs)]  # type: ignore[no-any-return]
         # max_q >= 2: FA2 treats a varlen batch of max_q 1 as one token per sequence (its decode layout)
-        return self.forward(total, max(2, *(q1 - q0 for q0, q1, _, _ in spans)), spans)[: len(seqs)]
+        max_q = max(2, *(q1 - q0 for q0, q1, _, _ in spans))
+        return self.forward(total, max_q, spans, self.chunk_index)[: len(seqs)]
 
     def load(self, seqs: list[ActiveRequest], *, start: int, end: int) -> list[tuple[int, int, int, int]]:
         """Fill the step's buffers; the spans (q0, q1, the request's first cache row, attended length) per
@@ -107,11 +114,16 @@ class PackedPrefill:
         used_k.zero_()
         spans = []
         q0 = 0
+        self.chunk_index = None
         for k, piece in enumerate(pieces):
-            n, row0 = int(piece.shape[0]), seqs[k].kv_start
+            n, seq = int(piece.shape[0]), seqs[k]
             q1 = q0 + n
             pos[q0:q1] = torch.arange(start, start + n)
-            rows[q0:q1] = pos[q0:q1] + row0
+            rows[q0:q1] = seq.rows_at(pos[q0:q1])
+            # where the sequence's K/V start: its run's first row; paged, its offset in what the attention gathers
+            row0 = (q0 if start == 0 else 0) if self.paged else seq.kv_start
+            if self.paged and start > 0:  # one chunk of a long prompt (the only sequence): gather [0, end)
+                self.chunk_index = seq.rows_at(torch.arange(start + n)).to(self.device, non_blocking=True)
             last[k], cu_q[k], cu_k[k], used_k[k] = q1 - 1, q0, row0, start + n
             spans.append((q0, q1, row0, start + n))
             q0 = q1
@@ -139,11 +151,15 @@ class PackedPrefill:
                 table_rows = ids[at] - self.vocab_size
                 self.embeds[at.to(self.device)] = seq.table.to(self.device, self.dtype)[table_rows.to(self.device)]
 
-    def forward(self, tokens: int, max_q: int, spans: list[tuple[int, int, int, int]] | None) -> torch.Tensor:
+    def forward(self, tokens: int, max_q: int, spans: list[tuple[int, int, int, int]] | None,
+                k_index: torch.Tensor | None = None) -> torch.Tensor:
         """The forward over the first `tokens` packed rows of the buffers -> hidden states of every sequence's last
-        token, [max_rows, hidden] (rows past the step's sequences hold row 0's). `spans` None: inside a graph."""
+        token, [max_rows, hidden] (rows past the step's sequences hold row 0's). `spans` None: inside a graph.
+        `k_index`: the cache rows a paged chunk attends to (default, paged: the rows this forward writes)."""
+        if self.paged and k_index is None:
+            k_index = self.rows[:tokens]
         packed = PackedRows(self.cu_q, self.cu_k, self.used_k, max_q, self.seq_len,
-                            None if spans is None else tuple(spans))
+                            None if spans is None else tuple(spans), k_index)
         self.cache.set_mode("packed", self.rows[:tokens])
         try:
             out: Any = self.backbone(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlm_triton.engine.attention import model_mask
-from vlm_triton.engine.kv_cache import PooledKVCache, span_rows
+from vlm_triton.engine.kv_cache import PooledKVCache
 from vlm_triton.engine.types import ActiveRequest
 
 
@@ -38,13 +38,12 @@ class PrefillForward:
         for k, seq in enumerate(seqs):
             row = seq.ids[start : min(end, seq.prompt_len)]
             ids[k, : row.shape[0]] = row
-            rows[k, : row.shape[0]] = torch.arange(start, start + row.shape[0]) + seq.kv_start
+            rows[k, : row.shape[0]] = seq.rows_at(torch.arange(start, start + row.shape[0]))
             last.append(row.shape[0] - 1)
         causal = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start).view(1, 1, n, end)
         gather = None
-        if start > 0:
-            starts = torch.tensor([seq.kv_start for seq in seqs], device=self.device)
-            gather = span_rows(starts, end, end - 1)
+        if start > 0:  # each row's positions [0, end) (a chunk: one request, whose prompt reaches end)
+            gather = torch.stack([seq.rows_at(torch.arange(end)) for seq in seqs]).to(self.device)
         self.cache.set_mode("prefill", rows.view(-1).to(self.device), gather, start=start)
         try:
             out: Any = self.backbone(

@@ -107,8 +107,9 @@ def parse_stop_words_list(arr: np.ndarray[Any, Any] | torch.Tensor | None) -> li
 
 @dataclass
 class ActiveRequest:
-    """A validated request as the engine tracks it: `slot` (its decode batch row) is set while it runs, `kv_start`
-    and `kv_rows` (its run of KV-pool rows) from admission to its end."""
+    """A validated request as the engine tracks it: `slot` (its decode batch row) is set while it runs, its KV rows
+    from admission to its end: `kv_start` and `kv_rows` (one run of pool rows), or `kv_pages` of `kv_page` rows
+    each (a paged pool, kv_pool.py)."""
 
     request_id: str
     ids: torch.Tensor  # int64 [L], CPU
@@ -122,6 +123,8 @@ class ActiveRequest:
     slot: int = -1
     kv_start: int = -1
     kv_rows: int = 0
+    kv_pages: list[int] | None = None
+    kv_page: int = 0
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -132,6 +135,13 @@ class ActiveRequest:
     def kv_need(self) -> int:
         """KV rows the request can reach: its prompt and every output token but the last (never fed back)."""
         return self.prompt_len + self.max_new - 1
+
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The KV-pool rows of these positions (int64, host) in the request's reservation."""
+        if self.kv_pages is not None:
+            pages = torch.tensor(self.kv_pages, dtype=torch.long)
+            return pages[positions // self.kv_page] * self.kv_page + positions % self.kv_page
+        return positions + self.kv_start
 
     def append(self, token: int) -> FinishReason | None:
         """Record a generated token; why the request ends with it, if it does (EOS / stop words, then length)."""

@@ -116,6 +116,7 @@ class TritonPythonModel:
             fuse_projections=cfg.engine.fuse_projections,
             prefill_tokens=cfg.max_step_tokens,
             kv_cache_tokens=cfg.engine.kv_cache_tokens,
+            kv_page_tokens=cfg.engine.kv_page_tokens,
             run_ahead=cfg.engine.run_ahead,
         )
         self._active: dict[str, _Active] = {}
