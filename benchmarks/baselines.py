@@ -125,7 +125,8 @@ def build_engine(ckpt: Path, device: torch.device, dtype: torch.dtype, max_slots
                  cuda_graphs: bool = True, compile_pointwise: bool = True,
                  prefill_pointwise: bool = EngineSection.prefill_pointwise,
                  fuse_projections: bool = EngineSection.fuse_projections, prefill_tokens: int = 8192,
-                 prefill_graphs: bool = True, kv_cache_tokens: int = 0, kv_page_tokens: int = 0,
+                 prefill_graphs: bool = True, kv_cache_tokens: int = 0,
+                 kv_page_tokens: int = EngineSection.kv_page_tokens,
                  run_ahead: bool = EngineSection.run_ahead) -> tuple[Any, Any, Any]:
     from vlm_triton.engine.engine import LLMEngine
     from vlm_triton.families import open_family

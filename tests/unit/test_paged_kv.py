@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from collections import defaultdict
+from typing import Any
 
 import pytest
 import torch
@@ -227,15 +228,18 @@ def test_paged_engine_on_cuda_matches_the_run_engine(prefill_tokens: int) -> Non
     """bf16 with decode and prefill CUDA graphs: an engine on a small paged pool (the Triton decode kernel, packed
     prefill gathering its rows, chunks eagerly) gives the greedy tokens of the engine on contiguous runs (FA2); and in
     float32 (decode by gather) those of `generate`."""
-    from tests.unit.engine_helpers import MAX_SEQ, VOCAB, _tiny, run_plan
-    from vlm_triton.engine import LLMEngine
+    from tests.unit.engine_helpers import VOCAB, _tiny
+    from vlm_triton.engine import LLMEngine, TokenEvent
 
     def engine_for(m: PreTrainedModel, dtype: torch.dtype, **kw: int) -> LLMEngine:
-        return LLMEngine(m, max_slots=4, max_seq_len=MAX_SEQ, device="cuda", dtype=dtype, vocab_size=VOCAB,
+        return LLMEngine(m, max_slots=4, max_seq_len=40, device="cuda", dtype=dtype, vocab_size=VOCAB,
                          use_cuda_graphs=True, min_kv_bucket=16, prefill_tokens=prefill_tokens, **kw)
 
+    def run_plan(engine: LLMEngine, plan: dict[int, list[Any]]) -> dict[str, list[TokenEvent]]:
+        return drain(engine, lambda step: [engine.add_request(r) for r in plan.get(step, [])])
+
     model = _tiny("qwen2").to("cuda", torch.bfloat16)
-    paged = engine_for(model, torch.bfloat16, kv_cache_tokens=MAX_SEQ + 8, kv_page_tokens=8)
+    paged = engine_for(model, torch.bfloat16, kv_cache_tokens=48, kv_page_tokens=8)  # 6 pages: requests wait
     assert paged._graphs is not None and getattr(paged.prefill, "graphs", None) is not None
     plan = join_plan(80)
     got = run_plan(paged, plan)
@@ -243,7 +247,7 @@ def test_paged_engine_on_cuda_matches_the_run_engine(prefill_tokens: int) -> Non
     runs = run_plan(engine_for(model, torch.bfloat16), plan)
     assert {k: tokens(v) for k, v in got.items()} == {k: tokens(v) for k, v in runs.items()}
     model32 = _tiny("qwen2").to("cuda")
-    got32 = run_plan(engine_for(model32, torch.float32, kv_cache_tokens=MAX_SEQ + 8, kv_page_tokens=8), plan)
+    got32 = run_plan(engine_for(model32, torch.float32, kv_cache_tokens=48, kv_page_tokens=8), plan)
     for r in [r for rs in plan.values() for r in rs]:
         assert tokens(got32[r.request_id]) == hf_greedy(model32, list(r.input_ids), r.max_new_tokens)
 

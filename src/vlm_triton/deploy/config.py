@@ -46,8 +46,10 @@ class EngineSection:
     kv_cache_tokens: int = 0
     # torch profile: > 0 makes the KV pool pages of this many tokens (vLLM's block_size, TensorRT-LLM's
     # tokens_per_block): a request takes any free pages instead of one contiguous run, so the pool never
-    # fragments; decode attends through a page table (engine/paged_attention.py). 0: contiguous runs
-    kv_page_tokens: int = 0
+    # fragments; decode attends through a page table with the engine's Triton kernel (engine/paged_attention.py),
+    # which on an H200 decodes faster than FA2 over contiguous runs (docs/benchmarks.md, item 60: bare engine W2
+    # +11-19% tok/s). 0: contiguous runs (FA2 varlen decode)
+    kv_page_tokens: int = 16
     cuda_graphs: bool = True
     prefill_graphs: bool = True  # CUDA, fp16/bf16, with cuda_graphs: prefill forwards replayed from graphs too
     compile_pointwise: bool = True  # CUDA: norms, RoPE, SiLU*up as compiled kernels (engine/pointwise.py)
