@@ -9,6 +9,9 @@ runs, so that grouped-query attention never materialises repeated K/V:
   length in `seqused_k`, no mask. With one query token and grouped heads FA2 splits the KV length across thread
   blocks, which the masked SDPA kernels do not: on an H100 at batch 1 and a 4k cache 13 us per layer instead of
   cuDNN's 68 (benchmarks/attention_micro.py, docs/benchmarks-data/h100-attention-micro.txt).
+- decode over a paged pool (the engine passes `slot_decode` as a `PagedRows`: lengths and page tables): the
+  engine's Triton kernel (engine/paged_attention.py; on an H200 faster than the FA2 call above, item 60), or the
+  same maths in torch where the kernel does not run.
 - decode elsewhere (the cache returns padded [B, KVH, L, D] K/V): the query heads that share a KV head become the
   query-length dimension, [B, H, 1, D] -> [B, KVH, H/KVH, D], so one SDPA call reads each row's K/V once.
   transformers' sdpa repeats K/V per query head whenever a mask is given, which at batch 64 and a 4k cache moved

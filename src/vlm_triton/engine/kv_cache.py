@@ -1,8 +1,10 @@
 """The engine's KV cache: one pool of rows per layer, plugged into transformers' attention layers.
 
 Per layer K and V are [capacity + 1, kv_heads, head_dim]: row r holds one position's K (V) for every KV head.
-Each request owns a contiguous run of rows from admission to completion (kv_pool.py reserves them), its position
-p at row `kv_start + p`; the last row (`trash_row`) belongs to nobody and takes the writes of padding tokens. The
+Each request owns its rows from admission to completion (kv_pool.py reserves them): a contiguous run, its position
+p at row `kv_start + p`, or pages, p at row `pages[p // page] * page + p % page` (`ActiveRequest.rows_at`); the
+last row (`trash_row`, the first row of the page past the last of a paged pool) belongs to nobody and takes the
+writes of padding tokens. The
 pool is allocated once; a finished request's rows are reused by the next one, and a request reserves only what its
 prompt and output can reach, not `max_seq_len`.
 
@@ -12,7 +14,8 @@ first (`set_mode`): `rows`, the cache row of each of the B * q_len new states in
 the write is one indexed copy with no host sync and can be captured in a CUDA graph), and what to return:
 - `gather` None and kind "prefill" (a padded prefill from position 0): the new states themselves;
 - `gather` None otherwise: the whole pool as [rows, kv_heads, head_dim] tensors, for the engine's attention
-  (engine/attention.py), which reads each sequence's span of rows from its offset (packed prefill, FA2 decode);
+  (engine/attention.py), which reads each sequence's span of rows from its offset (packed prefill, FA2 decode) or
+  through its page table (paged decode; a paged packed prefill gathers its rows first);
 - `gather` [B, L] row indices: K/V[gather] as [B, kv_heads, L, head_dim] (a copy), for the attention paths that take
   padded batches (masked SDPA decode, eager-attention models; `span_rows`). Positions past a sequence's end repeat
   its last row and are masked by the caller.

@@ -1,4 +1,8 @@
-"""The host-side allocator of the KV pool: contiguous runs of cache rows, one per request, first fit.
+"""The host-side allocators of the KV pool: contiguous runs of cache rows (first fit), or pages.
+
+`PagePool` (the default on `engine.kv_page_tokens` > 0): the pool is pages of `page` rows and a request takes
+any free pages for what it can reach, so there is no external fragmentation; the decode kernel finds its rows
+through a page table (engine/paged_attention.py). `RowPool` (`kv_page_tokens` = 0), described below, hands out runs.
 
 The engine's KV cache (kv_cache.py) is one pool of `capacity` rows per layer (a row = one position's K or V for
 every KV head). A request reserves, when it is admitted, one run of rows long enough for every position it can
@@ -8,9 +12,8 @@ is evicted while it runs (TensorRT-LLM's `guaranteed_no_evict` policy). First fi
 explicit pool in runs too short for the next request, which then waits (and the requests behind it: arrival
 order) until a neighbour ends. A run is contiguous so that the attention
 kernels read each request's K/V as one span of rows from an offset (FlashAttention-2 varlen's `cu_seqlens_k` +
-`seqused_k`; torch 2.11's bundled FA2 takes no block table, so the pool is not paged). What a request does not use
-of `max_seq_len` stays free for others, which is the capacity a paged cache gives, less its page granularity and
-the rows reserved for outputs not yet generated.
+`seqused_k`; torch 2.11's bundled FA2 takes no block table). What a request does not use of `max_seq_len` stays
+free for others. Both reserve the rows of outputs not yet generated (`kv_need`).
 """
 
 from __future__ import annotations
