@@ -111,8 +111,9 @@ def main() -> None:
             accepted.append(page)
     scale = a.dim ** -0.5
     tpages = [int(x) for x in a.triton_pages.split(",") if x]
-    print("\n| batch | context | slot rows us | " + " | ".join(f"paged {p} us" for p in accepted)
-          + "".join(f" | triton paged {p} us (max err)" for p in tpages) + " |")
+    columns = ["batch", "context", "slot rows us", *(f"paged {p} us" for p in accepted),
+               *(f"triton paged {p} us (max err)" for p in tpages)]
+    print("\n| " + " | ".join(columns) + " |")
     print("|---|---|---|" + "---|" * (len(accepted) + len(tpages)))
     for batch, ctx in [(1, 4096), (1, 768), (16, 768), (64, 768), (64, 4096), (64, 2048)]:
         q = torch.randn(batch, a.heads, a.dim, device="cuda", dtype=torch.bfloat16)
