@@ -238,13 +238,13 @@ def test_paged_engine_on_cuda_matches_the_run_engine(prefill_tokens: int) -> Non
     def run_plan(engine: LLMEngine, plan: dict[int, list[Any]]) -> dict[str, list[TokenEvent]]:
         return drain(engine, lambda step: [engine.add_request(r) for r in plan.get(step, [])])
 
-    model = _tiny("qwen2").to("cuda", torch.bfloat16)
-    paged = engine_for(model, torch.bfloat16, kv_cache_tokens=48, kv_page_tokens=8)  # 6 pages: requests wait
+    tiny = _tiny("qwen2").to("cuda", torch.bfloat16)
+    paged = engine_for(tiny, torch.bfloat16, kv_cache_tokens=48, kv_page_tokens=8)  # 6 pages: requests wait
     assert paged._graphs is not None and getattr(paged.prefill, "graphs", None) is not None
     plan = join_plan(80)
     got = run_plan(paged, plan)
     assert paged.admission.kv_waits > 0 and (paged.prefill_chunks > 0) == (prefill_tokens == 5)
-    runs = run_plan(engine_for(model, torch.bfloat16), plan)
+    runs = run_plan(engine_for(tiny, torch.bfloat16), plan)
     assert {k: tokens(v) for k, v in got.items()} == {k: tokens(v) for k, v in runs.items()}
     model32 = _tiny("qwen2").to("cuda")
     got32 = run_plan(engine_for(model32, torch.float32, kv_cache_tokens=48, kv_page_tokens=8), plan)
@@ -267,12 +267,12 @@ def test_page_table_decode_inputs_match_generate(kind: str, monkeypatch: pytest.
         calls.append(query.shape[0])
         return reference_decode(query, k_rows, v_rows, table, lengths, **kw)  # type: ignore[arg-type]
 
-    model = _tiny(kind)
+    tiny = _tiny(kind)
     monkeypatch.setattr(decode, "decode_reads_rows", lambda device, dtype, head_dim, **_: True)
     monkeypatch.setattr(attention, "paged_decode", reference)
     plan = join_plan(90)
-    engine = make_engine(model, max_slots=4, max_seq_len=40, kv_cache_tokens=48, kv_page_tokens=4)
+    engine = make_engine(tiny, max_slots=4, max_seq_len=40, kv_cache_tokens=48, kv_page_tokens=4)
     events = drain(engine, lambda step: [engine.add_request(r) for r in plan.get(step, [])])
     assert calls
     for r in [r for rs in plan.values() for r in rs]:
-        assert tokens(events[r.request_id]) == hf_greedy(model, list(r.input_ids), r.max_new_tokens), r.request_id
+        assert tokens(events[r.request_id]) == hf_greedy(tiny, list(r.input_ids), r.max_new_tokens), r.request_id

@@ -2,12 +2,12 @@
 
 `DecodeStep` owns the inputs of a decode step for batch rows [0, max_slots): token ids, positions, and each row's
 first cache row in the KV pool (kv_cache.py), with the varlen attention's offsets (engine/attention.py), or with a
-paged pool each row's page table (engine/paged_attention.py). `load()`
-fills them for the running requests: from the host after the running set changed (admission, release,
-compaction), otherwise on the device (the last sampled tokens become the ids, positions advance by one), so a
-steady step copies nothing from the host. Rows past the running requests are padding: token 0 at position 0 of
-the trash row (the trash page of a paged pool). `forward(bucket, kv_len)` reads only these buffers; shapes depend on (bucket, kv_len) alone, which
-is what `cuda_graphs.DecodeGraphs` captures.
+paged pool each row's page table (engine/paged_attention.py). `load()` fills them for the running requests: from
+the host after the running set changed (admission, release, compaction), otherwise on the device (the last sampled
+tokens become the ids, positions advance by one), so a steady step copies nothing from the host. Rows past the
+running requests are padding: token 0 at position 0 of the trash row (of the trash page, paged).
+`forward(bucket, kv_len)` reads only these buffers; shapes depend on (bucket, kv_len) alone, which is what
+`cuda_graphs.DecodeGraphs` captures.
 """
 
 from __future__ import annotations

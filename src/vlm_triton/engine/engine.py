@@ -104,10 +104,10 @@ class LLMEngine:
         (engine/fused_linear.py). `prefill_tokens` bounds
         a prefill batch (batch x longest prompt). `prefill_graphs` (with `use_cuda_graphs`, fp16/bf16) captures the
         packed prefill forward per packed-length bucket too. `kv_cache_tokens` sizes the KV pool (rows per layer;
-        0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout); `kv_page_tokens` > 0
-        makes it pages of that many rows (kv_pool.PagePool; decode through engine/paged_attention.py). `run_ahead` launches
-        a decode step before the tokens of the one before reach the host when nothing can change between them
-        (run_ahead.py)."""
+        0: max_slots * max_seq_len, reserved in runs of max_seq_len, the slots of a fixed layout);
+        `kv_page_tokens` > 0 makes it pages of that many rows (kv_pool.PagePool; decode through
+        engine/paged_attention.py). `run_ahead` launches a decode step before the tokens of the one before reach the
+        host when nothing can change between them (run_ahead.py)."""
         if max_slots < 1 or max_seq_len < 2:
             raise SetupError(f"need max_slots >= 1 and max_seq_len >= 2, got {max_slots}, {max_seq_len}")
         spec = ModelSpec.of(model, vocab_size=vocab_size, backbone=backbone, lm_head=lm_head)
