@@ -132,13 +132,38 @@ KERNEL_CHECK = """
 import torch
 from vlm_triton.engine import paged_attention as pa
 from tests.unit.test_paged_kv import _case, _explicit
-for seed, shape in enumerate([(3, 4, 2, 16, 4, 70), (2, 14, 2, 64, 16, 300), (2, 8, 8, 32, 1, 40)]):
+cpu = torch.device("cpu")
+assert not pa.kernel_available(cpu, torch.bfloat16, 64)  # the interpreter's bf16 dot is wrong: not offered
+for seed, shape in enumerate([(3, 4, 2, 16, 4, 70), (2, 14, 2, 64, 16, 300), (2, 8, 8, 32, 1, 40), (4, 8, 1, 16, 3, 130)]):
     q, k, v, table, lengths = _case(seed, *shape)
-    assert pa.kernel_available(q.device, q.dtype, q.shape[-1])
-    got = pa.paged_decode(q, k, v, table, lengths, page=shape[4], max_len=shape[5], scale=q.shape[-1] ** -0.5)
-    torch.testing.assert_close(got, _explicit(q, k, v, table, lengths, shape[4]), atol=1e-5, rtol=1e-5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        assert pa.kernel_available(q.device, q.dtype, q.shape[-1])
+        got = pa.paged_decode(q, k, v, table, lengths, page=shape[4], max_len=shape[5], scale=q.shape[-1] ** -0.5)
+        want = _explicit(q.float(), k.float(), v.float(), table, lengths, shape[4])
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 print("kernel ok")
 """
+
+
+@pytest.mark.parametrize("head_dim, want", [(64, 16), (128, 16), (80, 0), (96, 0)])
+def test_runs_where_only_fa2_decodes(head_dim: int, want: int) -> None:
+    """On CUDA a head_dim the paged kernel does not take (not a power of two) but FA2 does keeps contiguous runs;
+    on the CPU (no fast kernel either way) and for eager-attention models the pages stay."""
+    from types import SimpleNamespace
+
+    from vlm_triton.engine import paged_attention
+    from vlm_triton.engine.kernels import paged_or_runs
+
+    spec: Any = SimpleNamespace(packed=True, head_dim=head_dim)
+    cuda = torch.device("cuda")
+    if paged_attention.triton is not None:
+        assert paged_or_runs(16, cuda, torch.bfloat16, spec) == want
+    else:  # no kernel at all: every head_dim that FA2 takes keeps runs
+        assert paged_or_runs(16, cuda, torch.bfloat16, spec) == 0
+    assert paged_or_runs(16, torch.device("cpu"), torch.float32, spec) == 16
+    assert paged_or_runs(16, cuda, torch.bfloat16, SimpleNamespace(packed=False, head_dim=head_dim)) == 16
+    assert paged_or_runs(0, cuda, torch.bfloat16, spec) == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton (the language) is not installed")

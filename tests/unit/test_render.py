@@ -123,6 +123,15 @@ def test_torch_threads_one_on_cuda_torch_default_on_cpu() -> None:
         _cfg(engine={"torch_threads": -1})
 
 
+def test_kv_page_tokens_range() -> None:
+    """engine.kv_page_tokens: 16 by default, 0 (contiguous runs) up to max_seq_len."""
+    assert _cfg().engine.kv_page_tokens == 16
+    assert _cfg(engine={"kv_page_tokens": 0}).engine.kv_page_tokens == 0
+    for bad in (-1, 9000):
+        with pytest.raises(SetupError, match=r"engine.kv_page_tokens must be in \[0, max_seq_len=8192\]"):
+            _cfg(engine={"kv_page_tokens": bad})
+
+
 def test_kv_cache_tokens_at_least_one_request() -> None:
     """engine.kv_cache_tokens: 0 (max_slots * max_seq_len) or a pool that holds at least one longest request."""
     assert _cfg(engine={"kv_cache_tokens": 8192, "max_seq_len": 8192}).engine.kv_cache_tokens == 8192

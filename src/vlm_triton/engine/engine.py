@@ -50,7 +50,7 @@ from vlm_triton import timeline
 from vlm_triton.engine.admission import Admission
 from vlm_triton.engine.cuda_graphs import DecodeGraphs
 from vlm_triton.engine.decode import MIN_KV_BUCKET, DecodeStep, kv_length_buckets
-from vlm_triton.engine.kernels import set_up_kernels
+from vlm_triton.engine.kernels import paged_or_runs, set_up_kernels
 from vlm_triton.engine.kv_cache import PooledKVCache
 from vlm_triton.engine.model_spec import ModelSpec
 from vlm_triton.engine.observe import StepTiming
@@ -69,6 +69,7 @@ from vlm_triton.engine.types import (
 from vlm_triton.errors import InvalidRequest, SetupError
 
 logger = logging.getLogger(__name__)
+
 
 EventCallback = Callable[[list[TokenEvent]], None]
 
@@ -116,6 +117,7 @@ class LLMEngine:
         self.device, self.dtype = torch.device(device), dtype
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.prefill_tokens = max(int(prefill_tokens), 1)
+        kv_page_tokens = paged_or_runs(kv_page_tokens, self.device, dtype, spec)
         self.admission = Admission.sized(kv_cache_tokens, max_slots=max_slots, max_seq_len=max_seq_len,
                                          prefill_tokens=self.prefill_tokens, page_tokens=kv_page_tokens)
         self.kv_page_tokens = int(kv_page_tokens)

@@ -1,6 +1,7 @@
 """Which kernels an engine's forwards run, set up once at the end of building it: each layer's projections fused
 (fused_linear.py), the pointwise ops compiled (pointwise.py), and the decode and prefill forwards captured as CUDA
-graphs (cuda_graphs.py). In this order: each step patches the model that the next one compiles or captures."""
+graphs (cuda_graphs.py). In this order: each step patches the model that the next one compiles or captures. Before
+that, `paged_or_runs` picks the KV layout whose decode kernel runs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlm_triton.engine.attention import flash_supported
+from vlm_triton.engine.attention import decode_reads_rows, flash_supported
 from vlm_triton.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from vlm_triton.engine.packed import PackedPrefill
 
 if TYPE_CHECKING:
     from vlm_triton.engine.engine import LLMEngine
+    from vlm_triton.engine.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+
+def paged_or_runs(page_tokens: int, device: torch.device, dtype: torch.dtype, spec: ModelSpec) -> int:
+    """`page_tokens`, or 0 (contiguous runs) where FA2 would decode over runs but the paged kernel cannot run
+    (e.g. a head_dim that is not a power of two): a paged pool would then decode by gathering K/V every step."""
+    if page_tokens and spec.packed and decode_reads_rows(device, dtype, spec.head_dim) and not decode_reads_rows(
+            device, dtype, spec.head_dim, paged=True):
+        logger.warning("KV pool in contiguous runs, not pages of %d: the paged decode kernel does not take head_dim "
+                       "%d in %s, FlashAttention-2 over runs does", page_tokens, spec.head_dim, dtype)
+        return 0
+    return page_tokens
 
 
 def set_up_kernels(engine: LLMEngine, *, head_dim: int, use_cuda_graphs: bool, prefill_graphs: bool,

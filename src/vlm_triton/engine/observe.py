@@ -39,7 +39,8 @@ def describe(engine: LLMEngine) -> str:
     attention then silently runs slower kernels, which is what this line is for."""
     cache = engine.cache
     parts = [f"KV pool {cache.capacity} tokens ({cache.nbytes() / 2**30:.2f} GiB) for {engine.max_slots} slots of up "
-             f"to {engine.max_seq_len}",
+             f"to {engine.max_seq_len}"
+             + (f", pages of {engine.kv_page_tokens}" if engine.kv_page_tokens else ", contiguous runs"),
              f"attention {getattr(engine.backbone.config, '_attn_implementation', '?')}",
              f"pointwise {engine.pointwise or 'eager'}{' (prefill too)' if engine.prefill_pointwise else ''}",
              f"fused projections {engine.fused if any(engine.fused.values()) else 'no'}"]

@@ -25,6 +25,9 @@ import torch
 BLOCK_N = 64  # positions per inner-loop block
 _PROGRAMS_PER_SM = 2  # split-KV target: programs in flight per SM
 
+# Triton's CPU interpreter (the unit tests): Triton reads this when it is imported, so it is read here once too
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 try:  # the CUDA torch wheels bring Triton; the CPU ones do not, and the engine then never calls the kernel
     import triton
     import triton.language as tl
@@ -33,12 +36,13 @@ except ImportError:  # pragma: no cover - exercised on CPU hosts without triton
 
 
 def kernel_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `paged_decode` runs the Triton kernel for these queries (else the engine gathers K/V for SDPA)."""
-    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter
-    half = dtype in (torch.float16, torch.bfloat16)
-    on_device = (device.type == "cuda" and half) or (interpreted and (half or dtype == torch.float32))
+    """Whether `paged_decode` runs the Triton kernel for these queries (else the engine gathers K/V for SDPA): on
+    CUDA in fp16/bf16, or in the interpreter on the CPU in fp32/fp16 (its bf16 `tl.dot` is wrong); head_dim a power
+    of two in [16, 256]."""
+    on_cuda = device.type == "cuda" and not INTERPRETED and dtype in (torch.float16, torch.bfloat16)
+    on_cpu = device.type == "cpu" and INTERPRETED and dtype in (torch.float16, torch.float32)
     pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
-    return triton is not None and on_device and pow2
+    return triton is not None and (on_cuda or on_cpu) and pow2
 
 
 if triton is not None:
@@ -124,6 +128,8 @@ def paged_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
     b, h, d = query.shape
     kvh = k_rows.shape[1]
     group = h // kvh
+    if k_rows.stride(-1) != 1 or v_rows.stride() != k_rows.stride() or table.stride(-1) != 1:
+        raise ValueError("paged_decode needs K/V rows with a unit last stride and the same layout, and a dense table")
     index = query.device.index if query.device.type == "cuda" else 0
     splits, split_len = num_splits(b, kvh, max_len, _sm_count(index or 0))
     q = query.contiguous()
