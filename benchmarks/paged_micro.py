@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--pages", default="16,32,64,128,256")
     p.add_argument("--triton-pages", default="16,64")
+    p.add_argument("--points", default="1x4096,1x768,16x768,64x768,64x4096,64x2048",
+                   help="decode timings: BATCHxCONTEXT, comma separated")
     a = p.parse_args()
     print(torch.__version__, torch.cuda.get_device_name())
     print(torch.ops.aten._flash_attention_forward.default._schema)
@@ -115,20 +117,20 @@ def main() -> None:
                *(f"triton paged {p} us (max err)" for p in tpages)]
     print("\n| " + " | ".join(columns) + " |")
     print("|---|---|---|" + "---|" * (len(accepted) + len(tpages)))
-    for batch, ctx in [(1, 4096), (1, 768), (16, 768), (64, 768), (64, 4096), (64, 2048)]:
+    for batch, ctx in [tuple(int(v) for v in point.split("x")) for point in a.points.split(",")]:
         q = torch.randn(batch, a.heads, a.dim, device="cuda", dtype=torch.bfloat16)
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-        slots = 64
-        k_rows = torch.randn(slots * 4096, a.kv_heads, a.dim, device="cuda", dtype=torch.bfloat16)
+        span = max(4096, ctx)  # each request's run of rows
+        k_rows = torch.randn(max(batch, 64) * span, a.kv_heads, a.dim, device="cuda", dtype=torch.bfloat16)
         v_rows = torch.randn_like(k_rows)
-        cu_rows = (torch.arange(batch + 1, dtype=torch.int32, device="cuda") * 4096)
+        cu_rows = (torch.arange(batch + 1, dtype=torch.int32, device="cuda") * span)
         row_us = time_graph(lambda: torch.ops.aten._flash_attention_forward(
             q, k_rows, v_rows, cu_q, cu_rows, 1, ctx, 0.0, False, False, scale=scale, seqused_k=lengths)[0])
         cells = [f"{row_us:.1f}"]
         del k_rows, v_rows
         for page in accepted:
-            width = -(-4096 // page)
+            width = -(-max(4096, ctx) // page)
             pool = Pool(batch * width + 4, page, a.kv_heads, a.dim, torch.bfloat16)
             table = pool.table([ctx] * batch, width)
             cu_k = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * ctx
@@ -145,7 +147,7 @@ def triton_cell(q: torch.Tensor, lengths: torch.Tensor, batch: int, ctx: int, pa
     """The engine's paged decode kernel over scattered pages: microseconds per call and max |err| vs fp32."""
     from vlm_triton.engine.paged_attention import paged_decode, reference_decode
 
-    width = -(-4096 // page)
+    width = -(-max(4096, ctx) // page)
     pool = Pool(batch * width + 4, page, kvh, dim, torch.bfloat16)
     table = pool.table([ctx] * batch, width)
     k, v = pool.k.view(-1, kvh, dim), pool.v.view(-1, kvh, dim)
