@@ -19,7 +19,7 @@ from torch import nn
 
 from vlm_triton.engine.attention import DecodeRows, PagedRows, decode_reads_rows, model_mask
 from vlm_triton.engine.kv_cache import PooledKVCache, span_rows
-from vlm_triton.engine.paged_attention import page_rows
+from vlm_triton.engine.paged_attention import page_rows, page_span_rows
 from vlm_triton.engine.types import ActiveRequest
 
 MIN_KV_BUCKET = 256
@@ -66,22 +66,24 @@ class DecodeStep:
         if self.changed or self.last_tokens is None:
             if self._copied is not None:  # a step sampled after it normally, but one that failed may not have
                 self._copied.synchronize()
-            host, starts = self.host[:, :bucket], self.host_starts[:bucket]
+            host = self.host[:, :bucket]
             host.zero_()
-            starts.fill_(self.cache.trash_row)
             host[0, :n] = torch.tensor([s.generated[-1] for s in active])
             host[1, :n] = torch.tensor([s.prompt_len + len(s.generated) - 1 for s in active])
-            starts[:n] = torch.tensor([s.kv_start for s in active])
             self.ids[:bucket, 0].copy_(host[0], non_blocking=True)
             self.pos[:bucket].copy_(host[1], non_blocking=True)
-            self.cu_k[:bucket].copy_(starts, non_blocking=True)
-            if self.page:
+            if self.page:  # each row's page table (padding rows: the trash page)
                 table = self.host_table[:bucket].numpy()
                 table.fill(self.cache.trash_row // self.page)
                 for k, seq in enumerate(active):
                     assert seq.kv_pages is not None
                     table[k, : len(seq.kv_pages)] = seq.kv_pages
                 self.table[:bucket].copy_(self.host_table[:bucket], non_blocking=True)
+            else:  # each row's first cache row (padding rows: the trash row)
+                starts = self.host_starts[:bucket]
+                starts.fill_(self.cache.trash_row)
+                starts[:n] = torch.tensor([s.kv_start for s in active])
+                self.cu_k[:bucket].copy_(starts, non_blocking=True)
             if self.host.is_pinned():
                 self._copied = torch.cuda.Event()
                 self._copied.record()
@@ -104,8 +106,7 @@ class DecodeStep:
             if reads_rows:
                 rows = PagedRows((pos + 1).to(torch.int32), table, self.page, kv_len)
             else:
-                gather = page_rows(table, torch.minimum(self.kv_range[:kv_len].view(1, -1), pos.view(-1, 1)),
-                                   self.page)
+                gather = page_span_rows(table, kv_len, pos, self.page)
         else:
             written = starts + pos
             if reads_rows:

@@ -152,14 +152,20 @@ def page_rows(table: torch.Tensor, positions: torch.Tensor, page: int) -> torch.
     return rows.view(positions.shape)
 
 
+def page_span_rows(table: torch.Tensor, length: int, last: torch.Tensor, page: int) -> torch.Tensor:
+    """[B, length] cache rows of positions 0..length-1 of each request, positions past its `last` ([B]) repeating
+    that one (the caller masks them): `kv_cache.span_rows` through page tables."""
+    span = torch.arange(length, device=table.device).view(1, -1)
+    return page_rows(table, torch.minimum(span, last.view(-1, 1).long()), page)
+
+
 def reference_decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, table: torch.Tensor,
                      lengths: torch.Tensor, *, page: int, max_len: int, scale: float) -> torch.Tensor:
     """`paged_decode` in plain torch: gather [B, max_len] rows (positions past a request's length masked)."""
     b, h, d = query.shape
     kvh = k_rows.shape[1]
-    span = torch.arange(max_len, device=query.device).view(1, -1)
-    valid = span < lengths.view(-1, 1).long()
-    rows = page_rows(table, torch.minimum(span, lengths.view(-1, 1).long() - 1).clamp(min=0), page)
+    valid = torch.arange(max_len, device=query.device).view(1, -1) < lengths.view(-1, 1).long()
+    rows = page_span_rows(table, max_len, (lengths.long() - 1).clamp(min=0), page)
     k = k_rows[rows].permute(0, 2, 1, 3)  # [B, KVH, L, D]
     v = v_rows[rows].permute(0, 2, 1, 3)
     q = query.view(b, kvh, h // kvh, d)
